@@ -1,0 +1,47 @@
+"""imagetask: durable background tasks for slow image generation, backed by SQLite.
+
+    async with TaskManager(provider=FakeProvider()) as tm:
+        task = await tm.submit("a lighthouse at dusk", n=2)
+        task = await tm.wait(task.id)
+"""
+
+from ._exceptions import ConfigError as ConfigError
+from ._exceptions import ImageTaskError as ImageTaskError
+from ._exceptions import InsufficientCredits as InsufficientCredits
+from ._exceptions import ProviderError as ProviderError
+from ._exceptions import StoreError as StoreError
+from ._exceptions import TaskNotFound as TaskNotFound
+from ._exceptions import ValidationError as ValidationError
+from ._exceptions import WaitTimeout as WaitTimeout
+from ._manager import Credits as Credits
+from ._manager import PruneReport as PruneReport
+from ._manager import TaskManager as TaskManager
+from ._models import GenerationRequest as GenerationRequest
+from ._models import StoredImage as StoredImage
+from ._models import Task as Task
+from ._models import TaskError as TaskError
+from ._models import TaskStatus as TaskStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Credits",
+    "GenerationRequest",
+    "ImageTaskError",
+    "InsufficientCredits",
+    "ProviderError",
+    "PruneReport",
+    "StoreError",
+    "Task",
+    "TaskError",
+    "TaskManager",
+    "TaskNotFound",
+    "TaskStatus",
+    "ValidationError",
+    "WaitTimeout",
+    "__version__",
+]
+
+Credits.__module__ = "imagetask"
+GenerationRequest.__module__ = "imagetask"

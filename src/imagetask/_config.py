@@ -1,0 +1,54 @@
+"""Defaults, paths and environment variables, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+#: Environment variable naming the data folder (database ``tasks.db`` and ``images/``).
+HOME_ENV = "IMAGETASK_HOME"
+#: Environment variables google-genai reads for the API key, in its order of precedence.
+API_KEY_ENVS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+
+DB_NAME = "tasks.db"
+IMAGES_DIR = "images"
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_PER_OWNER = 4  # the seed's "up to 4 at once"
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_ATTEMPT_TIMEOUT = 300.0
+DEFAULT_LEASE = 60.0
+DEFAULT_RETRY_DELAY = 2.0
+#: Longest backoff between two attempts, whatever the attempt number.
+RETRY_DELAY_CAP = 300.0
+#: How often a process that does not do the work re-checks the database for changes.
+DEFAULT_POLL_INTERVAL = 0.5
+DEFAULT_OWNER = "default"
+
+MAX_PROMPT_CHARS = 10_000
+MAX_N = 8
+MAX_KEY_CHARS = 200
+MAX_REFERENCE_BYTES = 20 * 1024 * 1024
+MAX_METADATA_BYTES = 64 * 1024
+#: Files in the image folder whose task is unknown are swept only when older than this,
+#: so prune never races a submit that is copying reference images.
+ORPHAN_GRACE = 3600.0
+
+
+def default_home() -> Path:
+    """The data folder: ``$IMAGETASK_HOME``, else the platform's user data dir."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("imagetask", appauthor=False))
+
+
+def api_key_from_env() -> str | None:
+    """The Gemini API key from the environment, with google-genai's precedence."""
+    for name in API_KEY_ENVS:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None

@@ -1,0 +1,266 @@
+"""The image store: validated, hashed, atomically written files under one folder.
+
+Layout, all names derived from the task id (never from user input)::
+
+    images/2026/11/27/<task_id>/a<attempt>-<index>.png   generated images
+    images/2026/11/27/<task_id>/ref-<index>.png          copies of reference images
+
+A file is written to ``<name>.tmp``, fsynced, renamed into place and its folder fsynced
+before the database row that points to it commits, so a row never names a partial file.
+A crash in between leaves an orphan that `ImageStore.sweep` finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import _config
+from ._exceptions import ValidationError
+from ._models import ImageInput, StoredImage, task_id_ms
+
+__all__ = ["ImageStore", "InvalidImage", "inspect"]
+
+_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_NAME = re.compile(r"^(?:a(?P<attempt>\d+)|ref)-(?P<index>\d+)\.[a-z]+(?P<tmp>\.tmp)?$")
+
+
+class InvalidImage(ValueError):
+    """Bytes that Pillow cannot decode as a PNG, JPEG or WebP image."""
+
+
+@attrs.frozen
+class Inspected:
+    mime: str
+    width: int
+    height: int
+
+
+def inspect(data: bytes) -> Inspected:
+    """Decode ``data`` fully with Pillow and report what it is.
+
+    Raises:
+        InvalidImage: if the bytes are not a whole PNG, JPEG or WebP image.
+    """
+    from PIL import Image
+
+    if not data:
+        raise InvalidImage("no bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.load()  # decodes every pixel: truncated files fail here, not later
+            width, height = im.size
+    except Exception as exc:  # Pillow raises many types for bad input
+        raise InvalidImage(f"Pillow cannot decode it ({type(exc).__name__}: {exc})") from None
+    mime = Image.MIME.get(fmt or "", "")
+    if mime not in _EXT:
+        raise InvalidImage(f"format {fmt} is not PNG, JPEG or WebP")
+    return Inspected(mime, width, height)
+
+
+def read_reference(item: ImageInput, position: int) -> bytes:
+    """Read one reference image given to ``submit`` into PNG, JPEG or WebP bytes.
+
+    Raises:
+        ValidationError: naming ``images[position]`` when it is unreadable, not an
+            image, or larger than the limit.
+    """
+    field = f"images[{position}]"
+    limit = _config.MAX_REFERENCE_BYTES
+    if isinstance(item, bytes | bytearray | memoryview):
+        data = bytes(item)
+    elif isinstance(item, str | os.PathLike):
+        path = Path(item)
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise ValidationError(field, f"{path} is {size} bytes; the limit is {limit} (20 MB)")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValidationError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+    elif _is_pil_image(item):
+        buf = io.BytesIO()
+        try:
+            item.save(buf, format="PNG")
+        except Exception as exc:
+            raise ValidationError(field, f"cannot encode this PIL image as PNG: {exc}") from None
+        data = buf.getvalue()
+    else:
+        raise ValidationError(
+            field, f"expected a file path, bytes or a PIL image, got {type(item).__name__}"
+        )
+    if len(data) > limit:
+        raise ValidationError(field, f"image is {len(data)} bytes; the limit is {limit} (20 MB)")
+    try:
+        inspect(data)
+    except InvalidImage as exc:
+        data = _convert_to_png(data, field, exc)
+    return data
+
+
+def _is_pil_image(item: object) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return False
+    return isinstance(item, Image.Image)
+
+
+def _convert_to_png(data: bytes, field: str, why: InvalidImage) -> bytes:
+    """Turn a decodable image of another format (GIF, BMP, TIFF) into PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except Exception:
+        raise ValidationError(field, f"not an image: {why}") from None
+    return buf.getvalue()
+
+
+@attrs.define
+class ImageStore:
+    """Image files of one database, under ``root``."""
+
+    root: Path
+
+    def task_dir(self, task_id: str) -> Path:
+        """The folder of one task's files (dated by the task id's timestamp)."""
+        day = datetime.fromtimestamp(task_id_ms(task_id) / 1000, tz=UTC)
+        return self.root / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}" / task_id
+
+    def write_output(self, task_id: str, attempt: int, index: int, data: bytes) -> StoredImage:
+        """Validate and durably write one generated image.
+
+        Raises:
+            InvalidImage: when the bytes are not a decodable image; nothing is written.
+        """
+        return self._write(task_id, f"a{attempt}-{index}", index, data)
+
+    def write_reference(self, task_id: str, index: int, data: bytes) -> StoredImage:
+        """Durably write a copy of one (already validated) reference image."""
+        return self._write(task_id, f"ref-{index}", index, data)
+
+    def _write(self, task_id: str, stem: str, index: int, data: bytes) -> StoredImage:
+        info = inspect(data)
+        folder = self.task_dir(task_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}.{_EXT[info.mime]}"
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+        return StoredImage(
+            path=path,
+            mime=info.mime,
+            width=info.width,
+            height=info.height,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            index=index,
+        )
+
+    def relative(self, path: Path) -> str:
+        """The path as stored in the database: relative to the root, with ``/``."""
+        return path.relative_to(self.root).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of a stored relative path."""
+        return self.root / relative
+
+    def delete(self, paths: Iterable[Path]) -> int:
+        """Delete files (missing ones are fine) and their emptied task folders."""
+        count = 0
+        folders = set()
+        for path in paths:
+            try:
+                path.unlink()
+                count += 1
+            except FileNotFoundError:
+                pass
+            folders.add(path.parent)
+        for folder in folders:
+            self._remove_empty(folder)
+        return count
+
+    def _remove_empty(self, folder: Path) -> None:
+        # The task folder, then its day, month and year folders, while empty.
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    def scan(self) -> Iterator[tuple[str, Path, int | None, bool]]:
+        """Every file in the store: (task id, path, attempt or None for references, is_tmp)."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*"):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                m = _NAME.match(path.name)
+                if m is None:
+                    continue
+                attempt = m["attempt"]
+                yield folder.name, path, None if attempt is None else int(attempt), bool(m["tmp"])
+
+    def sweep(self, known: dict[str, tuple[str, int]], referenced: set[str], files: list[Any]) -> int:
+        """Delete orphan files among ``files`` (as listed by `scan` *before* reading the db).
+
+        Args:
+            known: task id -> (status, attempt) for every listed task still in the db.
+            referenced: relative paths some row points to.
+            files: the listing from `scan`.
+
+        Returns:
+            How many files were deleted.
+        """
+        doomed = []
+        now = time.time()
+        for task_id, path, attempt, is_tmp in files:
+            rel = self.relative(path)
+            if rel in referenced:
+                continue
+            state = known.get(task_id)
+            if state is None:
+                # No row (yet): a submit may be copying references right now.
+                try:
+                    if now - path.stat().st_mtime < _config.ORPHAN_GRACE:
+                        continue
+                except FileNotFoundError:
+                    continue
+            elif state[0] == "running" and attempt == state[1]:
+                continue  # the live attempt is writing it
+            elif attempt is None and not is_tmp and state[0] != "running":
+                pass  # an unreferenced reference copy: left by a failed submit
+            doomed.append(path)
+        return self.delete(doomed)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,695 @@
+"""TaskManager: the async engine every door (sync facade, CLI, notebooks, web) stands on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import warnings
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from . import _config
+from ._exceptions import ConfigError, ImageTaskError, TaskNotFound, ValidationError, WaitTimeout
+from ._images import ImageStore, read_reference
+from ._models import (
+    GenerationRequest,
+    ImageInput,
+    Task,
+    TaskStatus,
+    check_request,
+    new_task_id,
+    now_ms,
+)
+from ._store import Store, Submitted, SubmitRow
+from ._worker import Worker
+from .providers.base import Provider
+
+__all__ = ["Credits", "PruneReport", "TaskManager"]
+
+log = logging.getLogger("imagetask")
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class PruneReport:
+    """What ``prune`` removed.
+
+    Attributes:
+        tasks: Finished tasks deleted (with their images and events).
+        files: Image files deleted for those tasks.
+        orphans: Files no row pointed to (left by crashes or lost attempts) deleted.
+    """
+
+    tasks: int
+    files: int
+    orphans: int
+
+
+class Credits:
+    """Per-owner credit balances, kept as an append-only ledger (``tm.credits``)."""
+
+    def __init__(self, manager: TaskManager) -> None:
+        self._manager = manager
+
+    async def grant(self, owner: str, amount: int) -> int:
+        """Add ``amount`` credits to ``owner`` (negative to take some away).
+
+        Returns:
+            The new balance.
+
+        Raises:
+            ValidationError: for a bad owner or amount, or a balance that would go negative.
+        """
+        _check_owner(owner)
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
+            raise ValidationError("amount", f"must be a non-zero integer, got {amount!r}")
+        store = self._manager._require_open()
+        balance = await store.grant(owner, amount)
+        log.info("credits: %+d for %s, balance %d", amount, owner, balance)
+        return balance
+
+    async def balance(self, owner: str) -> int:
+        """The owner's balance (0 if it was never granted anything)."""
+        _check_owner(owner)
+        return await self._manager._require_open().balance(owner)
+
+
+class TaskManager:
+    """Durable background image generation on one SQLite file.
+
+    Use it as ``async with TaskManager(...) as tm:`` (or ``await tm.open()`` and
+    ``await tm.aclose()``). ``submit`` answers at once with a queued `Task`; workers in
+    this process (unless ``workers=False``) run it in the background; ``poll``,
+    ``pending``, ``list``, ``wait`` and ``as_completed`` read only the database.
+
+    Args:
+        path: The SQLite file. Default: ``tasks.db`` in ``$IMAGETASK_HOME`` or the
+            platform's user data folder.
+        images: Folder for image files. Default: ``images/`` beside the database.
+        provider: The image backend. Default: ``GeminiProvider()`` when
+            ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY`` is set, else none.
+        concurrency: Most tasks this process runs at once.
+        per_owner: Most tasks one owner has running at once, across every process
+            sharing the database.
+        workers: False for a process that only submits and polls (a web front end
+            whose work runs in ``imagetask worker``).
+        max_attempts: Attempt budget fixed on each task at submit.
+        attempt_timeout: Seconds one attempt may take before it counts as a timeout.
+        lease: Seconds a claim lasts without a heartbeat; a dead worker's tasks are
+            taken back this long after it stopped renewing.
+        retry_delay: First backoff in seconds; it doubles (with jitter) each attempt.
+        credits: True to charge each task's cost at submit and refund it on failure
+            or cancellation.
+        durability: ``"normal"`` survives process crashes; ``"full"`` also fsyncs
+            every commit, to survive power loss.
+        poll_interval: Longest pause between two checks of the database for changes
+            made by other processes (while someone waits).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        provider: Provider | None = None,
+        concurrency: int = _config.DEFAULT_CONCURRENCY,
+        per_owner: int = _config.DEFAULT_PER_OWNER,
+        *,
+        images: str | os.PathLike[str] | None = None,
+        workers: bool = True,
+        max_attempts: int = _config.DEFAULT_MAX_ATTEMPTS,
+        attempt_timeout: float = _config.DEFAULT_ATTEMPT_TIMEOUT,
+        lease: float = _config.DEFAULT_LEASE,
+        retry_delay: float = _config.DEFAULT_RETRY_DELAY,
+        credits: bool = False,
+        durability: str = "normal",
+        poll_interval: float = _config.DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        _check_int("concurrency", concurrency, 1)
+        _check_int("per_owner", per_owner, 1)
+        _check_int("max_attempts", max_attempts, 1)
+        for name, value in (
+            ("attempt_timeout", attempt_timeout),
+            ("lease", lease),
+            ("poll_interval", poll_interval),
+        ):
+            _check_seconds(name, value, positive=True)
+        _check_seconds("retry_delay", retry_delay, positive=False)
+        if durability not in ("normal", "full"):
+            raise ConfigError(f"durability: must be 'normal' or 'full', got {durability!r}")
+        if path is not None and os.fspath(path) in ("", ":memory:"):
+            raise ConfigError(
+                "path: must be a file; an in-memory database cannot be shared by the "
+                "connections and processes imagetask uses (pass a path, e.g. tmp_path / 'tasks.db')"
+            )
+        db = Path(path) if path is not None else _config.default_home() / _config.DB_NAME
+        self.path = db.expanduser().absolute()
+        root = Path(images) if images is not None else self.path.parent / _config.IMAGES_DIR
+        self.images_root = root.expanduser().absolute()
+        self.provider: Provider | None = provider if provider is not None else _default_provider()
+        self.concurrency = concurrency
+        self.per_owner = per_owner
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.attempt_timeout = float(attempt_timeout)
+        self.lease = float(lease)
+        self.retry_delay = float(retry_delay)
+        self.charging = bool(credits)
+        self.durability = durability
+        self.poll_interval = float(poll_interval)
+        self.credits = Credits(self)
+        self._store = Store(self.path, self.images_root, durability)
+        self._images = ImageStore(self.images_root)
+        self._worker: Worker | None = None
+        self._state = _State.NEW
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._submit_queue: list[tuple[SubmitRow, asyncio.Future[Submitted]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        provider = self.provider.name if self.provider is not None else None
+        return (
+            f"TaskManager(path={str(self.path)!r}, provider={provider!r}, "
+            f"workers={self.workers}, state={self._state.value})"
+        )
+
+    # -- lifecycle --
+
+    async def open(self) -> TaskManager:
+        """Open the database (migrating it), take back expired leases, start workers.
+
+        Raises:
+            ConfigError: workers were asked for but there is no usable provider.
+            StoreError: the database file cannot be used.
+        """
+        if self._state is not _State.NEW:
+            raise ConfigError(f"this TaskManager is {self._state.value}; create a new one to open again")
+        if self.workers and self.provider is None:
+            raise ConfigError(
+                "no image provider: set GEMINI_API_KEY (or GOOGLE_API_KEY) to use Gemini, pass "
+                "provider=FakeProvider() to run offline, or pass workers=False for a process "
+                "that only submits and polls"
+            )
+        await self._store.open()
+        try:
+            if self.workers:
+                assert self.provider is not None
+                await self.provider.start()
+                self._worker = Worker(
+                    self._store,
+                    self._images,
+                    self.provider,
+                    concurrency=self.concurrency,
+                    per_owner=self.per_owner,
+                    lease=self.lease,
+                    attempt_timeout=self.attempt_timeout,
+                    retry_delay=self.retry_delay,
+                    poll_interval=self.poll_interval,
+                    on_terminal=self._notify,
+                )
+                self._worker.start()
+        except BaseException:
+            await self._store.close()
+            raise
+        self._state = _State.OPEN
+        log.info("opened %s (workers=%s)", self.path, self.workers)
+        return self
+
+    async def aclose(self) -> None:
+        """Stop the workers (running attempts go back to the queue) and close the database."""
+        if self._state is not _State.OPEN:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        if self._worker is not None:
+            await self._worker.stop()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        closed = ImageTaskError("the TaskManager was closed while waiting for this task")
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(closed)
+        self._waiters.clear()
+        if self.provider is not None and self.workers:
+            await self.provider.aclose()
+        await self._store.close()
+        log.info("closed %s", self.path)
+
+    async def __aenter__(self) -> TaskManager:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) is _State.OPEN:
+            warnings.warn(
+                f"{self!r} was never closed; use `async with TaskManager(...)` or `await tm.aclose()`",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    def _require_open(self) -> Store:
+        if self._state is _State.NEW:
+            raise ConfigError("the TaskManager is not open; use `async with TaskManager(...) as tm:`")
+        if self._state is _State.CLOSED:
+            raise ConfigError("the TaskManager is closed; create a new one")
+        return self._store
+
+    # -- submit --
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        model: str | None = None,
+        aspect_ratio: str | None = None,
+        size: str | None = None,
+        images: ImageInput | Sequence[ImageInput] = (),
+        owner: str = _config.DEFAULT_OWNER,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Task:
+        """Record a generation request and return it queued, without calling the provider.
+
+        When this returns, the task is durable: it survives a crash of this process.
+
+        Args:
+            prompt: What to draw (1 to 10,000 characters after stripping).
+            n: How many images (1 to 8); each is one provider call.
+            model: A model id from the provider's table; default: the provider's.
+            aspect_ratio: e.g. ``"16:9"``; must be one the model supports.
+            size: ``"1K"``, ``"2K"`` or ``"4K"`` where the model supports it.
+            images: Reference images (paths, bytes or PIL images); copied into the store.
+            owner: Who the task belongs to (limits and credits are per owner).
+            idempotency_key: Re-submitting the same request with the same key returns
+                the first task and charges nothing more.
+            metadata: Your own JSON-able data, stored and returned untouched.
+
+        Raises:
+            ValidationError: naming the bad field; nothing is written.
+            InsufficientCredits: credits are on and the owner cannot pay; nothing is written.
+            ConfigError: the manager has no provider to validate against.
+        """
+        request = GenerationRequest(
+            prompt=prompt,
+            n=n,
+            model=model,
+            aspect_ratio=aspect_ratio,
+            size=size,
+            images=_as_image_list(images),
+            owner=owner,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        store = self._require_open()
+        row = await self._prepare(request)
+        try:
+            submitted = await self._enqueue(row)
+        except BaseException:
+            await self._discard_references(row)
+            raise
+        return await self._after_submit(store, row, submitted)
+
+    async def submit_many(self, requests: Iterable[GenerationRequest | Mapping[str, Any]]) -> list[Task]:
+        """Submit many requests in one transaction: all are written, or none.
+
+        Every request is validated before anything is written.
+
+        Args:
+            requests: ``GenerationRequest`` objects or dicts of ``submit``'s arguments.
+
+        Returns:
+            The tasks, in the order of ``requests``.
+
+        Raises:
+            ValidationError: naming the request and field (``requests[3].prompt: ...``).
+            InsufficientCredits: an owner cannot pay for its share; nothing is written.
+        """
+        store = self._require_open()
+        items = [GenerationRequest._coerce(item, i) for i, item in enumerate(requests)]
+        rows: list[SubmitRow] = []
+        try:
+            for i, item in enumerate(items):
+                try:
+                    rows.append(await self._prepare(item))
+                except ValidationError as exc:
+                    raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
+            results = await store.submit(rows, atomic=True)
+        except BaseException:
+            for row in rows:
+                await self._discard_references(row)
+            raise
+        tasks = []
+        for row, result in zip(rows, results, strict=True):
+            assert isinstance(result, Submitted)
+            tasks.append(await self._after_submit(store, row, result))
+        return tasks
+
+    async def _prepare(self, req: GenerationRequest) -> SubmitRow:
+        """Validate, price, and copy reference images: everything before the transaction."""
+        if self.provider is None:
+            raise ConfigError(
+                "this manager has no provider, so it cannot validate or run new tasks; pass "
+                "provider=... (GeminiProvider() or FakeProvider()) or set GEMINI_API_KEY"
+            )
+        datas: tuple[bytes, ...] = ()
+        if req.images:
+            datas = tuple(
+                await asyncio.to_thread(
+                    lambda: [read_reference(item, i) for i, item in enumerate(req.images)]
+                )
+            )
+        checked = check_request(req, self.provider.models, self.provider.default_model, datas)
+        task_id = new_task_id()
+        refs = ()
+        if datas:
+            stored = await asyncio.to_thread(
+                lambda: [self._images.write_reference(task_id, i, d) for i, d in enumerate(datas)]
+            )
+            refs = tuple(self._store.reference_rows(task_id, stored))
+        return SubmitRow(
+            id=task_id,
+            owner=checked.owner,
+            prompt=checked.prompt,
+            model=checked.model,
+            params=checked.params,
+            max_attempts=self.max_attempts,
+            cost=checked.cost,
+            charge=self.charging,
+            idempotency_key=checked.idempotency_key,
+            fingerprint=checked.fingerprint(),
+            metadata_json=checked.metadata_json,
+            references=refs,
+        )
+
+    async def _enqueue(self, row: SubmitRow) -> Submitted:
+        """Group commit: submits that arrive while a commit is in flight share the next one.
+
+        Each row gets its own savepoint, so one bad row fails alone; every caller is
+        answered only after the transaction holding its row has committed.
+        """
+        fut: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
+        self._submit_queue.append((row, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="imagetask-submit")
+        return await fut
+
+    async def _flush(self) -> None:
+        while self._submit_queue:
+            batch, self._submit_queue = self._submit_queue, []
+            try:
+                results = await self._store.submit([row for row, _ in batch], atomic=False)
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, Exception):
+                    continue
+                raise
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+
+    async def _after_submit(self, store: Store, row: SubmitRow, submitted: Submitted) -> Task:
+        if not submitted.created:
+            await self._discard_references(row)
+            log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
+            return await self.poll(submitted.id)
+        log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
+        if self._worker is not None:
+            self._worker.wake()
+        task = await store.get(row.id)
+        if task is None:  # pruned or cancelled and pruned already: vanishingly unlikely
+            raise TaskNotFound(row.id)
+        return task
+
+    async def _discard_references(self, row: SubmitRow) -> None:
+        if row.references:
+            paths = [self._images.absolute(ref[4]) for ref in row.references]
+            await asyncio.to_thread(self._images.delete, paths)
+
+    # -- reads: the database only, never the provider --
+
+    async def poll(self, task_id: str) -> Task:
+        """The task as the database holds it now (one read; never calls the provider).
+
+        Raises:
+            TaskNotFound: no task has this id.
+        """
+        task = await self._require_open().get(_check_id(task_id))
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def pending(self, owner: str | None = None) -> list[Task]:
+        """Queued and running tasks (of one owner, or all), newest first."""
+        if owner is not None:
+            _check_owner(owner)
+        return await self._require_open().pending(owner)
+
+    async def list(
+        self,
+        owner: str | None = None,
+        status: TaskStatus | str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Task]:
+        """One page of tasks, newest first.
+
+        Args:
+            owner: Only this owner's tasks.
+            status: Only tasks in this status.
+            limit: Page size, 1 to 1,000.
+            before: A task id: list tasks older than it (pass the last id of a page).
+        """
+        if owner is not None:
+            _check_owner(owner)
+        status_value = None
+        if status is not None:
+            try:
+                status_value = TaskStatus(status).value
+            except ValueError:
+                raise ValidationError(
+                    "status", f"unknown status {status!r}; use one of {', '.join(s.value for s in TaskStatus)}"
+                ) from None
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
+        return await self._require_open().list(owner, status_value, limit, before)
+
+    async def events(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's event log, oldest first: every transition with its attempt and worker."""
+        await self.poll(task_id)
+        return await self._store.events(task_id)
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """Wait until the task is terminal and return it.
+
+        In the process that runs the task this wakes on an in-process signal; otherwise
+        it re-reads the database when SQLite reports a change (checked cheaply, with
+        backoff up to ``poll_interval``). It never calls the provider.
+
+        Raises:
+            TaskNotFound: no task has this id.
+            WaitTimeout: ``timeout`` seconds passed; the task keeps running.
+        """
+        if timeout is not None:
+            _check_arg_seconds("timeout", timeout)
+        self._require_open()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, set()).add(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    task = await self.poll(task_id)  # after registering: no missed signal
+                    if task.done:
+                        return task
+                    self._ensure_watcher()
+                    await fut
+                    fut = asyncio.get_running_loop().create_future()
+                    self._waiters.setdefault(task_id, set()).add(fut)
+        except TimeoutError:
+            assert timeout is not None
+            raise WaitTimeout(task_id, timeout) from None
+        finally:
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    del self._waiters[task_id]
+
+    async def as_completed(self, ids: Iterable[str], timeout: float | None = None) -> AsyncIterator[Task]:
+        """Yield each task as it reaches a terminal state (already-finished ones first).
+
+        Raises:
+            TaskNotFound: an id is unknown (checked before anything is yielded).
+            WaitTimeout: ``timeout`` seconds passed before all finished.
+        """
+        ids = list(dict.fromkeys(ids))
+        for task_id in ids:
+            await self.poll(task_id)
+        waits = [asyncio.ensure_future(self.wait(task_id)) for task_id in ids]
+        try:
+            for next_done in asyncio.as_completed(waits, timeout=timeout):
+                try:
+                    yield await next_done
+                except TimeoutError as exc:
+                    if isinstance(exc, WaitTimeout):
+                        raise
+                    raise WaitTimeout(", ".join(ids), timeout or 0.0) from None
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    def _notify(self, task_id: str) -> None:
+        for fut in self._waiters.pop(task_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="imagetask-watch")
+
+    async def _watch(self) -> None:
+        """While anyone waits: notice commits from other processes and wake their waiters."""
+        interval = 0.01
+        version = await self._store.data_version()
+        while self._waiters:
+            await asyncio.sleep(interval)
+            try:
+                current = await self._store.data_version()
+                if current == version:
+                    interval = min(interval * 2, self.poll_interval)
+                    continue
+                version = current
+                interval = 0.01
+                for task_id in await self._store.terminal_among(list(self._waiters)):
+                    self._notify(task_id)
+            except ImageTaskError:
+                log.exception("checking the database for changes failed")
+                interval = self.poll_interval
+
+    # -- cancel, prune --
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a queued or running task; a finished task is returned unchanged.
+
+        A queued task is cancelled at once. A running one is marked cancelled at once
+        (refunding its charge) and its attempt stops: now if it runs in this process,
+        at its next heartbeat if it runs in another. Every waiter returns.
+
+        Raises:
+            TaskNotFound: no task has this id.
+        """
+        store = self._require_open()
+        if await store.cancel(_check_id(task_id), "cancelled by the caller"):
+            log.info("task %s: cancelled", task_id)
+            if self._worker is not None:
+                self._worker.stop_local(task_id, "cancelled")
+            self._notify(task_id)
+        return await self.poll(task_id)
+
+    async def prune(self, older_than: float) -> PruneReport:
+        """Delete tasks that finished more than ``older_than`` seconds ago, with their
+        images and events, and sweep orphan image files. The credit ledger is never touched.
+        """
+        _check_arg_seconds("older_than", older_than)
+        store = self._require_open()
+        count, paths = await store.prune(now_ms() - int(older_than * 1000))
+        files = await asyncio.to_thread(self._images.delete, [self._images.absolute(p) for p in paths])
+        listing = await asyncio.to_thread(lambda: list(self._images.scan()))
+        known, referenced = await store.file_state(sorted({entry[0] for entry in listing}))
+        orphans = await asyncio.to_thread(self._images.sweep, known, referenced, listing)
+        report = PruneReport(tasks=count, files=files, orphans=orphans)
+        log.info("pruned %d task(s), %d file(s), %d orphan(s)", report.tasks, report.files, report.orphans)
+        return report
+
+
+TaskManager.__module__ = "imagetask"
+PruneReport.__module__ = "imagetask"
+
+
+def _default_provider() -> Provider | None:
+    if _config.api_key_from_env() is None:
+        return None
+    from .providers.gemini import GeminiProvider
+
+    return GeminiProvider()
+
+
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[ImageInput, ...]:
+    """``images=`` takes one image or a sequence of them."""
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or hasattr(images, "getpixel"):
+        return (images,)  # type: ignore[return-value]
+    try:
+        return tuple(images)
+    except TypeError:
+        raise ValidationError(
+            "images", f"expected a path, bytes, a PIL image or a list of them, got {type(images).__name__}"
+        ) from None
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _seconds_problem(value: object, positive: bool) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return "a number of seconds"
+    if value < 0 or (positive and value == 0):
+        return "a number of seconds > 0" if positive else "a number of seconds >= 0"
+    return None
+
+
+def _check_seconds(name: str, value: object, *, positive: bool) -> None:
+    """Check a manager option given in seconds."""
+    problem = _seconds_problem(value, positive)
+    if problem:
+        raise ConfigError(f"{name}: must be {problem}, got {value!r}")
+
+
+def _check_arg_seconds(name: str, value: object) -> None:
+    """Check a method argument given in seconds."""
+    problem = _seconds_problem(value, positive=False)
+    if problem:
+        raise ValidationError(name, f"must be {problem}, got {value!r}")
+
+
+def _check_owner(owner: object) -> None:
+    if not isinstance(owner, str) or not owner.strip() or len(owner) > _config.MAX_KEY_CHARS:
+        raise ValidationError("owner", f"must be a non-empty string of at most {_config.MAX_KEY_CHARS} characters")
+
+
+def _check_id(task_id: object) -> str:
+    if not isinstance(task_id, str):
+        raise ValidationError("task_id", f"must be a string, got {type(task_id).__name__}")
+    return task_id

@@ -1,0 +1,410 @@
+"""The records imagetask hands out: tasks, images, statuses, errors, requests."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import html
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import attrs
+
+from . import _config
+from ._exceptions import ValidationError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .providers.base import ModelInfo
+
+__all__ = [
+    "GenerationRequest",
+    "ImageInput",
+    "StoredImage",
+    "Task",
+    "TaskError",
+    "TaskStatus",
+    "new_task_id",
+]
+
+#: What ``submit(images=...)`` accepts for one reference image.
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is in its life. The values are the strings stored in the database."""
+
+    #: Accepted and durable, waiting for a worker (or for its retry time).
+    QUEUED = "queued"
+    #: Claimed by a worker that holds a lease on it.
+    RUNNING = "running"
+    #: Every requested image is stored. Terminal.
+    SUCCEEDED = "succeeded"
+    #: Ended without images; ``Task.error`` says why. Terminal.
+    FAILED = "failed"
+    #: Cancelled by a caller. Terminal.
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a task never leaves."""
+        return self in _TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+@attrs.frozen
+class TaskError:
+    """Why a task failed or was cancelled.
+
+    Attributes:
+        code: A stable code: ``safety_blocked``, ``no_image``, ``bad_image``,
+            ``rate_limited``, ``timeout``, ``server_error``, ``connection_error``,
+            ``invalid_request``, ``auth_failed``, ``model_not_found``,
+            ``interrupted``, ``cancelled``.
+        message: The provider's own reason, or ours, in words.
+        retryable: Whether the failure was of a kind that retries (it failed anyway
+            because the attempts ran out).
+    """
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+@attrs.frozen
+class StoredImage:
+    """One image file in the local store, validated with Pillow and hashed.
+
+    Attributes:
+        path: Absolute path of the file.
+        mime: MIME type read from the bytes by Pillow (not what the provider claimed).
+        width: Width in pixels.
+        height: Height in pixels.
+        sha256: Hex SHA-256 of the file's bytes.
+        size: Size of the file in bytes.
+        index: Position among the task's images (or reference images).
+        provenance: What the provider said about this image (finish reason, model
+            version, response id, token usage, text), when it said anything.
+    """
+
+    path: Path
+    mime: str
+    width: int
+    height: int
+    sha256: str
+    size: int
+    index: int = 0
+    provenance: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def open(self) -> Image.Image:
+        """Open the image with Pillow."""
+        from PIL import Image
+
+        return Image.open(self.path)
+
+    def read_bytes(self) -> bytes:
+        """The file's bytes."""
+        return self.path.read_bytes()
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        # Jupyter shows the picture itself rather than the repr.
+        return {self.mime: self.read_bytes(), "text/plain": repr(self)}
+
+
+@attrs.frozen
+class Task:
+    """An immutable snapshot of one task, as the database held it when read.
+
+    Attributes:
+        id: Time-sortable id (newer tasks sort after older ones).
+        owner: Who the task belongs to (limits and credits are per owner).
+        prompt: The text prompt.
+        model: The model id.
+        params: Generation parameters: ``n``, ``aspect_ratio``, ``size``.
+        status: A `TaskStatus`.
+        images: The stored result images, in order (empty unless succeeded).
+        references: The reference images given to ``submit``, as stored copies.
+        error: Why the task failed or was cancelled, else None.
+        attempts: How many times a worker claimed the task (crashed claims included).
+        max_attempts: The attempt budget fixed at submit.
+        cost: Price of the task in credits (charged only when credits are on).
+        metadata: The caller's own JSON-able data, returned untouched.
+        idempotency_key: The key given to ``submit``, if any.
+        created_at: When ``submit`` committed it (UTC).
+        started_at: When a worker first claimed it.
+        finished_at: When it reached a terminal state.
+    """
+
+    id: str
+    owner: str
+    prompt: str
+    model: str
+    params: Mapping[str, Any]
+    status: TaskStatus
+    images: tuple[StoredImage, ...] = ()
+    references: tuple[StoredImage, ...] = ()
+    error: TaskError | None = None
+    attempts: int = 0
+    max_attempts: int = _config.DEFAULT_MAX_ATTEMPTS
+    cost: int = 0
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    idempotency_key: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the task is in a terminal state."""
+        return self.status.terminal
+
+    @property
+    def ok(self) -> bool:
+        """True when the task succeeded."""
+        return self.status is TaskStatus.SUCCEEDED
+
+    @classmethod
+    def _from_row(
+        cls,
+        row: Mapping[str, Any],
+        images: Sequence[StoredImage] = (),
+        references: Sequence[StoredImage] = (),
+    ) -> Task:
+        error = None
+        if row["error_code"] is not None:
+            error = TaskError(row["error_code"], row["error_message"] or "", bool(row["error_retryable"]))
+        return cls(
+            id=row["id"],
+            owner=row["owner"],
+            prompt=row["prompt"],
+            model=row["model"],
+            params=json.loads(row["params"]),
+            status=TaskStatus(row["status"]),
+            images=tuple(images),
+            references=tuple(references),
+            error=error,
+            attempts=row["attempt"],
+            max_attempts=row["max_attempts"],
+            cost=row["cost"],
+            metadata=json.loads(row["metadata"]),
+            idempotency_key=row["idempotency_key"],
+            created_at=_from_ms(row["created_at"]),
+            started_at=_from_ms(row["started_at"]),
+            finished_at=_from_ms(row["finished_at"]),
+        )
+
+    def _repr_html_(self) -> str:
+        head = (
+            f"<b>{html.escape(self.id)}</b> {html.escape(self.status.value)} "
+            f"&middot; {html.escape(self.model)} &middot; {html.escape(self.prompt[:80])}"
+        )
+        if self.error is not None:
+            head += f"<br><code>{html.escape(self.error.code)}</code> {html.escape(self.error.message)}"
+        imgs = "".join(
+            f'<img src="{html.escape(im.path.as_uri())}" style="max-width:256px;margin:2px">'
+            for im in self.images
+        )
+        return f"<div>{head}<br>{imgs}</div>"
+
+
+for _cls in (Task, TaskError, StoredImage, TaskStatus):
+    _cls.__module__ = "imagetask"
+
+
+def _from_ms(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def now_ms() -> int:
+    """Wall-clock time in integer milliseconds, as stored in the database."""
+    return time.time_ns() // 1_000_000
+
+
+# --- task ids ---------------------------------------------------------------------------------
+# 48 bits of milliseconds then 80 random bits in Crockford base32 (the ULID layout), made
+# monotonic within a process so ids submitted in one millisecond still sort in order.
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_id_lock = threading.Lock()
+_last_id = (0, 0)
+
+
+def new_task_id() -> str:
+    """A new 26-character, time-sortable task id."""
+    global _last_id
+    with _id_lock:
+        ms = now_ms()
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, rand = last_ms, last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+        _last_id = (ms, rand)
+    value = (ms << 80) | (rand & ((1 << 80) - 1))
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def task_id_ms(task_id: str) -> int:
+    """The millisecond timestamp inside a task id."""
+    value = 0
+    for ch in task_id[:10]:
+        value = value * 32 + _CROCKFORD.index(ch)
+    return value  # 10 chars hold the top 50 bits of 130: two zero bits, then the 48-bit time
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GenerationRequest:
+    """One request to generate images, as ``submit`` takes it.
+
+    ``submit(prompt, **kw)`` and ``submit_many([GenerationRequest(...), {...}])`` accept
+    the same fields.
+    """
+
+    prompt: str
+    n: int = 1
+    model: str | None = None
+    aspect_ratio: str | None = None
+    size: str | None = None
+    images: Sequence[ImageInput] = ()
+    owner: str = _config.DEFAULT_OWNER
+    idempotency_key: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+    @classmethod
+    def _coerce(cls, item: GenerationRequest | Mapping[str, Any], position: int) -> GenerationRequest:
+        if isinstance(item, GenerationRequest):
+            return item
+        if not isinstance(item, Mapping):
+            raise ValidationError(
+                f"requests[{position}]",
+                f"expected a dict of submit() arguments or a GenerationRequest, got {type(item).__name__}",
+            )
+        names = set(attrs.fields_dict(cls))
+        unknown = sorted(set(item) - names)
+        if unknown:
+            raise ValidationError(
+                f"requests[{position}].{unknown[0]}",
+                f"unknown argument; submit() takes {', '.join(sorted(names))}",
+            )
+        if "prompt" not in item:
+            raise ValidationError(f"requests[{position}].prompt", "missing; every request needs a prompt")
+        return cls(**item)
+
+
+@attrs.frozen
+class CheckedRequest:
+    """A request that passed validation, normalised, with its price and fingerprint."""
+
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    owner: str
+    idempotency_key: str | None
+    metadata_json: str
+    references: tuple[bytes, ...]
+    cost: int
+
+    def fingerprint(self) -> str:
+        """A hash of everything that defines the work, to match idempotent re-submits."""
+        h = hashlib.sha256()
+        body = {"prompt": self.prompt, "model": self.model, "params": self.params}
+        h.update(json.dumps(body, sort_keys=True).encode())
+        for ref in self.references:
+            h.update(hashlib.sha256(ref).digest())
+        return h.hexdigest()
+
+
+def _check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    text = value.strip() if strip else value
+    if not text.strip():
+        raise ValidationError(field, "must not be empty or only whitespace")
+    if len(text) > limit:
+        raise ValidationError(field, f"is {len(text)} characters; the limit is {limit}")
+    if "\x00" in text:
+        raise ValidationError(field, "must not contain NUL characters")
+    return text
+
+
+def check_request(
+    req: GenerationRequest,
+    models: Mapping[str, ModelInfo],
+    default_model: str,
+    references: tuple[bytes, ...],
+) -> CheckedRequest:
+    """Validate one request against a provider's model table.
+
+    Reference images must already have been read and checked by the image store
+    (``references``); this checks their count against the model.
+
+    Raises:
+        ValidationError: naming the first bad field.
+    """
+    prompt = _check_text("prompt", req.prompt, _config.MAX_PROMPT_CHARS, strip=True)
+    owner = _check_text("owner", req.owner, _config.MAX_KEY_CHARS, strip=False)
+    key = req.idempotency_key
+    if key is not None:
+        key = _check_text("idempotency_key", key, _config.MAX_KEY_CHARS, strip=False)
+    model_id = default_model if req.model is None else req.model
+    if not isinstance(model_id, str) or model_id not in models:
+        known = ", ".join(sorted(models)) or "(none)"
+        raise ValidationError("model", f"unknown model {model_id!r}; this provider serves: {known}")
+    info = models[model_id]
+    n = req.n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _config.MAX_N:
+        raise ValidationError("n", f"must be an integer from 1 to {_config.MAX_N}, got {n!r}")
+    if req.aspect_ratio is not None and req.aspect_ratio not in info.aspect_ratios:
+        raise ValidationError(
+            "aspect_ratio",
+            f"{req.aspect_ratio!r} is not supported by {model_id}; use one of "
+            + ", ".join(info.aspect_ratios),
+        )
+    if req.size is not None and req.size not in info.sizes:
+        supported = ", ".join(info.sizes) if info.sizes else "none (leave size unset)"
+        raise ValidationError("size", f"{req.size!r} is not supported by {model_id}; supported: {supported}")
+    if len(references) > info.max_reference_images:
+        raise ValidationError(
+            "images",
+            f"{len(references)} reference images given; {model_id} accepts at most "
+            f"{info.max_reference_images}",
+        )
+    metadata = {} if req.metadata is None else req.metadata
+    if not isinstance(metadata, Mapping):
+        raise ValidationError("metadata", f"must be a dict, got {type(metadata).__name__}")
+    try:
+        metadata_json = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("metadata", f"must be JSON-serialisable: {exc}") from None
+    if len(metadata_json.encode()) > _config.MAX_METADATA_BYTES:
+        raise ValidationError("metadata", f"is larger than {_config.MAX_METADATA_BYTES} bytes as JSON")
+    params: dict[str, Any] = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
+    return CheckedRequest(
+        prompt=prompt,
+        model=model_id,
+        params=params,
+        owner=owner,
+        idempotency_key=key,
+        metadata_json=metadata_json,
+        references=references,
+        cost=info.price * n,
+    )

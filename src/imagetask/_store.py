@@ -1,0 +1,899 @@
+"""Every SQL statement imagetask runs: schema, migrations, and each state transition.
+
+One writer connection per process and one reader connection, both aiosqlite. A write
+transaction is one Python function run whole on the writer's thread (one hop, not one
+per statement), opened with ``BEGIN IMMEDIATE``. Every transition of a task is a single
+guarded ``UPDATE ... WHERE status = ? AND attempt = ? RETURNING``: callers act only on
+what comes back, so a worker that lost its lease cannot overwrite anything.
+
+The SQL stays portable to PostgreSQL: RETURNING, partial indexes, ON CONFLICT, no
+SQLite-only functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import attrs
+
+from ._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
+from ._models import StoredImage, Task, TaskError
+
+__all__ = ["Claimed", "Store", "SubmitRow"]
+
+log = logging.getLogger("imagetask")
+T = TypeVar("T")
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+# --- schema -----------------------------------------------------------------------------------
+# Migrations are numbered, forward-only, and recorded in schema_migrations. Never edit one
+# that has shipped: append a new one.
+
+_V1 = [
+    """
+    CREATE TABLE tasks (
+        id              TEXT PRIMARY KEY,
+        owner           TEXT NOT NULL,
+        prompt          TEXT NOT NULL,
+        model           TEXT NOT NULL,
+        params          TEXT NOT NULL,
+        status          TEXT NOT NULL
+                        CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        cost            INTEGER NOT NULL,
+        idempotency_key TEXT,
+        fingerprint     TEXT NOT NULL,
+        metadata        TEXT NOT NULL,
+        error_code      TEXT,
+        error_message   TEXT,
+        error_retryable INTEGER,
+        worker          TEXT,
+        lease_until     INTEGER,
+        run_after       INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        updated_at      INTEGER NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX tasks_idempotency ON tasks (owner, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX tasks_queue ON tasks (run_after, id) WHERE status = 'queued'",
+    "CREATE INDEX tasks_running ON tasks (owner, lease_until) WHERE status = 'running'",
+    "CREATE INDEX tasks_leases ON tasks (lease_until) WHERE status = 'running'",
+    "CREATE INDEX tasks_active ON tasks (owner, id) WHERE status IN ('queued', 'running')",
+    "CREATE INDEX tasks_owner ON tasks (owner, id)",
+    "CREATE INDEX tasks_status ON tasks (status, id)",
+    "CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL",
+    """
+    CREATE TABLE task_images (
+        task_id    TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        role       TEXT NOT NULL CHECK (role IN ('output', 'reference')),
+        idx        INTEGER NOT NULL,
+        attempt    INTEGER NOT NULL,
+        path       TEXT NOT NULL,
+        mime       TEXT NOT NULL,
+        width      INTEGER NOT NULL,
+        height     INTEGER NOT NULL,
+        sha256     TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        provenance TEXT NOT NULL,
+        PRIMARY KEY (task_id, role, idx)
+    )
+    """,
+    """
+    CREATE TABLE task_events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        at      INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        event   TEXT NOT NULL,
+        status  TEXT NOT NULL,
+        worker  TEXT,
+        detail  TEXT
+    )
+    """,
+    "CREATE INDEX task_events_task ON task_events (task_id, id)",
+    """
+    CREATE TABLE accounts (
+        owner      TEXT PRIMARY KEY,
+        balance    INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )
+    """,
+    # Append-only. Balance = sum(amount) per owner. task_id has no foreign key on purpose:
+    # pruning a task never touches the money it moved.
+    """
+    CREATE TABLE ledger (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner   TEXT NOT NULL,
+        task_id TEXT,
+        kind    TEXT NOT NULL CHECK (kind IN ('grant', 'charge', 'refund')),
+        amount  INTEGER NOT NULL,
+        at      INTEGER NOT NULL,
+        UNIQUE (task_id, kind)
+    )
+    """,
+    "CREATE INDEX ledger_owner ON ledger (owner, id)",
+]
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "tasks, images, events, accounts, ledger", _V1),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# --- records passed between the store and the worker -------------------------------------------
+
+
+@attrs.frozen
+class SubmitRow:
+    """Everything a submit writes for one task (validated, priced, references copied)."""
+
+    id: str
+    owner: str
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    max_attempts: int
+    cost: int
+    charge: bool
+    idempotency_key: str | None
+    fingerprint: str
+    metadata_json: str
+    #: Rows for the stored copies of reference images, from `Store.reference_rows`.
+    references: tuple[tuple[Any, ...], ...] = ()
+
+
+@attrs.frozen
+class Claimed:
+    """A task a worker just claimed, with what it needs to run one attempt."""
+
+    id: str
+    owner: str
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    references: tuple[StoredImage, ...]
+
+
+@attrs.frozen
+class Submitted:
+    """The outcome of one submit: the task id, and whether this call created it."""
+
+    id: str
+    created: bool
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """The SQLite store of one database file.
+
+    Args:
+        path: The database file (created if missing).
+        images_root: Folder the relative image paths in the database are under.
+        durability: ``"normal"`` (synchronous=NORMAL: survives a process crash) or
+            ``"full"`` (synchronous=FULL: also survives power loss).
+    """
+
+    def __init__(self, path: Path, images_root: Path, durability: str = "normal") -> None:
+        if durability not in ("normal", "full"):
+            raise ValueError("durability: must be 'normal' or 'full'")
+        self.path = path
+        self.images_root = images_root
+        self.durability = durability
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        """Connect, check the file, and run pending migrations.
+
+        Raises:
+            StoreError: the file is not SQLite, not an imagetask database, or newer
+                than this version of imagetask.
+        """
+        _check_header(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = await self._connect(query_only=False)
+            await self._run(self._writer, self._migrate)
+            self._reader = await self._connect(query_only=True)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            await self._run(conn, self._configure, query_only)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection, query_only: bool) -> None:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if query_only:
+            conn.execute("PRAGMA query_only = ON")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "schema_migrations" not in tables:
+                if tables - {"sqlite_sequence"}:
+                    raise StoreError(
+                        f"{self.path} is an SQLite database but not an imagetask one "
+                        f"(it has tables {', '.join(sorted(tables))}); pass another path"
+                    )
+                conn.execute(
+                    "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                    " description TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+                )
+            current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {current}, newer than this imagetask "
+                    f"understands ({SCHEMA_VERSION}); upgrade imagetask to open it"
+                )
+            for version, description, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                    (version, description, _now()),
+                )
+                log.info("migrated %s to schema version %d", self.path, version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        """Close both connections (safe to call twice)."""
+        for attr in ("_reader", "_writer"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                await conn.close()
+
+    # -- plumbing --
+
+    async def _run(self, conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread, in one hop.
+
+        aiosqlite has no public way to run a callable on its thread; ``_execute`` is the
+        one private call we depend on (pinned in pyproject.toml).
+        """
+        try:
+            return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-any-return]
+        except ImageTaskError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer, in one hop."""
+        if self._writer is None:
+            raise StoreError("the store is closed")
+        return await self._run(self._writer, _transaction, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
+        if self._reader is None:
+            raise StoreError("the store is closed")
+        return await self._run(self._reader, _read_transaction, fn, *args)
+
+    # -- submit --
+
+    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
+        """Insert tasks in one transaction, a savepoint each.
+
+        With ``atomic`` the first error rolls everything back and is raised; otherwise
+        each row succeeds or fails on its own and its error is returned in its place.
+        """
+        return await self._write(_submit_rows, rows, _now(), atomic)
+
+    # -- worker transitions --
+
+    async def claim(self, worker: str, limit: int, per_owner: int, lease: float) -> tuple[list[Claimed], list[str], int | None]:
+        """Take back expired leases, then claim up to ``limit`` runnable tasks.
+
+        Returns:
+            (claimed tasks, ids that became terminal while reaping, the earliest
+            ``run_after`` still queued in ms, or None).
+        """
+        raw, ended, next_run = await self._write(_claim, worker, limit, per_owner, int(lease * 1000), _now())
+        claimed = [
+            Claimed(
+                id=row["id"], owner=row["owner"], prompt=row["prompt"], model=row["model"],
+                params=json.loads(row["params"]), attempt=row["attempt"],
+                max_attempts=row["max_attempts"], references=tuple(self._image(r) for r in refs),
+            )
+            for row, refs in raw
+        ]
+        return claimed, ended, next_run
+
+    async def heartbeat(self, worker: str, held: Sequence[tuple[str, int]], lease: float) -> set[str]:
+        """Renew the leases of ``held`` (id, attempt) pairs; return the ids still held."""
+        if not held:
+            return set()
+        return await self._write(_heartbeat, worker, held, _now() + int(lease * 1000))
+
+    async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
+        """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
+        rows = [_image_row(task_id, "output", attempt, self._rel(im), im) for im in images]
+        return await self._write(_succeed, task_id, attempt, worker, rows, _now())
+
+    async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
+        """Put a failed attempt back in the queue after ``delay`` seconds."""
+        now = _now()
+        return await self._write(_retry, task_id, attempt, worker, error, now + int(delay * 1000), now)
+
+    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
+        """Fail a task for good (refunding any charge); False if the attempt lost its claim."""
+        return await self._write(_fail, task_id, attempt, worker, error, _now())
+
+    async def release(self, task_id: str, attempt: int, worker: str) -> bool:
+        """Give a running task back to the queue at once (graceful shutdown)."""
+        return await self._write(_release, task_id, attempt, worker, _now())
+
+    async def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel a queued or running task (refunding any charge); False if it had ended."""
+        return await self._write(_cancel, task_id, reason, _now())
+
+    # -- credits --
+
+    async def grant(self, owner: str, amount: int) -> int:
+        """Add ``amount`` credits (negative to take away); return the new balance."""
+        return await self._write(_grant, owner, amount, _now())
+
+    async def balance(self, owner: str) -> int:
+        """The owner's balance (0 for an unknown owner)."""
+        return await self._read(_balance, owner)
+
+    # -- reads --
+
+    async def get(self, task_id: str) -> Task | None:
+        """One task by id, or None."""
+        tasks = await self._read(_select_tasks, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return self._tasks(tasks)[0] if tasks[0] else None
+
+    async def get_many(self, ids: Sequence[str]) -> list[Task]:
+        """The tasks with these ids that exist, in no particular order."""
+        marks = ",".join("?" * len(ids))
+        return self._tasks(await self._read(_select_tasks, f"SELECT * FROM tasks WHERE id IN ({marks})", tuple(ids)))
+
+    async def pending(self, owner: str | None) -> list[Task]:
+        """Queued and running tasks, newest first."""
+        if owner is None:
+            sql = "SELECT * FROM tasks WHERE status IN ('queued', 'running') ORDER BY id DESC"
+            args: tuple[Any, ...] = ()
+        else:
+            sql = "SELECT * FROM tasks WHERE owner = ? AND status IN ('queued', 'running') ORDER BY id DESC"
+            args = (owner,)
+        return self._tasks(await self._read(_select_tasks, sql, args))
+
+    async def list(self, owner: str | None, status: str | None, limit: int, before: str | None) -> list[Task]:
+        """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
+        where, args = [], []
+        for column, value in (("owner", owner), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        sql = "SELECT * FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return self._tasks(await self._read(_select_tasks, sql, tuple(args)))
+
+    async def terminal_among(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are in a terminal state (or gone)."""
+        ids = list(ids)
+        return await self._read(_terminal_among, ids)
+
+    async def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on the reader: changes when anyone commits."""
+        return await self._read_pragma("data_version")
+
+    async def _read_pragma(self, name: str) -> int:
+        if self._reader is None:
+            raise StoreError("the store is closed")
+        return await self._run(self._reader, _pragma, name)
+
+    async def events(self, task_id: str) -> list[dict[str, Any]]:
+        """The event log of one task, oldest first."""
+        return await self._read(_events, task_id)
+
+    # -- housekeeping --
+
+    async def prune(self, before_ms: int) -> tuple[int, list[str]]:
+        """Delete terminal tasks that finished before ``before_ms``, in batches.
+
+        Returns:
+            (tasks deleted, relative paths of their images, references included).
+        """
+        count, paths = 0, []
+        while True:
+            deleted, batch = await self._write(_prune_batch, before_ms, 500)
+            count += deleted
+            paths.extend(batch)
+            if deleted < 500:
+                return count, paths
+
+    async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
+        """For the image sweep: (id -> (status, attempt)) and every referenced path."""
+        return await self._read(_file_state, list(task_ids))
+
+    # -- row decoding --
+
+    def _rel(self, image: StoredImage) -> str:
+        return image.path.relative_to(self.images_root).as_posix()
+
+    def _tasks(self, result: tuple[list[sqlite3.Row], list[sqlite3.Row]]) -> list[Task]:
+        rows, image_rows = result
+        outputs: dict[str, list[StoredImage]] = {}
+        refs: dict[str, list[StoredImage]] = {}
+        for r in image_rows:
+            (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(
+                self._image(r)
+            )
+        return [Task._from_row(row, outputs.get(row["id"], ()), refs.get(row["id"], ())) for row in rows]
+
+    def _image(self, r: sqlite3.Row) -> StoredImage:
+        return StoredImage(
+            path=self.images_root / r["path"],
+            mime=r["mime"],
+            width=r["width"],
+            height=r["height"],
+            sha256=r["sha256"],
+            size=r["size"],
+            index=r["idx"],
+            provenance=json.loads(r["provenance"]),
+        )
+
+    def reference_rows(self, task_id: str, images: Sequence[StoredImage]) -> list[tuple[Any, ...]]:
+        """Rows for reference images, for `SubmitRow`."""
+        return [_image_row(task_id, "reference", 0, self._rel(im), im) for im in images]
+
+
+# --- functions run on the connection thread ------------------------------------------------------
+
+
+def _now() -> int:
+    from ._models import now_ms
+
+    return now_ms()
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that exists but is not SQLite, before SQLite touches it."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise StoreError(f"{path} is a folder; pass the path of a database file") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    if head and head != b"SQLite format 3\x00":
+        raise StoreError(
+            f"{path} is not an SQLite database (it may be corrupt or another kind of file); "
+            "move it away or pass another path. imagetask never overwrites it."
+        )
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    conn.execute("BEGIN")
+    try:
+        return fn(conn, *args)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _pragma(conn: sqlite3.Connection, name: str) -> int:
+    return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def _event(
+    conn: sqlite3.Connection,
+    task_id: str,
+    attempt: int,
+    event: str,
+    status: str,
+    now: int,
+    worker: str | None = None,
+    detail: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO task_events (task_id, at, attempt, event, status, worker, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (task_id, now, attempt, event, status, worker, detail),
+    )
+
+
+def _image_row(task_id: str, role: str, attempt: int, rel: str, im: StoredImage) -> tuple[Any, ...]:
+    return (
+        task_id, role, im.index, attempt, rel, im.mime, im.width, im.height, im.sha256, im.size,
+        json.dumps(dict(im.provenance), sort_keys=True, default=str),
+    )
+
+
+_INSERT_IMAGE = (
+    "INSERT INTO task_images (task_id, role, idx, attempt, path, mime, width, height, sha256,"
+    " size, provenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _submit_rows(
+    conn: sqlite3.Connection, rows: Sequence[SubmitRow], now: int, atomic: bool
+) -> list[Submitted | ImageTaskError]:
+    results: list[Submitted | ImageTaskError] = []
+    for row in rows:
+        conn.execute("SAVEPOINT submit_one")
+        try:
+            results.append(_submit_one(conn, row, now))
+        except ImageTaskError as exc:
+            conn.execute("ROLLBACK TO submit_one")
+            conn.execute("RELEASE submit_one")
+            if atomic:
+                raise
+            results.append(exc)
+        else:
+            conn.execute("RELEASE submit_one")
+    return results
+
+
+def _submit_one(conn: sqlite3.Connection, row: SubmitRow, now: int) -> Submitted:
+    if row.idempotency_key is not None:
+        found = conn.execute(
+            "SELECT id, fingerprint FROM tasks WHERE owner = ? AND idempotency_key = ?",
+            (row.owner, row.idempotency_key),
+        ).fetchone()
+        if found is not None:
+            if found["fingerprint"] != row.fingerprint:
+                raise ValidationError(
+                    "idempotency_key",
+                    f"{row.idempotency_key!r} was already used by owner {row.owner!r} for a "
+                    f"different request (task {found['id']}); use a new key for a new request",
+                )
+            return Submitted(found["id"], created=False)
+    if row.charge and row.cost > 0:
+        paid = conn.execute(
+            "UPDATE accounts SET balance = balance - ?, updated_at = ?"
+            " WHERE owner = ? AND balance >= ? RETURNING balance",
+            (row.cost, now, row.owner, row.cost),
+        ).fetchone()
+        if paid is None:
+            raise InsufficientCredits(row.owner, row.cost, _balance(conn, row.owner))
+    conn.execute(
+        "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost,"
+        " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.id, row.owner, row.prompt, row.model, json.dumps(row.params, sort_keys=True),
+            row.max_attempts, row.cost, row.idempotency_key, row.fingerprint, row.metadata_json,
+            now, now, now,
+        ),
+    )
+    if row.charge and row.cost > 0:
+        conn.execute(
+            "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, ?, 'charge', ?, ?)",
+            (row.owner, row.id, -row.cost, now),
+        )
+    if row.references:
+        conn.executemany(_INSERT_IMAGE, row.references)
+    _event(conn, row.id, 0, "submitted", "queued", now)
+    return Submitted(row.id, created=True)
+
+
+def _refund(conn: sqlite3.Connection, task_id: str, now: int) -> None:
+    """Refund a task's charge, once: the ledger's unique (task_id, kind) makes it so."""
+    charge = conn.execute(
+        "SELECT owner, amount FROM ledger WHERE task_id = ? AND kind = 'charge'", (task_id,)
+    ).fetchone()
+    if charge is None:
+        return
+    refunded = conn.execute(
+        "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, ?, 'refund', ?, ?)"
+        " ON CONFLICT (task_id, kind) DO NOTHING RETURNING amount",
+        (charge["owner"], task_id, -charge["amount"], now),
+    ).fetchone()
+    if refunded is not None:
+        conn.execute(
+            "UPDATE accounts SET balance = balance + ?, updated_at = ? WHERE owner = ?",
+            (refunded["amount"], now, charge["owner"]),
+        )
+
+
+_CLAIM = """
+UPDATE tasks
+   SET status = 'running', attempt = attempt + 1, worker = :worker, lease_until = :lease_until,
+       started_at = coalesce(started_at, :now), updated_at = :now
+ WHERE status = 'queued'
+   AND id = (
+       SELECT t.id FROM tasks t
+        WHERE t.status = 'queued' AND t.run_after <= :now
+          AND (SELECT count(*) FROM tasks r
+                WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
+        ORDER BY t.run_after, t.id
+        LIMIT 1)
+RETURNING id, owner, prompt, model, params, attempt, max_attempts
+"""
+
+
+def _claim(
+    conn: sqlite3.Connection, worker: str, limit: int, per_owner: int, lease_ms: int, now: int
+) -> tuple[list[tuple[sqlite3.Row, list[sqlite3.Row]]], list[str], int | None]:
+    ended = _reap(conn, now)
+    claimed: list[tuple[sqlite3.Row, list[sqlite3.Row]]] = []
+    args = {"worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner}
+    # One task per statement, so each claim sees the running count the previous one left.
+    while len(claimed) < limit:
+        row = conn.execute(_CLAIM, args).fetchone()
+        if row is None:
+            break
+        refs = conn.execute(
+            "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx", (row["id"],)
+        ).fetchall()
+        _event(conn, row["id"], row["attempt"], "claimed", "running", now, worker)
+        claimed.append((row, refs))
+    next_run = conn.execute("SELECT min(run_after) FROM tasks WHERE status = 'queued'").fetchone()[0]
+    return claimed, ended, next_run
+
+
+def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
+    """Take back tasks whose lease expired: re-queue, or fail ``interrupted`` if spent."""
+    ended = []
+    expired = conn.execute(
+        "SELECT id, attempt, max_attempts, worker FROM tasks"
+        " WHERE status = 'running' AND lease_until < ?",
+        (now,),
+    ).fetchall()
+    for row in expired:
+        guard = (now, now, row["id"], row["attempt"], now)
+        where = " WHERE id = ? AND attempt = ? AND status = 'running' AND lease_until < ? RETURNING id"
+        if row["attempt"] < row["max_attempts"]:
+            done = conn.execute(
+                "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL,"
+                " run_after = ?, updated_at = ?" + where,
+                guard,
+            ).fetchone()
+            if done:
+                _event(conn, row["id"], row["attempt"], "lease_expired", "queued", now, row["worker"])
+                log.info("task %s: lease of attempt %d expired, re-queued", row["id"], row["attempt"])
+        else:
+            message = (
+                f"the worker running attempt {row['attempt']} of {row['max_attempts']} stopped "
+                "(crash, kill or shutdown) and no attempts are left"
+            )
+            done = conn.execute(
+                "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL,"
+                " error_code = 'interrupted', error_message = ?, error_retryable = 1,"
+                " finished_at = ?, updated_at = ?" + where,
+                (message, *guard),
+            ).fetchone()
+            if done:
+                _refund(conn, row["id"], now)
+                _event(conn, row["id"], row["attempt"], "lease_expired", "failed", now, row["worker"], message)
+                log.info("task %s: lease expired with no attempts left, failed", row["id"])
+                ended.append(row["id"])
+    return ended
+
+
+def _heartbeat(conn: sqlite3.Connection, worker: str, held: Sequence[tuple[str, int]], until: int) -> set[str]:
+    alive = set()
+    for task_id, attempt in held:
+        row = conn.execute(
+            "UPDATE tasks SET lease_until = ? WHERE id = ? AND attempt = ? AND status = 'running'"
+            " AND worker = ? RETURNING id",
+            (until, task_id, attempt, worker),
+        ).fetchone()
+        if row is not None:
+            alive.add(task_id)
+    return alive
+
+
+_GUARD = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker = ? RETURNING id"
+
+
+def _succeed(
+    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, rows: list[tuple[Any, ...]], now: int
+) -> bool:
+    done = conn.execute(
+        "UPDATE tasks SET status = 'succeeded', worker = NULL, lease_until = NULL,"
+        " error_code = NULL, error_message = NULL, error_retryable = NULL,"
+        " finished_at = ?, updated_at = ?" + _GUARD,
+        (now, now, task_id, attempt, worker),
+    ).fetchone()
+    if done is None:
+        return False
+    conn.executemany(_INSERT_IMAGE, rows)
+    _event(conn, task_id, attempt, "succeeded", "succeeded", now, worker)
+    return True
+
+
+def _retry(
+    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, run_after: int, now: int
+) -> bool:
+    done = conn.execute(
+        "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
+        " updated_at = ?" + _GUARD,
+        (run_after, now, task_id, attempt, worker),
+    ).fetchone()
+    if done is None:
+        return False
+    _event(conn, task_id, attempt, "retry", "queued", now, worker, f"{error.code}: {error.message}")
+    return True
+
+
+def _fail(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, now: int) -> bool:
+    done = conn.execute(
+        "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL, error_code = ?,"
+        " error_message = ?, error_retryable = ?, finished_at = ?, updated_at = ?" + _GUARD,
+        (error.code, error.message, int(error.retryable), now, now, task_id, attempt, worker),
+    ).fetchone()
+    if done is None:
+        return False
+    _refund(conn, task_id, now)
+    _event(conn, task_id, attempt, "failed", "failed", now, worker, f"{error.code}: {error.message}")
+    return True
+
+
+def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, now: int) -> bool:
+    done = conn.execute(
+        "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
+        " updated_at = ?" + _GUARD,
+        (now, now, task_id, attempt, worker),
+    ).fetchone()
+    if done is None:
+        return False
+    _event(conn, task_id, attempt, "released", "queued", now, worker, "the worker shut down")
+    return True
+
+
+def _cancel(conn: sqlite3.Connection, task_id: str, reason: str, now: int) -> bool:
+    row = conn.execute(
+        "UPDATE tasks SET status = 'cancelled', worker = NULL, lease_until = NULL,"
+        " error_code = 'cancelled', error_message = ?, error_retryable = 0,"
+        " finished_at = ?, updated_at = ?"
+        " WHERE id = ? AND status IN ('queued', 'running') RETURNING attempt",
+        (reason, now, now, task_id),
+    ).fetchone()
+    if row is None:
+        return False
+    _refund(conn, task_id, now)
+    _event(conn, task_id, row["attempt"], "cancelled", "cancelled", now, None, reason)
+    return True
+
+
+def _grant(conn: sqlite3.Connection, owner: str, amount: int, now: int) -> int:
+    row = conn.execute(
+        "INSERT INTO accounts (owner, balance, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (owner) DO UPDATE SET balance = accounts.balance + excluded.balance,"
+        " updated_at = excluded.updated_at RETURNING balance",
+        (owner, amount, now),
+    ).fetchone()
+    if row["balance"] < 0:
+        raise ValidationError("amount", f"would leave {owner!r} with a negative balance ({row['balance']})")
+    conn.execute(
+        "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, NULL, 'grant', ?, ?)",
+        (owner, amount, now),
+    )
+    return int(row["balance"])
+
+
+def _balance(conn: sqlite3.Connection, owner: str) -> int:
+    row = conn.execute("SELECT balance FROM accounts WHERE owner = ?", (owner,)).fetchone()
+    return 0 if row is None else int(row["balance"])
+
+
+def _select_tasks(
+    conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]
+) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    rows = conn.execute(sql, args).fetchall()
+    if not rows:
+        return rows, []
+    if len(rows) == 1:
+        images = conn.execute(
+            "SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (rows[0]["id"],)
+        ).fetchall()
+    else:
+        ids = [r["id"] for r in rows]
+        images = conn.execute(
+            f"SELECT * FROM task_images WHERE task_id IN ({','.join('?' * len(ids))}) ORDER BY role, idx",
+            ids,
+        ).fetchall()
+    return rows, images
+
+
+def _terminal_among(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+    if not ids:
+        return set()
+    marks = ",".join("?" * len(ids))
+    active = {
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM tasks WHERE id IN ({marks}) AND status IN ('queued', 'running')", ids
+        )
+    }
+    return set(ids) - active
+
+
+def _events(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
+    ]
+
+
+def _prune_batch(conn: sqlite3.Connection, before_ms: int, size: int) -> tuple[int, list[str]]:
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?"
+            " AND status IN ('succeeded', 'failed', 'cancelled') LIMIT ?",
+            (before_ms, size),
+        )
+    ]
+    if not ids:
+        return 0, []
+    marks = ",".join("?" * len(ids))
+    paths = [r[0] for r in conn.execute(f"SELECT path FROM task_images WHERE task_id IN ({marks})", ids)]
+    conn.execute(f"DELETE FROM task_images WHERE task_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM task_events WHERE task_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM tasks WHERE id IN ({marks})", ids)
+    return len(ids), paths
+
+
+def _file_state(conn: sqlite3.Connection, ids: list[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
+    known: dict[str, tuple[str, int]] = {}
+    referenced: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for r in conn.execute(f"SELECT id, status, attempt FROM tasks WHERE id IN ({marks})", chunk):
+            known[r[0]] = (r[1], r[2])
+        referenced.update(
+            r[0] for r in conn.execute(f"SELECT path FROM task_images WHERE task_id IN ({marks})", chunk)
+        )
+    return known, referenced

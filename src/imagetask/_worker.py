@@ -1,0 +1,294 @@
+"""The workers of one process: claim tasks, run attempts, renew leases, record outcomes.
+
+One dispatcher coroutine claims work when a slot is free (woken by submits and finished
+attempts in this process, else by a timer for work from other processes); one heartbeat
+coroutine renews the leases of every attempt it runs and stops the attempts whose lease
+was lost or whose task was cancelled elsewhere. Each attempt:
+
+    generate n images (cancellable, under attempt_timeout)
+    -> validate + write each file (fsync, rename)          } never cancelled half-way:
+    -> one fenced UPDATE: succeeded / retry / failed        } the fenced write decides
+
+Only the fenced write decides the outcome; an attempt that lost its claim deletes the
+files it wrote and writes nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable
+
+import attrs
+
+from . import _config
+from ._exceptions import ProviderError
+from ._images import ImageStore, InvalidImage
+from ._models import StoredImage, TaskError, now_ms
+from ._store import Claimed, Store
+from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
+
+__all__ = ["Worker", "backoff"]
+
+log = logging.getLogger("imagetask")
+
+
+def backoff(attempt: int, base: float, retry_after: float | None) -> float:
+    """Seconds to wait before the attempt after ``attempt``: doubling, jittered, capped,
+    and never sooner than the provider asked."""
+    delay = min(_config.RETRY_DELAY_CAP, base * 2 ** (attempt - 1))
+    delay *= random.uniform(0.5, 1.0)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+@attrs.define
+class _Attempt:
+    claimed: Claimed
+    task: asyncio.Task[None] | None = None
+    #: "generating" while cancellable; "storing" once files are being written.
+    phase: str = "generating"
+    #: Why we cancelled it: "cancelled", "lost" or "shutdown".
+    stop_reason: str | None = None
+
+
+class Worker:
+    """Runs tasks from the store in this process, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        images: ImageStore,
+        provider: Provider,
+        *,
+        concurrency: int,
+        per_owner: int,
+        lease: float,
+        attempt_timeout: float,
+        retry_delay: float,
+        poll_interval: float,
+        on_terminal: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.images = images
+        self.provider = provider
+        self.concurrency = concurrency
+        self.per_owner = per_owner
+        self.lease = lease
+        self.attempt_timeout = attempt_timeout
+        self.retry_delay = retry_delay
+        self.poll_interval = poll_interval
+        self.on_terminal = on_terminal
+        self.id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        self._running: dict[str, _Attempt] = {}
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start the dispatcher and the heartbeat."""
+        self._loops = [
+            asyncio.create_task(self._dispatch(), name="imagetask-dispatch"),
+            asyncio.create_task(self._heartbeat(), name="imagetask-heartbeat"),
+        ]
+
+    def wake(self) -> None:
+        """Tell the dispatcher there may be new work."""
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        """How many attempts this process runs now."""
+        return len(self._running)
+
+    def stop_local(self, task_id: str, reason: str) -> None:
+        """Stop this process's attempt of ``task_id``, if it runs one and may still be stopped."""
+        attempt = self._running.get(task_id)
+        if attempt is not None and attempt.phase == "generating" and attempt.task is not None:
+            attempt.stop_reason = reason
+            attempt.task.cancel()
+
+    async def stop(self) -> None:
+        """Stop claiming, give running attempts back to the queue, and wait for them."""
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        self._loops = []
+        for task_id in list(self._running):
+            self.stop_local(task_id, "shutdown")
+        tasks = [a.task for a in self._running.values() if a.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- dispatcher --
+
+    async def _dispatch(self) -> None:
+        while True:
+            self._wake.clear()
+            timeout = self.poll_interval
+            free = self.concurrency - len(self._running)
+            if free > 0:
+                try:
+                    claimed, ended, next_run = await self.store.claim(
+                        self.id, free, self.per_owner, self.lease
+                    )
+                except Exception:
+                    log.exception("claiming tasks failed; retrying in %.1f s", self.poll_interval)
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                for task_id in ended:
+                    self.on_terminal(task_id)
+                for c in claimed:
+                    log.info("task %s: attempt %d started on %s", c.id, c.attempt, self.id)
+                    attempt = _Attempt(c)
+                    self._running[c.id] = attempt
+                    attempt.task = asyncio.create_task(self._run(attempt), name=f"imagetask-{c.id}")
+                if claimed and len(claimed) == free:
+                    continue  # there may be more work; slots are full, so this loops once more
+                if next_run is not None:
+                    wait_ms = next_run - now_ms()
+                    if wait_ms > 0:
+                        timeout = min(timeout, wait_ms / 1000)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    # -- heartbeat --
+
+    async def _heartbeat(self) -> None:
+        interval = self.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = [(tid, a.claimed.attempt) for tid, a in self._running.items()]
+            if not held:
+                continue
+            try:
+                alive = await self.store.heartbeat(self.id, held, self.lease)
+            except Exception:
+                log.exception("renewing leases failed; will try again in %.1f s", interval)
+                continue
+            for task_id, attempt_no in held:
+                current = self._running.get(task_id)
+                if task_id not in alive and current is not None and current.claimed.attempt == attempt_no:
+                    log.info("task %s: attempt %d lost its claim (cancelled or lease taken); stopping it",
+                             task_id, attempt_no)
+                    self.stop_local(task_id, "lost")
+
+    # -- one attempt --
+
+    async def _run(self, attempt: _Attempt) -> None:
+        c = attempt.claimed
+        try:
+            await self._attempt(attempt)
+        except asyncio.CancelledError:
+            if attempt.stop_reason == "shutdown":
+                # Give the task back at once rather than make it wait for the lease.
+                released = await asyncio.shield(self.store.release(c.id, c.attempt, self.id))
+                if released:
+                    log.info("task %s: attempt %d released at shutdown", c.id, c.attempt)
+            elif attempt.stop_reason is None:
+                raise
+        except Exception:
+            log.exception("task %s: attempt %d crashed in imagetask itself", c.id, c.attempt)
+        finally:
+            self._running.pop(c.id, None)
+            self._wake.set()
+
+    async def _attempt(self, attempt: _Attempt) -> None:
+        c = attempt.claimed
+        error: TaskError | None = None
+        retry_after: float | None = None
+        results: list[ImageResult] = []
+        try:
+            async with asyncio.timeout(self.attempt_timeout):
+                results = await self._generate_all(c)
+        except TimeoutError:
+            error = TaskError(
+                "timeout",
+                f"attempt {c.attempt} did not finish within {self.attempt_timeout:g} s (attempt_timeout)",
+                retryable=True,
+            )
+        except ProviderError as exc:
+            error = TaskError(exc.code, exc.message, exc.retryable)
+            retry_after = exc.retry_after
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("task %s: provider %s raised an unexpected error", c.id, self.provider.name)
+            error = TaskError("internal_error", f"{type(exc).__name__}: {exc}", retryable=False)
+
+        attempt.phase = "storing"  # from here on the fenced write decides, not a cancel
+        stored: list[StoredImage] = []
+        if error is None:
+            try:
+                stored = await asyncio.to_thread(self._store_files, c, results)
+            except InvalidImage as exc:
+                error = TaskError("bad_image", f"the provider returned bytes that are not an image: {exc}")
+        if error is None:
+            if await self.store.succeed(c.id, c.attempt, self.id, stored):
+                log.info("task %s: succeeded with %d image(s)", c.id, len(stored))
+                self.on_terminal(c.id)
+            else:
+                await asyncio.to_thread(self.images.delete, [im.path for im in stored])
+                log.info("task %s: attempt %d finished after losing its claim; result dropped",
+                         c.id, c.attempt)
+            return
+        if error.retryable and c.attempt < c.max_attempts:
+            delay = backoff(c.attempt, self.retry_delay, retry_after)
+            if await self.store.retry(c.id, c.attempt, self.id, error, delay):
+                log.info("task %s: attempt %d failed (%s), retrying in %.1f s",
+                         c.id, c.attempt, error.code, delay)
+        elif await self.store.fail(c.id, c.attempt, self.id, error):
+            log.info("task %s: failed (%s)", c.id, error.code)
+            self.on_terminal(c.id)
+
+    async def _generate_all(self, c: Claimed) -> list[ImageResult]:
+        refs: tuple[ReferenceImage, ...] = ()
+        if c.references:
+            datas = await asyncio.to_thread(lambda: [im.read_bytes() for im in c.references])
+            refs = tuple(ReferenceImage(d, im.mime) for d, im in zip(datas, c.references, strict=True))
+        requests = [
+            ImageRequest(
+                prompt=c.prompt,
+                model=c.model,
+                aspect_ratio=c.params.get("aspect_ratio"),
+                size=c.params.get("size"),
+                references=refs,
+                task_id=c.id,
+                attempt=c.attempt,
+                index=i,
+            )
+            for i in range(int(c.params.get("n", 1)))
+        ]
+        if len(requests) == 1:
+            return [await self.provider.generate(requests[0])]
+        calls = [asyncio.create_task(self.provider.generate(r)) for r in requests]
+        try:
+            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            for call in calls:
+                if call.done() and call.exception() is not None:
+                    raise call.exception()  # type: ignore[misc]
+            return [call.result() for call in calls]
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    def _store_files(self, c: Claimed, results: list[ImageResult]) -> list[StoredImage]:
+        stored: list[StoredImage] = []
+        try:
+            for i, result in enumerate(results):
+                image = self.images.write_output(c.id, c.attempt, i, result.data)
+                stored.append(attrs.evolve(image, provenance=dict(result.provenance)))
+        except BaseException:
+            self.images.delete([im.path for im in stored])
+            raise
+        return stored
+

@@ -1,0 +1,25 @@
+"""Image generation backends: the `Provider` protocol and the built-in providers."""
+
+from __future__ import annotations
+
+from .._exceptions import ProviderError as ProviderError
+from .base import ImageRequest as ImageRequest
+from .base import ImageResult as ImageResult
+from .base import ModelInfo as ModelInfo
+from .base import Provider as Provider
+from .base import ReferenceImage as ReferenceImage
+from .fake import FakeProvider as FakeProvider
+
+__all__ = [
+    "FakeProvider",
+    "ImageRequest",
+    "ImageResult",
+    "ModelInfo",
+    "Provider",
+    "ProviderError",
+    "ReferenceImage",
+]
+
+for _name in ("FakeProvider", "ImageRequest", "ImageResult", "ModelInfo", "Provider", "ReferenceImage"):
+    globals()[_name].__module__ = "imagetask.providers"
+del _name
