@@ -1,8 +1,8 @@
 """imagetask: durable background tasks for slow image generation, backed by SQLite.
 
-    async with TaskManager(provider=FakeProvider()) as tm:
-        task = await tm.submit("a lighthouse at dusk", n=2)
-        task = await tm.wait(task.id)
+async with TaskManager(provider=FakeProvider()) as tm:
+    task = await tm.submit("a lighthouse at dusk", n=2)
+    task = await tm.wait(task.id)
 """
 
 from ._exceptions import ConfigError as ConfigError

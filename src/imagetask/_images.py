@@ -96,9 +96,7 @@ def read_reference(item: ImageInput, position: int) -> bytes:
             raise ValidationError(field, f"cannot encode this PIL image as PNG: {exc}") from None
         data = buf.getvalue()
     else:
-        raise ValidationError(
-            field, f"expected a file path, bytes or a PIL image, got {type(item).__name__}"
-        )
+        raise ValidationError(field, f"expected a file path, bytes or a PIL image, got {type(item).__name__}")
     if len(data) > limit:
         raise ValidationError(field, f"image is {len(data)} bytes; the limit is {limit} (20 MB)")
     try:

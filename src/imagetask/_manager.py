@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import enum
+import json
 import logging
 import os
 import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,13 +24,14 @@ from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
     ImageInput,
+    StoredImage,
     Task,
     TaskStatus,
     check_request,
     new_task_id,
     now_ms,
 )
-from ._store import Store, Submitted, SubmitRow
+from ._store import Store, SubmitRow, Submitted
 from ._worker import Worker
 from .providers.base import Provider
 
@@ -325,16 +329,18 @@ class TaskManager:
             idempotency_key=idempotency_key,
             metadata=metadata,
         )
-        store = self._require_open()
+        self._require_open()
         row = await self._prepare(request)
         try:
             submitted = await self._enqueue(row)
         except BaseException:
             await self._discard_references(row)
             raise
-        return await self._after_submit(store, row, submitted)
+        return await self._after_submit(row, submitted)
 
-    async def submit_many(self, requests: Iterable[GenerationRequest | Mapping[str, Any]]) -> list[Task]:
+    async def submit_many(
+        self, requests: Iterable[GenerationRequest | Mapping[str, Any]]
+    ) -> builtins.list[Task]:
         """Submit many requests in one transaction: all are written, or none.
 
         Every request is validated before anything is written.
@@ -366,7 +372,7 @@ class TaskManager:
         tasks = []
         for row, result in zip(rows, results, strict=True):
             assert isinstance(result, Submitted)
-            tasks.append(await self._after_submit(store, row, result))
+            tasks.append(await self._after_submit(row, result))
         return tasks
 
     async def _prepare(self, req: GenerationRequest) -> SubmitRow:
@@ -385,12 +391,13 @@ class TaskManager:
             )
         checked = check_request(req, self.provider.models, self.provider.default_model, datas)
         task_id = new_task_id()
-        refs = ()
+        refs: tuple[StoredImage, ...] = ()
         if datas:
-            stored = await asyncio.to_thread(
-                lambda: [self._images.write_reference(task_id, i, d) for i, d in enumerate(datas)]
+            refs = tuple(
+                await asyncio.to_thread(
+                    lambda: [self._images.write_reference(task_id, i, d) for i, d in enumerate(datas)]
+                )
             )
-            refs = tuple(self._store.reference_rows(task_id, stored))
         return SubmitRow(
             id=task_id,
             owner=checked.owner,
@@ -438,23 +445,35 @@ class TaskManager:
                 else:
                     fut.set_result(result)
 
-    async def _after_submit(self, store: Store, row: SubmitRow, submitted: Submitted) -> Task:
+    async def _after_submit(self, row: SubmitRow, submitted: Submitted) -> Task:
         if not submitted.created:
             await self._discard_references(row)
             log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
             return await self.poll(submitted.id)
         log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
+        # The snapshot is built from what was just committed, before any worker is woken:
+        # submit always answers `queued`, without another read.
+        task = Task(
+            id=row.id,
+            owner=row.owner,
+            prompt=row.prompt,
+            model=row.model,
+            params=row.params,
+            status=TaskStatus.QUEUED,
+            references=row.references,
+            max_attempts=row.max_attempts,
+            cost=row.cost,
+            metadata=json.loads(row.metadata_json),
+            idempotency_key=row.idempotency_key,
+            created_at=datetime.fromtimestamp(submitted.at / 1000, tz=UTC),
+        )
         if self._worker is not None:
             self._worker.wake()
-        task = await store.get(row.id)
-        if task is None:  # pruned or cancelled and pruned already: vanishingly unlikely
-            raise TaskNotFound(row.id)
         return task
 
     async def _discard_references(self, row: SubmitRow) -> None:
         if row.references:
-            paths = [self._images.absolute(ref[4]) for ref in row.references]
-            await asyncio.to_thread(self._images.delete, paths)
+            await asyncio.to_thread(self._images.delete, [im.path for im in row.references])
 
     # -- reads: the database only, never the provider --
 
@@ -469,7 +488,7 @@ class TaskManager:
             raise TaskNotFound(task_id)
         return task
 
-    async def pending(self, owner: str | None = None) -> list[Task]:
+    async def pending(self, owner: str | None = None) -> builtins.list[Task]:
         """Queued and running tasks (of one owner, or all), newest first."""
         if owner is not None:
             _check_owner(owner)
@@ -481,7 +500,7 @@ class TaskManager:
         status: TaskStatus | str | None = None,
         limit: int = 50,
         before: str | None = None,
-    ) -> list[Task]:
+    ) -> builtins.list[Task]:
         """One page of tasks, newest first.
 
         Args:
@@ -498,13 +517,14 @@ class TaskManager:
                 status_value = TaskStatus(status).value
             except ValueError:
                 raise ValidationError(
-                    "status", f"unknown status {status!r}; use one of {', '.join(s.value for s in TaskStatus)}"
+                    "status",
+                    f"unknown status {status!r}; use one of {', '.join(s.value for s in TaskStatus)}",
                 ) from None
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
-        return await self._require_open().list(owner, status_value, limit, before)
+        return await self._require_open().list_tasks(owner, status_value, limit, before)
 
-    async def events(self, task_id: str) -> list[dict[str, Any]]:
+    async def events(self, task_id: str) -> builtins.list[dict[str, Any]]:
         """The task's event log, oldest first: every transition with its attempt and worker."""
         await self.poll(task_id)
         return await self._store.events(task_id)
@@ -579,8 +599,14 @@ class TaskManager:
             self._watcher = asyncio.create_task(self._watch(), name="imagetask-watch")
 
     async def _watch(self) -> None:
-        """While anyone waits: notice commits from other processes and wake their waiters."""
-        interval = 0.01
+        """While anyone waits: notice commits from other processes and wake their waiters.
+
+        ``PRAGMA data_version`` makes "nothing changed" one cheap read; after a change the
+        next check comes soon (``poll_interval / 10``), then the pause doubles up to
+        ``poll_interval``.
+        """
+        floor = self.poll_interval / 10
+        interval = floor
         version = await self._store.data_version()
         while self._waiters:
             await asyncio.sleep(interval)
@@ -590,7 +616,7 @@ class TaskManager:
                     interval = min(interval * 2, self.poll_interval)
                     continue
                 version = current
-                interval = 0.01
+                interval = floor
                 for task_id in await self._store.terminal_among(list(self._waiters)):
                     self._notify(task_id)
             except ImageTaskError:
@@ -686,7 +712,9 @@ def _check_arg_seconds(name: str, value: object) -> None:
 
 def _check_owner(owner: object) -> None:
     if not isinstance(owner, str) or not owner.strip() or len(owner) > _config.MAX_KEY_CHARS:
-        raise ValidationError("owner", f"must be a non-empty string of at most {_config.MAX_KEY_CHARS} characters")
+        raise ValidationError(
+            "owner", f"must be a non-empty string of at most {_config.MAX_KEY_CHARS} characters"
+        )
 
 
 def _check_id(task_id: object) -> str:

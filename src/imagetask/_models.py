@@ -38,7 +38,7 @@ __all__ = [
 ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """Where a task is in its life. The values are the strings stored in the database."""
 
     #: Accepted and durable, waiting for a worker (or for its retry time).
@@ -56,9 +56,6 @@ class TaskStatus(str, enum.Enum):
     def terminal(self) -> bool:
         """True for the states a task never leaves."""
         return self in _TERMINAL
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -178,7 +175,7 @@ class Task:
     @classmethod
     def _from_row(
         cls,
-        row: Mapping[str, Any],
+        row: Any,  # a sqlite3.Row or any mapping of column names
         images: Sequence[StoredImage] = (),
         references: Sequence[StoredImage] = (),
     ) -> Task:

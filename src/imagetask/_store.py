@@ -149,8 +149,8 @@ class SubmitRow:
     idempotency_key: str | None
     fingerprint: str
     metadata_json: str
-    #: Rows for the stored copies of reference images, from `Store.reference_rows`.
-    references: tuple[tuple[Any, ...], ...] = ()
+    #: The stored copies of the reference images.
+    references: tuple[StoredImage, ...] = ()
 
 
 @attrs.frozen
@@ -169,10 +169,11 @@ class Claimed:
 
 @attrs.frozen
 class Submitted:
-    """The outcome of one submit: the task id, and whether this call created it."""
+    """The outcome of one submit: the task id, whether this call created it, and when."""
 
     id: str
     created: bool
+    at: int
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class Store:
         one private call we depend on (pinned in pyproject.toml).
         """
         try:
-            return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-any-return]
+            return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
         except ImageTaskError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -314,11 +315,14 @@ class Store:
         With ``atomic`` the first error rolls everything back and is raised; otherwise
         each row succeeds or fails on its own and its error is returned in its place.
         """
-        return await self._write(_submit_rows, rows, _now(), atomic)
+        refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
+        return await self._write(_submit_rows, list(zip(rows, refs, strict=True)), _now(), atomic)
 
     # -- worker transitions --
 
-    async def claim(self, worker: str, limit: int, per_owner: int, lease: float) -> tuple[list[Claimed], list[str], int | None]:
+    async def claim(
+        self, worker: str, limit: int, per_owner: int, lease: float
+    ) -> tuple[list[Claimed], list[str], int | None]:
         """Take back expired leases, then claim up to ``limit`` runnable tasks.
 
         Returns:
@@ -328,9 +332,14 @@ class Store:
         raw, ended, next_run = await self._write(_claim, worker, limit, per_owner, int(lease * 1000), _now())
         claimed = [
             Claimed(
-                id=row["id"], owner=row["owner"], prompt=row["prompt"], model=row["model"],
-                params=json.loads(row["params"]), attempt=row["attempt"],
-                max_attempts=row["max_attempts"], references=tuple(self._image(r) for r in refs),
+                id=row["id"],
+                owner=row["owner"],
+                prompt=row["prompt"],
+                model=row["model"],
+                params=json.loads(row["params"]),
+                attempt=row["attempt"],
+                max_attempts=row["max_attempts"],
+                references=tuple(self._image(r) for r in refs),
             )
             for row, refs in raw
         ]
@@ -384,7 +393,9 @@ class Store:
     async def get_many(self, ids: Sequence[str]) -> list[Task]:
         """The tasks with these ids that exist, in no particular order."""
         marks = ",".join("?" * len(ids))
-        return self._tasks(await self._read(_select_tasks, f"SELECT * FROM tasks WHERE id IN ({marks})", tuple(ids)))
+        return self._tasks(
+            await self._read(_select_tasks, f"SELECT * FROM tasks WHERE id IN ({marks})", tuple(ids))
+        )
 
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
@@ -396,9 +407,12 @@ class Store:
             args = (owner,)
         return self._tasks(await self._read(_select_tasks, sql, args))
 
-    async def list(self, owner: str | None, status: str | None, limit: int, before: str | None) -> list[Task]:
+    async def list_tasks(
+        self, owner: str | None, status: str | None, limit: int, before: str | None
+    ) -> list[Task]:
         """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("owner", owner), ("status", status)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -461,9 +475,7 @@ class Store:
         outputs: dict[str, list[StoredImage]] = {}
         refs: dict[str, list[StoredImage]] = {}
         for r in image_rows:
-            (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(
-                self._image(r)
-            )
+            (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
         return [Task._from_row(row, outputs.get(row["id"], ()), refs.get(row["id"], ())) for row in rows]
 
     def _image(self, r: sqlite3.Row) -> StoredImage:
@@ -477,10 +489,6 @@ class Store:
             index=r["idx"],
             provenance=json.loads(r["provenance"]),
         )
-
-    def reference_rows(self, task_id: str, images: Sequence[StoredImage]) -> list[tuple[Any, ...]]:
-        """Rows for reference images, for `SubmitRow`."""
-        return [_image_row(task_id, "reference", 0, self._rel(im), im) for im in images]
 
 
 # --- functions run on the connection thread ------------------------------------------------------
@@ -553,7 +561,16 @@ def _event(
 
 def _image_row(task_id: str, role: str, attempt: int, rel: str, im: StoredImage) -> tuple[Any, ...]:
     return (
-        task_id, role, im.index, attempt, rel, im.mime, im.width, im.height, im.sha256, im.size,
+        task_id,
+        role,
+        im.index,
+        attempt,
+        rel,
+        im.mime,
+        im.width,
+        im.height,
+        im.sha256,
+        im.size,
         json.dumps(dict(im.provenance), sort_keys=True, default=str),
     )
 
@@ -565,13 +582,16 @@ _INSERT_IMAGE = (
 
 
 def _submit_rows(
-    conn: sqlite3.Connection, rows: Sequence[SubmitRow], now: int, atomic: bool
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[SubmitRow, list[tuple[Any, ...]]]],
+    now: int,
+    atomic: bool,
 ) -> list[Submitted | ImageTaskError]:
     results: list[Submitted | ImageTaskError] = []
-    for row in rows:
+    for row, refs in rows:
         conn.execute("SAVEPOINT submit_one")
         try:
-            results.append(_submit_one(conn, row, now))
+            results.append(_submit_one(conn, row, refs, now))
         except ImageTaskError as exc:
             conn.execute("ROLLBACK TO submit_one")
             conn.execute("RELEASE submit_one")
@@ -583,7 +603,7 @@ def _submit_rows(
     return results
 
 
-def _submit_one(conn: sqlite3.Connection, row: SubmitRow, now: int) -> Submitted:
+def _submit_one(conn: sqlite3.Connection, row: SubmitRow, refs: list[tuple[Any, ...]], now: int) -> Submitted:
     if row.idempotency_key is not None:
         found = conn.execute(
             "SELECT id, fingerprint FROM tasks WHERE owner = ? AND idempotency_key = ?",
@@ -596,7 +616,7 @@ def _submit_one(conn: sqlite3.Connection, row: SubmitRow, now: int) -> Submitted
                     f"{row.idempotency_key!r} was already used by owner {row.owner!r} for a "
                     f"different request (task {found['id']}); use a new key for a new request",
                 )
-            return Submitted(found["id"], created=False)
+            return Submitted(found["id"], created=False, at=now)
     if row.charge and row.cost > 0:
         paid = conn.execute(
             "UPDATE accounts SET balance = balance - ?, updated_at = ?"
@@ -610,9 +630,19 @@ def _submit_one(conn: sqlite3.Connection, row: SubmitRow, now: int) -> Submitted
         " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            row.id, row.owner, row.prompt, row.model, json.dumps(row.params, sort_keys=True),
-            row.max_attempts, row.cost, row.idempotency_key, row.fingerprint, row.metadata_json,
-            now, now, now,
+            row.id,
+            row.owner,
+            row.prompt,
+            row.model,
+            json.dumps(row.params, sort_keys=True),
+            row.max_attempts,
+            row.cost,
+            row.idempotency_key,
+            row.fingerprint,
+            row.metadata_json,
+            now,
+            now,
+            now,
         ),
     )
     if row.charge and row.cost > 0:
@@ -620,10 +650,10 @@ def _submit_one(conn: sqlite3.Connection, row: SubmitRow, now: int) -> Submitted
             "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, ?, 'charge', ?, ?)",
             (row.owner, row.id, -row.cost, now),
         )
-    if row.references:
-        conn.executemany(_INSERT_IMAGE, row.references)
+    if refs:
+        conn.executemany(_INSERT_IMAGE, refs)
     _event(conn, row.id, 0, "submitted", "queued", now)
-    return Submitted(row.id, created=True)
+    return Submitted(row.id, created=True, at=now)
 
 
 def _refund(conn: sqlite3.Connection, task_id: str, now: int) -> None:
@@ -685,8 +715,7 @@ def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
     """Take back tasks whose lease expired: re-queue, or fail ``interrupted`` if spent."""
     ended = []
     expired = conn.execute(
-        "SELECT id, attempt, max_attempts, worker FROM tasks"
-        " WHERE status = 'running' AND lease_until < ?",
+        "SELECT id, attempt, max_attempts, worker FROM tasks WHERE status = 'running' AND lease_until < ?",
         (now,),
     ).fetchall()
     for row in expired:
@@ -714,13 +743,17 @@ def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
             ).fetchone()
             if done:
                 _refund(conn, row["id"], now)
-                _event(conn, row["id"], row["attempt"], "lease_expired", "failed", now, row["worker"], message)
+                _event(
+                    conn, row["id"], row["attempt"], "lease_expired", "failed", now, row["worker"], message
+                )
                 log.info("task %s: lease expired with no attempts left, failed", row["id"])
                 ended.append(row["id"])
     return ended
 
 
-def _heartbeat(conn: sqlite3.Connection, worker: str, held: Sequence[tuple[str, int]], until: int) -> set[str]:
+def _heartbeat(
+    conn: sqlite3.Connection, worker: str, held: Sequence[tuple[str, int]], until: int
+) -> set[str]:
     alive = set()
     for task_id, attempt in held:
         row = conn.execute(
@@ -753,7 +786,13 @@ def _succeed(
 
 
 def _retry(
-    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, run_after: int, now: int
+    conn: sqlite3.Connection,
+    task_id: str,
+    attempt: int,
+    worker: str,
+    error: TaskError,
+    run_after: int,
+    now: int,
 ) -> bool:
     done = conn.execute(
         "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
@@ -766,7 +805,9 @@ def _retry(
     return True
 
 
-def _fail(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, now: int) -> bool:
+def _fail(
+    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, now: int
+) -> bool:
     done = conn.execute(
         "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL, error_code = ?,"
         " error_message = ?, error_retryable = ?, finished_at = ?, updated_at = ?" + _GUARD,
@@ -861,8 +902,7 @@ def _terminal_among(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
 
 def _events(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
     return [
-        dict(r)
-        for r in conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
+        dict(r) for r in conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
     ]
 
 

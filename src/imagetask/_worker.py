@@ -41,7 +41,7 @@ log = logging.getLogger("imagetask")
 def backoff(attempt: int, base: float, retry_after: float | None) -> float:
     """Seconds to wait before the attempt after ``attempt``: doubling, jittered, capped,
     and never sooner than the provider asked."""
-    delay = min(_config.RETRY_DELAY_CAP, base * 2 ** (attempt - 1))
+    delay: float = min(_config.RETRY_DELAY_CAP, base * 2.0 ** (attempt - 1))
     delay *= random.uniform(0.5, 1.0)
     if retry_after is not None:
         delay = max(delay, retry_after)
@@ -130,14 +130,20 @@ class Worker:
     # -- dispatcher --
 
     async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_claim = -float("inf")
         while True:
             self._wake.clear()
-            timeout = self.poll_interval
             free = self.concurrency - len(self._running)
-            if free > 0:
+            since = loop.time() - last_claim
+            timeout = self.poll_interval
+            # A claim transaction also takes back expired leases, so one runs at least every
+            # poll_interval even when every slot is busy (then with limit 0).
+            if free > 0 or since >= self.poll_interval:
+                last_claim = loop.time()
                 try:
                     claimed, ended, next_run = await self.store.claim(
-                        self.id, free, self.per_owner, self.lease
+                        self.id, max(free, 0), self.per_owner, self.lease
                     )
                 except Exception:
                     log.exception("claiming tasks failed; retrying in %.1f s", self.poll_interval)
@@ -150,12 +156,14 @@ class Worker:
                     attempt = _Attempt(c)
                     self._running[c.id] = attempt
                     attempt.task = asyncio.create_task(self._run(attempt), name=f"imagetask-{c.id}")
-                if claimed and len(claimed) == free:
-                    continue  # there may be more work; slots are full, so this loops once more
-                if next_run is not None:
+                if free > 0 and len(claimed) == free:
+                    continue  # every slot filled: there may be more, look again once one frees
+                if next_run is not None and free > len(claimed):
                     wait_ms = next_run - now_ms()
                     if wait_ms > 0:
                         timeout = min(timeout, wait_ms / 1000)
+            else:
+                timeout = self.poll_interval - since
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -177,8 +185,11 @@ class Worker:
             for task_id, attempt_no in held:
                 current = self._running.get(task_id)
                 if task_id not in alive and current is not None and current.claimed.attempt == attempt_no:
-                    log.info("task %s: attempt %d lost its claim (cancelled or lease taken); stopping it",
-                             task_id, attempt_no)
+                    log.info(
+                        "task %s: attempt %d lost its claim (cancelled or lease taken); stopping it",
+                        task_id,
+                        attempt_no,
+                    )
                     self.stop_local(task_id, "lost")
 
     # -- one attempt --
@@ -237,14 +248,16 @@ class Worker:
                 self.on_terminal(c.id)
             else:
                 await asyncio.to_thread(self.images.delete, [im.path for im in stored])
-                log.info("task %s: attempt %d finished after losing its claim; result dropped",
-                         c.id, c.attempt)
+                log.info(
+                    "task %s: attempt %d finished after losing its claim; result dropped", c.id, c.attempt
+                )
             return
         if error.retryable and c.attempt < c.max_attempts:
             delay = backoff(c.attempt, self.retry_delay, retry_after)
             if await self.store.retry(c.id, c.attempt, self.id, error, delay):
-                log.info("task %s: attempt %d failed (%s), retrying in %.1f s",
-                         c.id, c.attempt, error.code, delay)
+                log.info(
+                    "task %s: attempt %d failed (%s), retrying in %.1f s", c.id, c.attempt, error.code, delay
+                )
         elif await self.store.fail(c.id, c.attempt, self.id, error):
             log.info("task %s: failed (%s)", c.id, error.code)
             self.on_terminal(c.id)
@@ -271,7 +284,7 @@ class Worker:
             return [await self.provider.generate(requests[0])]
         calls = [asyncio.create_task(self.provider.generate(r)) for r in requests]
         try:
-            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
             for call in calls:
                 if call.done() and call.exception() is not None:
                     raise call.exception()  # type: ignore[misc]
@@ -291,4 +304,3 @@ class Worker:
             self.images.delete([im.path for im in stored])
             raise
         return stored
-

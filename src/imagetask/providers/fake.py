@@ -50,9 +50,7 @@ class FakeProvider:
 
     name = "fake"
 
-    def __init__(
-        self, latency: float = 0.0, outcomes: Iterable[str | ProviderError] = ()
-    ) -> None:
+    def __init__(self, latency: float = 0.0, outcomes: Iterable[str | ProviderError] = ()) -> None:
         if latency < 0:
             raise ValueError("latency: must be >= 0 seconds")
         self.latency = latency
@@ -118,7 +116,9 @@ class FakeProvider:
         if isinstance(outcome, ProviderError):
             raise outcome
         if outcome == "transient":
-            raise ProviderError("server_error", "503 UNAVAILABLE: the fake model is overloaded", retryable=True)
+            raise ProviderError(
+                "server_error", "503 UNAVAILABLE: the fake model is overloaded", retryable=True
+            )
         if outcome == "rate_limited":
             raise ProviderError(
                 "rate_limited", "429 RESOURCE_EXHAUSTED: fake quota", retryable=True, retry_after=0.0

@@ -1,0 +1,586 @@
+"""TaskManager: submit, poll, wait, cancel, limits, retries, credits, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import check_attempts_exclusive, max_overlap, sql
+from imagetask import (
+    ConfigError,
+    GenerationRequest,
+    ImageTaskError,
+    InsufficientCredits,
+    ProviderError,
+    TaskManager,
+    TaskNotFound,
+    TaskStatus,
+    ValidationError,
+    WaitTimeout,
+)
+from imagetask.providers import FakeProvider
+
+
+def png(width: int = 8, height: int = 8, color: str = "red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- submit and the happy path ------------------------------------------------------------------
+
+
+async def test_submit_answers_queued_before_any_provider_call(make_manager):
+    """submit() returns a queued, durable task and the provider has not been called yet."""
+    provider = FakeProvider(latency=0.05)
+    tm = await make_manager(provider=provider)
+    task = await tm.submit("a lighthouse at dusk", n=2, aspect_ratio="16:9", owner="alice")
+    assert task.status is TaskStatus.QUEUED
+    assert provider.calls == 0
+    assert sql(tm.path, "SELECT status FROM tasks WHERE id = ?", task.id) == [("queued",)]
+    assert task.params == {"n": 2, "aspect_ratio": "16:9", "size": None}
+    assert task.cost == 2 and task.owner == "alice" and task.created_at is not None
+
+
+async def test_task_runs_to_success_with_whole_validated_images(make_manager):
+    """A task ends succeeded with n stored images whose size, hash and dimensions match the files."""
+    tm = await make_manager()
+    task = await tm.submit("a nano banana", n=3, aspect_ratio="16:9")
+    done = await tm.wait(task.id, timeout=10)
+    assert done.ok and done.done and done.error is None
+    assert done.attempts == 1 and done.finished_at is not None and done.started_at is not None
+    assert [im.index for im in done.images] == [0, 1, 2]
+    import hashlib
+
+    for im in done.images:
+        data = im.path.read_bytes()
+        assert im.size == len(data) and im.sha256 == hashlib.sha256(data).hexdigest()
+        with Image.open(im.path) as opened:
+            assert (im.width, im.height) == opened.size
+        assert im.width > im.height  # 16:9
+        assert im.mime == "image/png"
+        assert tm.images_root in im.path.parents
+        assert im.provenance["finish_reason"] == "STOP"
+
+
+async def test_same_prompt_gives_the_same_picture(make_manager):
+    """FakeProvider is deterministic: the same prompt draws the same bytes."""
+    tm = await make_manager()
+    a = await tm.wait((await tm.submit("same")).id, timeout=10)
+    b = await tm.wait((await tm.submit("same")).id, timeout=10)
+    c = await tm.wait((await tm.submit("different")).id, timeout=10)
+    assert a.images[0].sha256 == b.images[0].sha256 != c.images[0].sha256
+
+
+async def test_submit_many_is_all_or_nothing(make_manager):
+    """submit_many writes every task in order, or (one bad request) none at all."""
+    tm = await make_manager(workers=False)
+    tasks = await tm.submit_many([{"prompt": "one"}, GenerationRequest("two", n=2), {"prompt": "three"}])
+    assert [t.prompt for t in tasks] == ["one", "two", "three"]
+    with pytest.raises(ValidationError) as err:
+        await tm.submit_many([{"prompt": "fine"}, {"prompt": "   "}])
+    assert err.value.field == "requests[1].prompt"
+    with pytest.raises(ValidationError, match=r"requests\[0\]\.colour"):
+        await tm.submit_many([{"prompt": "x", "colour": "red"}])
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(3,)]
+
+
+async def test_reference_images_are_copied_and_sent(make_manager, tmp_path):
+    """Reference images given as a path, bytes and a PIL image are stored and reach the provider."""
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider)
+    path = tmp_path / "ref.png"
+    path.write_bytes(png(color="blue"))
+    task = await tm.submit("edit it", images=[path, png(color="green"), Image.new("RGB", (4, 4))])
+    assert len(task.references) == 3
+    path.unlink()  # the store holds its own copy
+    done = await tm.wait(task.id, timeout=10)
+    assert done.ok
+    assert [r.mime for r in provider.requests[0].references] == ["image/png"] * 3
+    assert all(r.path.exists() for r in done.references)
+
+
+# --- wait, poll, pending, list ------------------------------------------------------------------
+
+
+async def test_reads_never_call_the_provider(make_manager):
+    """poll, pending, list, wait and as_completed read only the database."""
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider)
+    task = await tm.submit("count my calls", n=2)
+    await tm.wait(task.id, timeout=10)
+    calls = provider.calls
+    assert calls == 2
+    for _ in range(20):
+        await tm.poll(task.id)
+        await tm.pending()
+        await tm.list()
+        await tm.wait(task.id)
+    async for _ in tm.as_completed([task.id]):
+        pass
+    assert provider.calls == calls
+
+
+async def test_reads_on_a_submit_only_manager_never_call_the_provider(make_manager):
+    """A workers=False manager can submit, poll, list and wait without any provider call."""
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider, workers=False)
+    task = await tm.submit("queued forever")
+    assert (await tm.poll(task.id)).status is TaskStatus.QUEUED
+    assert [t.id for t in await tm.pending()] == [task.id]
+    with pytest.raises(WaitTimeout):
+        await tm.wait(task.id, timeout=0.1)
+    assert provider.calls == 0
+
+
+async def test_wait_in_the_working_process_wakes_on_a_signal_not_a_timer(make_manager):
+    """With a one-hour poll interval, wait() still returns as soon as the local worker finishes."""
+    tm = await make_manager(provider=FakeProvider(latency=0.05), poll_interval=3600)
+    task = await tm.submit("signal me")
+    async with asyncio.timeout(10):  # a timer-driven wait would need an hour
+        done = await tm.wait(task.id)
+    assert done.ok
+
+
+async def test_wait_timeout_leaves_the_task_running(make_manager):
+    """wait(timeout) raises WaitTimeout (a TimeoutError) and the task keeps running."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))
+    task = await tm.submit("slow")
+    with pytest.raises(WaitTimeout) as err:
+        await tm.wait(task.id, timeout=0.2)
+    assert isinstance(err.value, TimeoutError)
+    assert (await tm.poll(task.id)).status is TaskStatus.RUNNING
+
+
+async def test_pending_is_newest_first_per_owner_and_list_pages(make_manager):
+    """pending(owner) lists that owner's queued and running tasks newest first; list pages by id."""
+    tm = await make_manager(workers=False)
+    alice = [await tm.submit(f"a{i}", owner="alice") for i in range(3)]
+    await tm.submit("b", owner="bob")
+    assert [t.id for t in await tm.pending("alice")] == [t.id for t in reversed(alice)]
+    await tm.cancel(alice[1].id)
+    assert [t.id for t in await tm.pending("alice")] == [alice[2].id, alice[0].id]
+    page1 = await tm.list(limit=2)
+    page2 = await tm.list(limit=2, before=page1[-1].id)
+    assert len(page1) == 2 and len(page2) == 2
+    assert [t.id for t in page1 + page2] == sorted((t.id for t in page1 + page2), reverse=True)
+    assert [t.id for t in await tm.list(status="cancelled")] == [alice[1].id]
+    assert [t.owner for t in await tm.list(owner="bob")] == ["bob"]
+
+
+async def test_as_completed_yields_in_finishing_order(make_manager):
+    """as_completed yields each task once, as it finishes."""
+    tm = await make_manager(provider=FakeProvider(latency=0.02))
+    ids = [(await tm.submit(f"t{i}")).id for i in range(5)]
+    seen = [t.id async for t in tm.as_completed(ids, timeout=10)]
+    assert sorted(seen) == sorted(ids)
+
+
+async def test_unknown_ids_raise_task_not_found(make_manager):
+    """poll, wait, cancel and as_completed of an unknown id raise TaskNotFound (a LookupError)."""
+    tm = await make_manager()
+    for call in (tm.poll("nope"), tm.wait("nope"), tm.cancel("nope")):
+        with pytest.raises(TaskNotFound) as err:
+            await call
+        assert isinstance(err.value, LookupError)
+    with pytest.raises(TaskNotFound):
+        async for _ in tm.as_completed(["nope"]):
+            pass
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+async def test_concurrency_caps_one_process(make_manager):
+    """Never more than `concurrency` tasks run at once in one process, and the cap is reached."""
+    provider = FakeProvider(latency=0.1)
+    tm = await make_manager(provider=provider, concurrency=2, per_owner=10)
+    ids = [(await tm.submit(f"t{i}", owner=f"o{i}")).id for i in range(6)]
+    for task_id in ids:
+        await tm.wait(task_id, timeout=10)
+    assert provider.max_active == 2
+    assert max_overlap(tm.path) == 2
+
+
+async def test_per_owner_caps_one_owner_not_others(make_manager):
+    """One owner never has more than `per_owner` running; another owner still gets a slot."""
+    provider = FakeProvider(latency=0.1)
+    tm = await make_manager(provider=provider, concurrency=8, per_owner=3)
+    ids = [(await tm.submit(f"a{i}", owner="alice")).id for i in range(7)]
+    ids.append((await tm.submit("b", owner="bob")).id)
+    for task_id in ids:
+        await tm.wait(task_id, timeout=10)
+    assert max_overlap(tm.path, "alice") == 3
+    assert max_overlap(tm.path) == 4  # bob ran beside alice's three
+
+
+# --- retries and failures ---------------------------------------------------------------------
+
+
+async def test_transient_error_retries_then_succeeds(make_manager):
+    """A retryable error re-queues the task with backoff; the next attempt succeeds."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["transient", "rate_limited"]))
+    done = await tm.wait((await tm.submit("retry me")).id, timeout=10)
+    assert done.ok and done.attempts == 3
+    events = [e["event"] for e in await tm.events(done.id)]
+    assert events == ["submitted", "claimed", "retry", "claimed", "retry", "claimed", "succeeded"]
+
+
+async def test_permanent_error_fails_at_once(make_manager):
+    """A non-retryable error fails the task on the first attempt with the provider's code."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["permanent"]))
+    done = await tm.wait((await tm.submit("bad")).id, timeout=10)
+    assert done.status is TaskStatus.FAILED and done.attempts == 1
+    assert done.error is not None and done.error.code == "invalid_request"
+    assert "400" in done.error.message and not done.images
+
+
+async def test_refusal_is_a_failure_never_a_success(make_manager):
+    """A safety refusal ends failed with safety_blocked, with no images."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["refusal"]))
+    done = await tm.wait((await tm.submit("something refused")).id, timeout=10)
+    assert not done.ok and done.error is not None and done.error.code == "safety_blocked"
+    assert "IMAGE_SAFETY" in done.error.message
+
+
+async def test_retries_stop_at_max_attempts(make_manager):
+    """A task that keeps failing transiently fails after max_attempts with the last error."""
+    provider = FakeProvider(outcomes=["transient"] * 5)
+    tm = await make_manager(provider=provider, max_attempts=2)
+    done = await tm.wait((await tm.submit("never")).id, timeout=10)
+    assert done.status is TaskStatus.FAILED and done.attempts == 2 and provider.calls == 2
+    assert done.error is not None and done.error.code == "server_error" and done.error.retryable
+
+
+async def test_hung_attempt_times_out_and_retries(make_manager):
+    """An attempt over attempt_timeout is cut off and counted as a retryable timeout."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]), attempt_timeout=0.2)
+    done = await tm.wait((await tm.submit("hang once")).id, timeout=10)
+    assert done.ok and done.attempts == 2
+    events = await tm.events(done.id)
+    assert "timeout" in events[2]["detail"]
+
+
+async def test_rate_limit_honours_retry_after(make_manager):
+    """A provider's retry_after delays the next attempt by at least that long."""
+    err = ProviderError("rate_limited", "429", retryable=True, retry_after=0.5)
+    tm = await make_manager(provider=FakeProvider(outcomes=[err]))
+    done = await tm.wait((await tm.submit("slow down")).id, timeout=10)
+    events = await tm.events(done.id)
+    retry_at = next(e["at"] for e in events if e["event"] == "retry")
+    second_claim = [e["at"] for e in events if e["event"] == "claimed"][1]
+    assert second_claim - retry_at >= 500
+
+
+async def test_one_failing_image_fails_the_whole_task(make_manager):
+    """With n=3, one permanent failure fails the task and no image is kept."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["ok", "permanent", "ok"]))
+    done = await tm.wait((await tm.submit("three", n=3)).id, timeout=10)
+    assert done.status is TaskStatus.FAILED and done.images == ()
+    assert sql(tm.path, "SELECT count(*) FROM task_images WHERE role = 'output'") == [(0,)]
+    assert [p for p in tm.images_root.rglob("a*-*")] == []
+
+
+async def test_undecodable_provider_answer_is_bad_image(make_manager):
+    """Bytes Pillow cannot decode fail the task with bad_image and leave no file or row."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["bad_image"]))
+    done = await tm.wait((await tm.submit("garbage")).id, timeout=10)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error.code == "bad_image"
+    assert sql(tm.path, "SELECT count(*) FROM task_images") == [(0,)]
+    assert list(tm.images_root.rglob("*.png*")) == []
+
+
+async def test_provider_bug_fails_the_task_instead_of_hanging(make_manager):
+    """An unexpected exception from a provider fails the task with internal_error."""
+
+    class Broken(FakeProvider):
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            raise KeyError("oops")
+
+    tm = await make_manager(provider=Broken())
+    done = await tm.wait((await tm.submit("x")).id, timeout=10)
+    assert done.error is not None and done.error.code == "internal_error" and "KeyError" in done.error.message
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+async def test_cancel_queued_is_immediate(make_manager):
+    """Cancelling a queued task ends it at once; it never reaches the provider."""
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider, workers=False)
+    task = await tm.submit("never mind")
+    cancelled = await tm.cancel(task.id)
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.error is not None
+    assert cancelled.error.code == "cancelled"
+    assert (await tm.cancel(task.id)).status is TaskStatus.CANCELLED  # idempotent
+
+
+async def test_cancel_running_stops_the_attempt_and_wakes_waiters(make_manager):
+    """Cancelling a running task stops its coroutine and every waiter returns the cancelled task."""
+    provider = FakeProvider(outcomes=["hang"])
+    tm = await make_manager(provider=provider)
+    task = await tm.submit("stop me")
+    while (await tm.poll(task.id)).status is not TaskStatus.RUNNING:
+        await asyncio.sleep(0.01)
+    waiters = [asyncio.ensure_future(tm.wait(task.id, timeout=10)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    await tm.cancel(task.id)
+    results = await asyncio.gather(*waiters)
+    assert {t.status for t in results} == {TaskStatus.CANCELLED}
+    for _ in range(100):
+        if provider.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert provider.active == 0
+
+
+async def test_cancel_of_a_finished_task_changes_nothing(make_manager):
+    """A succeeded task stays succeeded when cancelled."""
+    tm = await make_manager()
+    done = await tm.wait((await tm.submit("done")).id, timeout=10)
+    assert (await tm.cancel(done.id)).status is TaskStatus.SUCCEEDED
+
+
+async def test_cancel_racing_completion_ends_in_one_state(make_manager):
+    """Cancels fired around the moment of completion leave each task in exactly one terminal state."""
+    tm = await make_manager(provider=FakeProvider(latency=0.03), concurrency=8, per_owner=8, credits=True)
+    await tm.credits.grant("default", 100)
+    ids = [(await tm.submit(f"race {i}")).id for i in range(24)]
+    await asyncio.sleep(0.01)
+    for i, task_id in enumerate(ids):
+        await asyncio.sleep(0.003 * (i % 8))
+        await tm.cancel(task_id)
+    tasks = [await tm.wait(task_id, timeout=10) for task_id in ids]
+    assert all(t.status in (TaskStatus.SUCCEEDED, TaskStatus.CANCELLED) for t in tasks)
+    for t in tasks:
+        terminal = sql(
+            tm.path,
+            "SELECT event FROM task_events WHERE task_id = ? AND event IN ('succeeded','cancelled','failed')",
+            t.id,
+        )
+        assert len(terminal) == 1
+        outputs = sql(tm.path, "SELECT count(*) FROM task_images WHERE task_id = ? AND role='output'", t.id)
+        assert outputs == [(1 if t.ok else 0,)]
+    check_attempts_exclusive(tm.path)
+    await asyncio.sleep(0.1)  # let any dropped attempt delete its files
+    kept = {p for t in tasks for p in (im.path for im in t.images)}
+    on_disk = {p for p in tm.images_root.rglob("a*-*.png")}
+    assert on_disk == kept
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_submits_with_one_key_make_one_task_and_one_charge(make_manager):
+    """50 concurrent submits with the same owner and key create one task and charge once."""
+    tm = await make_manager(credits=True, workers=False)
+    await tm.credits.grant("alice", 10)
+    tasks = await asyncio.gather(
+        *[tm.submit("click", owner="alice", idempotency_key="click-123") for _ in range(50)]
+    )
+    assert len({t.id for t in tasks}) == 1
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(1,)]
+    assert sql(tm.path, "SELECT count(*) FROM ledger WHERE kind = 'charge'") == [(1,)]
+    assert await tm.credits.balance("alice") == 9
+
+
+async def test_idempotency_holds_across_two_managers(make_manager):
+    """Two managers (two writer connections) on one file still make one task for one key."""
+    a = await make_manager(workers=False, credits=True)
+    b = await make_manager(workers=False, credits=True)
+    await a.credits.grant("alice", 5)
+    results = await asyncio.gather(
+        *[m.submit("dbl", owner="alice", idempotency_key="k") for m in (a, b) * 10]
+    )
+    assert len({t.id for t in results}) == 1
+    assert await a.credits.balance("alice") == 4
+
+
+async def test_same_key_different_request_is_a_validation_error(make_manager):
+    """Reusing a key for a different prompt is a ValidationError naming idempotency_key."""
+    tm = await make_manager(workers=False)
+    await tm.submit("first", idempotency_key="k1")
+    with pytest.raises(ValidationError) as err:
+        await tm.submit("second", idempotency_key="k1")
+    assert err.value.field == "idempotency_key"
+    other_owner = await tm.submit("second", idempotency_key="k1", owner="bob")  # keys are per owner
+    assert other_owner.prompt == "second"
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(2,)]
+
+
+async def test_idempotent_resubmit_does_not_leave_reference_copies(make_manager):
+    """A re-submit that returns the first task deletes the reference copies it made."""
+    tm = await make_manager(workers=False)
+    first = await tm.submit("edit", images=[png()], idempotency_key="k")
+    again = await tm.submit("edit", images=[png()], idempotency_key="k")
+    assert again.id == first.id
+    assert len(list(tm.images_root.rglob("ref-*"))) == 1
+
+
+# --- credits ----------------------------------------------------------------------------------
+
+
+async def test_submit_charges_in_the_insert_transaction(make_manager):
+    """With credits on, the task row and its charge appear together."""
+    tm = await make_manager(credits=True, workers=False)
+    await tm.credits.grant("alice", 10)
+    task = await tm.submit("pay", n=3, owner="alice")
+    assert await tm.credits.balance("alice") == 7
+    assert sql(tm.path, "SELECT task_id, amount FROM ledger WHERE kind = 'charge'") == [(task.id, -3)]
+
+
+async def test_insufficient_credits_writes_nothing(make_manager):
+    """A short balance raises InsufficientCredits and writes no task, charge or file."""
+    tm = await make_manager(credits=True, workers=False)
+    await tm.credits.grant("alice", 2)
+    with pytest.raises(InsufficientCredits, match="grant"):
+        await tm.submit("too dear", n=3, owner="alice", images=[png()])
+    with pytest.raises(InsufficientCredits):
+        await tm.submit("never granted", owner="nobody")
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(0,)]
+    assert sql(tm.path, "SELECT kind FROM ledger") == [("grant",)]
+    assert list(tm.images_root.rglob("*.*")) == []
+    assert await tm.credits.balance("alice") == 2
+
+
+async def test_failure_refunds_exactly_once(make_manager):
+    """A failed task's charge is refunded once."""
+    tm = await make_manager(credits=True, provider=FakeProvider(outcomes=["permanent"]))
+    await tm.credits.grant("alice", 5)
+    done = await tm.wait((await tm.submit("fail", n=2, owner="alice")).id, timeout=10)
+    assert done.status is TaskStatus.FAILED
+    assert await tm.credits.balance("alice") == 5
+    await tm.cancel(done.id)  # no second refund
+    assert sql(tm.path, "SELECT kind, amount FROM ledger WHERE task_id = ?", done.id) == [
+        ("charge", -2),
+        ("refund", 2),
+    ]
+
+
+async def test_cancel_refunds_once_and_retries_are_not_charged_again(make_manager):
+    """Cancel refunds once; a task that retried twice was charged once and not refunded."""
+    tm = await make_manager(credits=True, provider=FakeProvider(outcomes=["transient", "transient"]))
+    await tm.credits.grant("alice", 10)
+    retried = await tm.wait((await tm.submit("retry", owner="alice")).id, timeout=10)
+    assert retried.ok and retried.attempts == 3
+    assert await tm.credits.balance("alice") == 9
+    task = await tm.submit("cancel me", owner="alice", n=4)
+    await tm.cancel(task.id)
+    await tm.cancel(task.id)
+    assert await tm.credits.balance("alice") == 9
+
+
+async def test_credits_off_charges_nothing_but_prices_the_task(make_manager):
+    """With credits off, Task.cost is still computed and nothing enters the ledger."""
+    tm = await make_manager(workers=False)
+    task = await tm.submit("free", n=4)
+    assert task.cost == 4
+    assert sql(tm.path, "SELECT count(*) FROM ledger") == [(0,)]
+
+
+async def test_grant_validates(make_manager):
+    """grant() rejects a zero or non-integer amount and a balance that would go negative."""
+    tm = await make_manager(workers=False)
+    for amount in (0, 1.5, True):
+        with pytest.raises(ValidationError, match="amount"):
+            await tm.credits.grant("alice", amount)
+    await tm.credits.grant("alice", 3)
+    with pytest.raises(ValidationError, match="negative"):
+        await tm.credits.grant("alice", -4)
+    assert await tm.credits.balance("alice") == 3
+
+
+# --- configuration and lifecycle --------------------------------------------------------------
+
+
+async def test_no_provider_and_workers_fails_at_open_saying_how(tmp_path):
+    """With no key and no provider, a worker manager refuses to open and says what to do."""
+    tm = TaskManager(tmp_path / "t.db")
+    with pytest.raises(ConfigError, match="GEMINI_API_KEY") as err:
+        await tm.open()
+    assert "FakeProvider" in str(err.value)
+
+
+async def test_no_provider_can_still_read_but_not_submit(make_manager):
+    """A manager without a provider polls, lists and cancels, and its submit raises ConfigError."""
+    writer = await make_manager(workers=False)
+    task = await writer.submit("made elsewhere")
+    reader = TaskManager(writer.path, workers=False)
+    assert reader.provider is None
+    async with reader:
+        assert (await reader.poll(task.id)).id == task.id
+        with pytest.raises(ConfigError, match="provider"):
+            await reader.submit("x")
+        assert (await reader.cancel(task.id)).status is TaskStatus.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("concurrency", 0),
+        ("per_owner", -1),
+        ("max_attempts", 0),
+        ("lease", 0),
+        ("attempt_timeout", -1),
+        ("retry_delay", "soon"),
+        ("durability", "extreme"),
+        ("path", ":memory:"),
+    ],
+)
+def test_bad_options_name_the_option(option, value, tmp_path):
+    """A bad manager option raises ConfigError naming it."""
+    kwargs = {"path": tmp_path / "t.db", option: value}
+    with pytest.raises(ConfigError, match=option):
+        TaskManager(**kwargs)
+
+
+async def test_closed_manager_refuses_use(make_manager):
+    """After aclose(), calls raise a clear error instead of touching a closed database."""
+    tm = await make_manager()
+    await tm.aclose()
+    with pytest.raises(ConfigError, match="closed"):
+        await tm.submit("x")
+    with pytest.raises(ConfigError, match="create a new one"):
+        await tm.open()
+
+
+async def test_close_releases_running_tasks_and_fails_waiters(make_manager):
+    """Closing gives running tasks back to the queue and ends pending waits with an error."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))
+    task = await tm.submit("interrupted by close")
+    while (await tm.poll(task.id)).status is not TaskStatus.RUNNING:
+        await asyncio.sleep(0.01)
+    waiter = asyncio.ensure_future(tm.wait(task.id))
+    await asyncio.sleep(0.02)
+    await tm.aclose()
+    with pytest.raises(ImageTaskError, match="closed"):
+        await waiter
+    assert sql(tm.path, "SELECT status, attempt FROM tasks") == [("queued", 1)]
+    tm2 = await make_manager()
+    assert (await tm2.wait(task.id, timeout=10)).ok
+
+
+async def test_unclosed_manager_warns(tmp_path):
+    """A manager dropped while open emits a ResourceWarning."""
+    tm = TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False)
+    await tm.open()
+    with pytest.warns(ResourceWarning, match="never closed"):
+        tm.__del__()
+    await tm.aclose()
+
+
+async def test_default_path_comes_from_imagetask_home(tmp_path, monkeypatch):
+    """Without a path, the database is tasks.db in $IMAGETASK_HOME with images/ beside it."""
+    monkeypatch.setenv("IMAGETASK_HOME", str(tmp_path / "custom"))
+    tm = TaskManager(provider=FakeProvider(), workers=False)
+    assert tm.path == tmp_path / "custom" / "tasks.db"
+    assert tm.images_root == tmp_path / "custom" / "images"
+    async with tm:
+        await tm.submit("here")
+    assert Path(tmp_path / "custom" / "tasks.db").exists()

@@ -1,0 +1,244 @@
+"""The store: schema and migrations, file checks, and the fenced transitions (a contract any
+store must pass; a PostgreSQL store would add itself to STORES)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conftest import sql
+from imagetask import StoreError, TaskManager, TaskStatus
+from imagetask._models import StoredImage, TaskError, new_task_id, task_id_ms
+from imagetask._store import SCHEMA_VERSION, Store, SubmitRow
+from imagetask.providers import FakeProvider
+
+
+def row(owner: str = "alice", key: str | None = None, prompt: str = "p", cost: int = 1) -> SubmitRow:
+    return SubmitRow(
+        id=new_task_id(),
+        owner=owner,
+        prompt=prompt,
+        model="fake",
+        params={"n": 1},
+        max_attempts=2,
+        cost=cost,
+        charge=False,
+        idempotency_key=key,
+        fingerprint=prompt,
+        metadata_json="{}",
+    )
+
+
+async def sqlite_store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "s.db", tmp_path / "images")
+    await store.open()
+    return store
+
+
+STORES = [sqlite_store]
+
+
+@pytest.fixture(params=STORES, ids=lambda f: f.__name__)
+async def store(request, tmp_path) -> AsyncIterator[Store]:
+    s = await request.param(tmp_path)
+    yield s
+    await s.close()
+
+
+def expire(store: Store, task_id: str) -> None:
+    sql(store.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task_id)
+
+
+class TestStoreContract:
+    """Transitions are guarded: only the current claim may move a task, and only once."""
+
+    async def test_claim_takes_oldest_first_and_counts_the_attempt(self, store):
+        """claim() returns runnable tasks oldest first, with attempt 1, and marks them running."""
+        a, b = row(), row()
+        await store.submit([a, b], atomic=True)
+        claimed, _, _ = await store.claim("w1", 1, 4, 60)
+        assert [(c.id, c.attempt) for c in claimed] == [(a.id, 1)]
+        task = await store.get(a.id)
+        assert task is not None and task.status is TaskStatus.RUNNING and task.attempts == 1
+
+    async def test_claim_respects_per_owner(self, store):
+        """claim() never takes more of one owner's tasks than per_owner allows."""
+        await store.submit([row("alice") for _ in range(5)] + [row("bob")], atomic=True)
+        claimed, _, _ = await store.claim("w1", 10, 2, 60)
+        owners = sorted(c.owner for c in claimed)
+        assert owners == ["alice", "alice", "bob"]
+        again, _, _ = await store.claim("w2", 10, 2, 60)
+        assert again == []
+
+    async def test_a_late_worker_cannot_write_after_its_lease_was_taken(self, store):
+        """After a lease is taken back and re-claimed, every write of the old attempt is refused."""
+        r = row()
+        await store.submit([r], atomic=True)
+        (first,), _, _ = await store.claim("w1", 1, 4, 60)
+        expire(store, r.id)
+        (second,), _, _ = await store.claim("w2", 1, 4, 60)
+        assert second.attempt == 2
+        err = TaskError("server_error", "x", True)
+        assert not await store.succeed(r.id, 1, "w1", [])
+        assert not await store.fail(r.id, 1, "w1", err)
+        assert not await store.retry(r.id, 1, "w1", err, 0)
+        assert not await store.release(r.id, 1, "w1")
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == set()
+        assert await store.heartbeat("w2", [(r.id, 2)], 60) == {r.id}
+        assert await store.succeed(r.id, 2, "w2", [])
+        events = [(e["event"], e["attempt"]) for e in await store.events(r.id)]
+        assert events == [
+            ("submitted", 0),
+            ("claimed", 1),
+            ("lease_expired", 1),
+            ("claimed", 2),
+            ("succeeded", 2),
+        ]
+
+    async def test_terminal_states_never_change(self, store):
+        """Once succeeded, a task cannot be failed, cancelled, retried or re-claimed."""
+        r = row()
+        await store.submit([r], atomic=True)
+        await store.claim("w1", 1, 4, 60)
+        assert await store.succeed(r.id, 1, "w1", [])
+        assert not await store.cancel(r.id, "late")
+        assert not await store.fail(r.id, 1, "w1", TaskError("x", "y"))
+        assert (await store.claim("w1", 1, 4, 60))[0] == []
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.SUCCEEDED
+
+    async def test_expired_lease_without_attempts_left_fails_interrupted(self, store):
+        """A spent task whose lease expires fails with `interrupted` and is reported as ended."""
+        r = row()
+        await store.submit([r], atomic=True)
+        await store.claim("w1", 1, 4, 60)
+        expire(store, r.id)
+        await store.claim("w1", 1, 4, 60)  # attempt 2 of 2
+        expire(store, r.id)
+        _, ended, _ = await store.claim("w2", 1, 4, 60)
+        assert ended == [r.id]
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.FAILED
+        assert task.error is not None and task.error.code == "interrupted"
+
+    async def test_idempotency_key_is_unique_per_owner(self, store):
+        """A second row with the same owner and key returns the first task's id."""
+        a = row(key="k", prompt="same")
+        b = row(key="k", prompt="same")
+        first, second = await store.submit([a, b], atomic=False)
+        assert first.created and not second.created and second.id == a.id
+
+    async def test_retry_waits_for_run_after(self, store):
+        """A retried task is not claimable before its run_after."""
+        r = row()
+        await store.submit([r], atomic=True)
+        await store.claim("w1", 1, 4, 60)
+        assert await store.retry(r.id, 1, "w1", TaskError("rate_limited", "x", True), 30)
+        claimed, _, next_run = await store.claim("w1", 1, 4, 60)
+        assert claimed == [] and next_run is not None and next_run > time.time() * 1000 + 20_000
+
+    async def test_prune_keeps_the_ledger(self, store):
+        """prune deletes finished tasks with their events and images but never ledger rows."""
+        await store.grant("alice", 5)
+        r = row()
+        await store.submit([r], atomic=True)
+        assert await store.cancel(r.id, "bye")
+        count, _ = await store.prune(int(time.time() * 1000) + 1000)
+        assert count == 1 and await store.get(r.id) is None
+        assert sql(store.path, "SELECT count(*) FROM task_events") == [(0,)]
+        assert sql(store.path, "SELECT kind FROM ledger") == [("grant",)]
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+async def test_schema_is_versioned_and_pragmas_are_set(tmp_path):
+    """A new database records its schema version and runs in WAL mode."""
+    store = Store(tmp_path / "s.db", tmp_path / "images")
+    await store.open()
+    await store.close()
+    assert sql(tmp_path / "s.db", "SELECT max(version) FROM schema_migrations") == [(SCHEMA_VERSION,)]
+    assert sql(tmp_path / "s.db", "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_a_newer_database_is_refused(tmp_path):
+    """A database whose schema is newer than the code is refused with a clear error, untouched."""
+    db = tmp_path / "s.db"
+    async with TaskManager(db, provider=FakeProvider(), workers=False):
+        pass
+    sql(db, "INSERT INTO schema_migrations VALUES (?, 'from the future', 0)", SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match="newer than this imagetask"):
+        async with TaskManager(db, provider=FakeProvider(), workers=False):
+            pass
+
+
+@pytest.mark.parametrize("content", [b"this is a text file, not a database" * 10, b"\x00" * 4096])
+async def test_a_corrupt_file_is_refused_and_left_alone(tmp_path, content):
+    """A non-SQLite file is a StoreError naming the file, and its bytes are not touched."""
+    db = tmp_path / "tasks.db"
+    db.write_bytes(content)
+    with pytest.raises(StoreError, match=str(db)):
+        async with TaskManager(db, provider=FakeProvider()):
+            pass
+    assert db.read_bytes() == content
+
+
+async def test_a_corrupt_sqlite_file_is_a_store_error(tmp_path):
+    """An SQLite header over garbage pages is a StoreError, not a crash or a new database."""
+    db = tmp_path / "tasks.db"
+    async with TaskManager(db, provider=FakeProvider(), workers=False) as tm:
+        await tm.submit("x")
+    data = bytearray(db.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)
+    db.write_bytes(bytes(data))
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    with pytest.raises(StoreError, match=str(db)):
+        async with TaskManager(db, provider=FakeProvider(), workers=False) as tm:
+            await tm.list()
+
+
+async def test_a_foreign_sqlite_database_is_refused(tmp_path):
+    """An SQLite file with someone else's tables is refused, not migrated."""
+    db = tmp_path / "other.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not an imagetask"):
+        async with TaskManager(db, provider=FakeProvider(), workers=False):
+            pass
+    assert sql(db, "SELECT name FROM sqlite_master") == [("customers",)]
+
+
+async def test_a_folder_as_path_is_refused(tmp_path):
+    """Passing a folder as the database path is a StoreError that says so."""
+    with pytest.raises(StoreError, match="folder"):
+        async with TaskManager(tmp_path, provider=FakeProvider(), workers=False):
+            pass
+
+
+def test_task_ids_sort_by_time_and_carry_it():
+    """Task ids are 26 characters, increase within a process, and encode their millisecond."""
+    before = int(time.time() * 1000)
+    ids = [new_task_id() for _ in range(1000)]
+    after = int(time.time() * 1000)
+    assert ids == sorted(ids) and len(set(ids)) == 1000
+    assert all(len(i) == 26 for i in ids)
+    assert before <= task_id_ms(ids[0]) <= after
+
+
+def test_stored_image_opens_with_pillow(tmp_path):
+    """StoredImage.open() gives a PIL image of the file."""
+    from PIL import Image
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (3, 2)).save(path)
+    im = StoredImage(path, "image/png", 3, 2, "0", path.stat().st_size)
+    with im.open() as opened:
+        assert opened.size == (3, 2)
+    assert "image/png" in im._repr_mimebundle_()

@@ -1,0 +1,115 @@
+"""Bad input to submit() is a ValidationError naming the field, and nothing is written."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import sql
+from imagetask import ValidationError
+from imagetask._config import MAX_REFERENCE_BYTES
+
+
+def _big_png() -> bytes:
+    # Random pixels do not compress: a PNG over the 20 MB limit.
+    import os
+
+    img = Image.frombytes("RGB", (2700, 2700), os.urandom(2700 * 2700 * 3))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=0)
+    data = buf.getvalue()
+    assert len(data) > MAX_REFERENCE_BYTES
+    return data
+
+
+CASES = [
+    ("prompt", {"prompt": ""}),
+    ("prompt", {"prompt": "   \n\t"}),
+    ("prompt", {"prompt": "x" * 10_001}),
+    ("prompt", {"prompt": 42}),
+    ("n", {"n": 0}),
+    ("n", {"n": 9}),
+    ("n", {"n": "2"}),
+    ("n", {"n": True}),
+    ("model", {"model": "imagen-99"}),
+    ("aspect_ratio", {"aspect_ratio": "7:3"}),
+    ("size", {"size": "8K"}),
+    ("size", {"size": "1k"}),
+    ("owner", {"owner": ""}),
+    ("owner", {"owner": "o" * 201}),
+    ("idempotency_key", {"idempotency_key": ""}),
+    ("idempotency_key", {"idempotency_key": "k" * 201}),
+    ("metadata", {"metadata": {"when": object()}}),
+    ("metadata", {"metadata": "not a dict"}),
+    ("images[0]", {"images": [b"definitely not an image"]}),
+    ("images[1]", {"images": [None, None]}),
+    ("images[0]", {"images": ["/no/such/file.png"]}),
+    ("images", {"images": 42}),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
+async def test_bad_input_names_the_field_and_writes_nothing(make_manager, field, kwargs):
+    """Each bad argument raises ValidationError for that field; no row and no file appear."""
+    tm = await make_manager(workers=False, credits=True)
+    kwargs = {"prompt": "fine", **kwargs}
+    if kwargs.get("images") == [None, None]:
+        kwargs["images"] = [_png(), None]
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(ValidationError) as err:
+        await tm.submit(prompt, **kwargs)
+    assert err.value.field == field
+    assert isinstance(err.value, ValueError)
+    assert str(err.value).startswith(f"{field}: ")
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(0,)]
+    assert sql(tm.path, "SELECT count(*) FROM ledger") == [(0,)]
+    assert not tm.images_root.exists() or list(tm.images_root.rglob("*.*")) == []
+
+
+async def test_oversized_reference_image_is_refused(make_manager, tmp_path):
+    """A reference image over 20 MB, as a file or as bytes, is refused before it is copied."""
+    tm = await make_manager(workers=False)
+    data = _big_png()
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    for images in ([path], [data]):
+        with pytest.raises(ValidationError, match="20 MB") as err:
+            await tm.submit("edit", images=images)
+        assert err.value.field == "images[0]"
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(0,)]
+
+
+async def test_too_many_reference_images_for_the_model(make_manager):
+    """More reference images than the model accepts is refused, naming the limit."""
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError, match="at most 14") as err:
+        await tm.submit("edit", images=[_png()] * 15)
+    assert err.value.field == "images"
+
+
+async def test_other_image_formats_are_converted_to_png(make_manager):
+    """A decodable GIF or BMP reference image is stored as PNG rather than refused."""
+    tm = await make_manager(workers=False)
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 5), "blue").save(buf, format="BMP")
+    task = await tm.submit("edit", images=[buf.getvalue()])
+    assert task.references[0].mime == "image/png"
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_list_and_wait_arguments_are_validated(make_manager):
+    """list() rejects an unknown status or bad limit; wait() a negative timeout."""
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError, match="status"):
+        await tm.list(status="done")
+    with pytest.raises(ValidationError, match="limit"):
+        await tm.list(limit=0)
+    with pytest.raises(ValidationError, match="timeout"):
+        await tm.wait("x", timeout=-1)
