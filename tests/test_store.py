@@ -78,7 +78,7 @@ class TestStoreContract:
         """After a lease is taken back and re-claimed, every write of the old attempt is refused."""
         r = row()
         await store.submit([r], atomic=True)
-        (first,), _, _ = await store.claim("w1", 1, 4, 60)
+        await store.claim("w1", 1, 4, 60)
         expire(store, r.id)
         (second,), _, _ = await store.claim("w2", 1, 4, 60)
         assert second.attempt == 2
