@@ -1,0 +1,101 @@
+"""The worker's fencing: lost leases, late finishes and heartbeats (guarantee 3)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import check_attempts_exclusive, sql
+from imagetask import TaskStatus
+from imagetask.providers import FakeProvider
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_completion_racing_lease_expiry_keeps_the_new_attempt(make_manager):
+    """A worker that finishes after its lease was taken and re-run elsewhere writes nothing."""
+    slow = FakeProvider(latency=1.0)
+    a = await make_manager(provider=slow, lease=30)  # heartbeat every 10 s: none during the test
+    task = await a.submit("contested")
+    await wait_for(lambda: slow.active == 1)
+    sql(a.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task.id)  # A's lease runs out
+    # B re-runs it and is still generating when A's stale attempt finishes.
+    b = await make_manager(provider=FakeProvider(latency=1.5), lease=30)
+    done = await b.wait(task.id, timeout=10)
+    assert done.ok and done.attempts == 2
+    await wait_for(lambda: slow.active == 0 and a._worker is not None and a._worker.running == 0)
+    final = await a.poll(task.id)
+    assert final.status is TaskStatus.SUCCEEDED and final.images == done.images
+    assert [im.path.name for im in final.images] == ["a2-0.png"]
+    assert sorted(p.name for p in a.images_root.rglob("*.png")) == ["a2-0.png"]  # A's file deleted
+    events = [(e["event"], e["attempt"]) for e in await a.events(task.id)]
+    assert events == [
+        ("submitted", 0),
+        ("claimed", 1),
+        ("lease_expired", 1),
+        ("claimed", 2),
+        ("succeeded", 2),
+    ]
+    check_attempts_exclusive(a.path)
+
+
+async def test_heartbeat_after_lease_lost_stops_the_old_attempt(make_manager):
+    """At its next heartbeat, a worker whose claim was taken stops its attempt and writes nothing."""
+    first = FakeProvider(outcomes=["hang"])
+    a = await make_manager(provider=first, lease=0.6)  # heartbeat every 0.2 s
+    task = await a.submit("taken away")
+    await wait_for(lambda: first.active == 1)
+    # Another worker's reaper took the task back (as after a long pause in A) ...
+    sql(a.path, "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL WHERE id = ?", task.id)
+    second = FakeProvider(outcomes=["hang"])
+    b = await make_manager(provider=second, lease=30)
+    await wait_for(lambda: second.active == 1)  # ... and B claimed attempt 2
+    await wait_for(lambda: first.active == 0, timeout=5)  # A noticed at a heartbeat and stopped
+    row = sql(a.path, "SELECT status, attempt, worker FROM tasks WHERE id = ?", task.id)[0]
+    assert row[0] == "running" and row[1] == 2 and row[2] == b._worker.id
+    await b.cancel(task.id)
+    assert (await b.wait(task.id, timeout=5)).status is TaskStatus.CANCELLED
+    workers_after_claim_2 = sql(
+        a.path,
+        "SELECT worker FROM task_events WHERE task_id = ? AND attempt = 1 AND event != 'claimed'",
+        task.id,
+    )
+    assert workers_after_claim_2 == []  # A wrote nothing for attempt 1
+
+
+async def test_cancel_from_another_process_stops_the_attempt_at_heartbeat(make_manager):
+    """A running task cancelled through another manager stops its coroutine at the next heartbeat."""
+    provider = FakeProvider(outcomes=["hang"])
+    worker = await make_manager(provider=provider, lease=0.6)
+    other = await make_manager(workers=False)
+    task = await worker.submit("cancel me from afar")
+    await wait_for(lambda: provider.active == 1)
+    assert (await other.cancel(task.id)).status is TaskStatus.CANCELLED
+    await wait_for(lambda: provider.active == 0, timeout=5)
+    assert (await worker.wait(task.id, timeout=5)).status is TaskStatus.CANCELLED
+
+
+async def test_prune_deletes_old_finished_tasks_and_their_files_only(make_manager):
+    """prune removes finished tasks past the age with files and events; it keeps active tasks and
+    never touches the ledger."""
+    tm = await make_manager(credits=True, provider=FakeProvider(outcomes=["ok", "permanent"]))
+    await tm.credits.grant("alice", 10)
+    ok = await tm.wait((await tm.submit("keep?", owner="alice")).id, timeout=10)
+    failed = await tm.wait((await tm.submit("fails", owner="alice")).id, timeout=10)
+    assert failed.status is TaskStatus.FAILED
+    hanging = FakeProvider(outcomes=["hang"])
+    active_mgr = await make_manager(provider=hanging, credits=True)
+    active = await active_mgr.submit("still running", owner="alice")
+    await wait_for(lambda: hanging.active == 1)
+    ledger_before = sql(tm.path, "SELECT * FROM ledger ORDER BY id")
+    nothing = await tm.prune(older_than=3600)
+    assert nothing.tasks == 0 and ok.images[0].path.exists()
+    report = await tm.prune(older_than=0)
+    assert report.tasks == 2 and report.files == 1
+    assert not ok.images[0].path.exists()
+    assert [t.id for t in await tm.list()] == [active.id]
+    assert sql(tm.path, "SELECT * FROM ledger ORDER BY id") == ledger_before
+    assert sql(tm.path, "SELECT DISTINCT task_id FROM task_events") == [(active.id,)]
