@@ -38,7 +38,7 @@ async def test_two_processes_run_200_tasks_each_exactly_once(db_path, spawn):
         for _ in range(2)
     ]
     for child in children:
-        out, err = child.communicate(timeout=120)
+        _out, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
         assert "locked" not in err and "Traceback" not in err
     assert sql(db_path, "SELECT status, count(*) FROM tasks GROUP BY status") == [("succeeded", 200)]
