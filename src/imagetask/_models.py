@@ -403,5 +403,5 @@ def check_request(
         idempotency_key=key,
         metadata_json=metadata_json,
         references=references,
-        cost=info.price * n,
+        cost=info.price_for(req.size) * n,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,6 +165,8 @@ class Claimed:
     attempt: int
     max_attempts: int
     references: tuple[StoredImage, ...]
+    #: How many earlier attempts ended in a retry, by error code (for per-code retry limits).
+    retries: Mapping[str, int] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -340,8 +342,9 @@ class Store:
                 attempt=row["attempt"],
                 max_attempts=row["max_attempts"],
                 references=tuple(self._image(r) for r in refs),
+                retries=retries,
             )
-            for row, refs in raw
+            for row, refs, retries in raw
         ]
         return claimed, ended, next_run
 
@@ -693,9 +696,9 @@ RETURNING id, owner, prompt, model, params, attempt, max_attempts
 
 def _claim(
     conn: sqlite3.Connection, worker: str, limit: int, per_owner: int, lease_ms: int, now: int
-) -> tuple[list[tuple[sqlite3.Row, list[sqlite3.Row]]], list[str], int | None]:
+) -> tuple[list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]], list[str], int | None]:
     ended = _reap(conn, now)
-    claimed: list[tuple[sqlite3.Row, list[sqlite3.Row]]] = []
+    claimed: list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]] = []
     args = {"worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner}
     # One task per statement, so each claim sees the running count the previous one left.
     while len(claimed) < limit:
@@ -705,8 +708,15 @@ def _claim(
         refs = conn.execute(
             "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx", (row["id"],)
         ).fetchall()
+        retries: dict[str, int] = {}
+        if row["attempt"] > 1:
+            for (detail,) in conn.execute(
+                "SELECT detail FROM task_events WHERE task_id = ? AND event = 'retry'", (row["id"],)
+            ):
+                code = (detail or "").split(":", 1)[0]
+                retries[code] = retries.get(code, 0) + 1
         _event(conn, row["id"], row["attempt"], "claimed", "running", now, worker)
-        claimed.append((row, refs))
+        claimed.append((row, refs, retries))
     next_run = conn.execute("SELECT min(run_after) FROM tasks WHERE status = 'queued'").fetchone()[0]
     return claimed, ended, next_run
 

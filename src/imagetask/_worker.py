@@ -37,6 +37,10 @@ __all__ = ["Worker", "backoff"]
 
 log = logging.getLogger("imagetask")
 
+#: Retryable codes whose retries are capped below max_attempts: a model that answered
+#: without an image is asked once more, then the task fails (model variance, not outage).
+RETRY_LIMITS = {"no_image": 1}
+
 
 def backoff(attempt: int, base: float, retry_after: float | None) -> float:
     """Seconds to wait before the attempt after ``attempt``: doubling, jittered, capped,
@@ -252,7 +256,9 @@ class Worker:
                     "task %s: attempt %d finished after losing its claim; result dropped", c.id, c.attempt
                 )
             return
-        if error.retryable and c.attempt < c.max_attempts:
+        retry_limit = RETRY_LIMITS.get(error.code)
+        within_limit = retry_limit is None or c.retries.get(error.code, 0) < retry_limit
+        if error.retryable and within_limit and c.attempt < c.max_attempts:
             delay = backoff(c.attempt, self.retry_delay, retry_after)
             if await self.store.retry(c.id, c.attempt, self.id, error, delay):
                 log.info(

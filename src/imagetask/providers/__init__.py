@@ -9,9 +9,13 @@ from .base import ModelInfo as ModelInfo
 from .base import Provider as Provider
 from .base import ReferenceImage as ReferenceImage
 from .fake import FakeProvider as FakeProvider
+from .gemini import GEMINI_MODELS as GEMINI_MODELS
+from .gemini import GeminiProvider as GeminiProvider
 
 __all__ = [
+    "GEMINI_MODELS",
     "FakeProvider",
+    "GeminiProvider",
     "ImageRequest",
     "ImageResult",
     "ModelInfo",
@@ -20,6 +24,14 @@ __all__ = [
     "ReferenceImage",
 ]
 
-for _name in ("FakeProvider", "ImageRequest", "ImageResult", "ModelInfo", "Provider", "ReferenceImage"):
+for _name in (
+    "FakeProvider",
+    "GeminiProvider",
+    "ImageRequest",
+    "ImageResult",
+    "ModelInfo",
+    "Provider",
+    "ReferenceImage",
+):
     globals()[_name].__module__ = "imagetask.providers"
 del _name

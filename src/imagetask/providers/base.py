@@ -26,6 +26,8 @@ class ModelInfo:
             model takes no size option.
         max_reference_images: How many reference images one request may carry.
         price: Credits charged per generated image.
+        size_prices: Credits per image for particular sizes, where they differ from
+            ``price`` (``{"4K": 8}``).
     """
 
     id: str
@@ -33,6 +35,13 @@ class ModelInfo:
     sizes: tuple[str, ...] = ()
     max_reference_images: int = 3
     price: int = 1
+    size_prices: Mapping[str, int] = attrs.field(factory=dict)
+
+    def price_for(self, size: str | None) -> int:
+        """Credits per image at ``size`` (None: the model's default size)."""
+        if size is None:
+            return self.price
+        return self.size_prices.get(size, self.price)
 
 
 @attrs.frozen
