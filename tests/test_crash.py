@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from conftest import check_attempts_exclusive, sql, wait_until
 from imagetask import TaskManager, TaskStatus
 from imagetask.providers import FakeProvider
+
+from conftest import check_attempts_exclusive, sql, wait_until
 
 pytestmark = pytest.mark.slow
 

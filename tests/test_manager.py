@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import check_attempts_exclusive, max_overlap, sql
 from imagetask import (
     ConfigError,
     GenerationRequest,
@@ -23,6 +22,8 @@ from imagetask import (
     WaitTimeout,
 )
 from imagetask.providers import FakeProvider
+
+from conftest import check_attempts_exclusive, max_overlap, sql
 
 
 def png(width: int = 8, height: int = 8, color: str = "red") -> bytes:

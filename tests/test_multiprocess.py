@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from conftest import check_attempts_exclusive, max_overlap, sql
 from imagetask import TaskManager
 from imagetask.providers import FakeProvider
+
+from conftest import check_attempts_exclusive, max_overlap, sql
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sql
 from imagetask import StoreError, TaskManager, TaskStatus
 from imagetask._models import StoredImage, TaskError, new_task_id, task_id_ms
 from imagetask._store import SCHEMA_VERSION, Store, SubmitRow
 from imagetask.providers import FakeProvider
+
+from conftest import sql
 
 
 def row(owner: str = "alice", key: str | None = None, prompt: str = "p", cost: int = 1) -> SubmitRow:

@@ -7,9 +7,10 @@ import io
 import pytest
 from PIL import Image
 
-from conftest import sql
 from imagetask import ValidationError
 from imagetask._config import MAX_REFERENCE_BYTES
+
+from conftest import sql
 
 
 def _big_png() -> bytes:

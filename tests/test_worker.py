@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import check_attempts_exclusive, sql
 from imagetask import TaskStatus
 from imagetask.providers import FakeProvider
+
+from conftest import check_attempts_exclusive, sql
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> None:
