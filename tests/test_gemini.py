@@ -330,3 +330,33 @@ def test_bad_provider_options_are_config_errors():
         GeminiProvider(model="dall-e")
     with pytest.raises(ConfigError, match="timeout"):
         GeminiProvider(timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (TimeoutError(), "timeout"),  # what client.aio raises when aiohttp is installed
+        (ConnectionResetError("reset"), "connection_error"),
+        (ValueError("a bug"), None),
+    ],
+)
+def test_transport_errors_of_every_client_are_classified(exc, code):
+    """Builtin timeouts and connection errors (aiohttp's path) are typed; other errors are not."""
+    from imagetask.providers.gemini import classify_transport_error
+
+    result = classify_transport_error(exc)
+    assert (result.code if result else None) == code
+    if result is not None:
+        assert result.retryable
+
+
+def test_transport_errors_of_httpx_and_httpx2():
+    """httpx and httpx2 timeouts and transport errors are typed and retryable."""
+    import httpx
+    import httpx2
+
+    from imagetask.providers.gemini import classify_transport_error
+
+    for module in (httpx, httpx2):
+        assert classify_transport_error(module.ReadTimeout("slow")).code == "timeout"
+        assert classify_transport_error(module.RemoteProtocolError("dropped")).code == "connection_error"
