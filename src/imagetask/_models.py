@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import html
 import json
@@ -187,7 +188,7 @@ class Task:
             owner=row["owner"],
             prompt=row["prompt"],
             model=row["model"],
-            params=json.loads(row["params"]),
+            params=_json_object(row["params"]),
             status=TaskStatus(row["status"]),
             images=tuple(images),
             references=tuple(references),
@@ -195,7 +196,7 @@ class Task:
             attempts=row["attempt"],
             max_attempts=row["max_attempts"],
             cost=row["cost"],
-            metadata=json.loads(row["metadata"]),
+            metadata=_json_object(row["metadata"]),
             idempotency_key=row["idempotency_key"],
             created_at=_from_ms(row["created_at"]),
             started_at=_from_ms(row["started_at"]),
@@ -218,6 +219,23 @@ class Task:
 
 for _cls in (Task, TaskError, StoredImage, TaskStatus):
     _cls.__module__ = "imagetask"
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_small_json(text: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(text)
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """Decode a stored JSON object. Small ones repeat (params of the same shape), so their
+    parse is cached; callers always get their own copy to mutate."""
+    if text == "{}":
+        return {}
+    if len(text) <= 256:
+        return dict(_parse_small_json(text))
+    value: dict[str, Any] = json.loads(text)
+    return value
 
 
 def _from_ms(ms: int | None) -> datetime | None:

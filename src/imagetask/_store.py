@@ -199,6 +199,8 @@ class Store:
         self.durability = durability
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        #: A read-only connection used on the event loop's own thread for point reads.
+        self._inline: sqlite3.Connection | None = None
 
     # -- lifecycle --
 
@@ -215,6 +217,7 @@ class Store:
             self._writer = await self._connect(query_only=False)
             await self._run(self._writer, self._migrate)
             self._reader = await self._connect(query_only=True)
+            self._inline = self._connect_inline()
         except BaseException:
             await self.close()
             raise
@@ -274,8 +277,24 @@ class Store:
             conn.execute("ROLLBACK")
             raise
 
+    def _connect_inline(self) -> sqlite3.Connection:
+        """The point-read connection, used only on the thread that opened the store.
+
+        It never waits for a lock (busy_timeout 0): in WAL mode a read takes no lock a
+        writer holds, so it answers in microseconds; in the rare moments it would have to
+        wait (a WAL reset or recovery), the read goes to the threaded reader instead, so the
+        event loop is never blocked on another process.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
     async def close(self) -> None:
-        """Close both connections (safe to call twice)."""
+        """Close the connections (safe to call twice)."""
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
         for attr in ("_reader", "_writer"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
@@ -389,9 +408,16 @@ class Store:
     # -- reads --
 
     async def get(self, task_id: str) -> Task | None:
-        """One task by id, or None."""
-        tasks = await self._read(_select_tasks, "SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return self._tasks(tasks)[0] if tasks[0] else None
+        """One task by id, or None: one statement, served on the loop's thread when possible."""
+        if self._inline is None:
+            raise StoreError("the store is closed")
+        try:
+            rows = self._inline.execute(_GET_ONE, (task_id,)).fetchall()
+        except sqlite3.OperationalError:  # busy or locked: let the threaded reader wait for it
+            rows = await self._read(_get_one, task_id)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return self._task_from_join(rows) if rows else None
 
     async def get_many(self, ids: Sequence[str]) -> list[Task]:
         """The tasks with these ids that exist, in no particular order."""
@@ -435,14 +461,15 @@ class Store:
         ids = list(ids)
         return await self._read(_terminal_among, ids)
 
-    async def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version`` on the reader: changes when anyone commits."""
-        return await self._read_pragma("data_version")
-
-    async def _read_pragma(self, name: str) -> int:
-        if self._reader is None:
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on the point-read connection: it changes when
+        another connection commits. A pragma read takes no lock, so it runs inline."""
+        if self._inline is None:
             raise StoreError("the store is closed")
-        return await self._run(self._reader, _pragma, name)
+        try:
+            return int(self._inline.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     async def events(self, task_id: str) -> list[dict[str, Any]]:
         """The event log of one task, oldest first."""
@@ -480,6 +507,22 @@ class Store:
         for r in image_rows:
             (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
         return [Task._from_row(row, outputs.get(row["id"], ()), refs.get(row["id"], ())) for row in rows]
+
+    def _task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
+        """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""
+        first = rows[0]
+        outputs: list[StoredImage] = []
+        refs: list[StoredImage] = []
+        if first[_N_TASK_COLUMNS] is not None:
+            root = self.images_root
+            for r in rows:
+                (role, idx, path, mime, width, height, sha256, size, provenance) = r[_N_TASK_COLUMNS:]
+                image = StoredImage(
+                    root / path, mime, width, height, sha256, size, idx,
+                    json.loads(provenance) if provenance != "{}" else {},
+                )  # fmt: skip
+                (outputs if role == "output" else refs).append(image)
+        return Task._from_row(dict(zip(_TASK_COLUMNS, first, strict=False)), outputs, refs)
 
     def _image(self, r: sqlite3.Row) -> StoredImage:
         return StoredImage(
@@ -541,8 +584,24 @@ def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
         conn.execute("COMMIT")
 
 
-def _pragma(conn: sqlite3.Connection, name: str) -> int:
-    return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+_TASK_COLUMNS = (
+    "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
+    "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
+    "created_at", "started_at", "finished_at",
+)  # fmt: skip
+_N_TASK_COLUMNS = len(_TASK_COLUMNS)
+#: A point read in one statement (one snapshot, no explicit transaction): the task's
+#: columns, repeated on each of its image rows (or once, with NULL image columns).
+_GET_ONE = (
+    "SELECT " + ", ".join(f"t.{c}" for c in _TASK_COLUMNS) + ","
+    " i.role, i.idx, i.path, i.mime, i.width, i.height, i.sha256, i.size, i.provenance"
+    " FROM tasks t LEFT JOIN task_images i ON i.task_id = t.id"
+    " WHERE t.id = ? ORDER BY i.role, i.idx"
+)
+
+
+def _get_one(conn: sqlite3.Connection, task_id: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(_GET_ONE, (task_id,))]
 
 
 def _event(
