@@ -409,7 +409,7 @@ class TaskManager:
             cost=checked.cost,
             charge=self.charging,
             idempotency_key=checked.idempotency_key,
-            fingerprint=checked.fingerprint(),
+            fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
             metadata_json=checked.metadata_json,
             references=refs,
         )

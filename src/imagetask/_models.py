@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
 import hashlib
@@ -256,6 +257,9 @@ _id_lock = threading.Lock()
 _last_id = (0, 0)
 
 
+_B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+
+
 def new_task_id() -> str:
     """A new 26-character, time-sortable task id."""
     global _last_id
@@ -267,12 +271,13 @@ def new_task_id() -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
         _last_id = (ms, rand)
-    value = (ms << 80) | (rand & ((1 << 80) - 1))
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    head = []
+    for _ in range(10):  # 50 bits: two zero bits, then the 48-bit time
+        head.append(_CROCKFORD[ms & 31])
+        ms >>= 5
+    # 80 random bits are exactly 16 base32 characters.
+    tail = base64.b32encode((rand & ((1 << 80) - 1)).to_bytes(10, "big")).translate(_B32_TO_CROCKFORD)
+    return "".join(reversed(head)) + tail.decode()
 
 
 def task_id_ms(task_id: str) -> int:
@@ -340,9 +345,9 @@ class CheckedRequest:
 
     def fingerprint(self) -> str:
         """A hash of everything that defines the work, to match idempotent re-submits."""
-        h = hashlib.sha256()
-        body = {"prompt": self.prompt, "model": self.model, "params": self.params}
-        h.update(json.dumps(body, sort_keys=True).encode())
+        p = self.params
+        h = hashlib.sha256(f"{self.model}\x00{p['n']}\x00{p['aspect_ratio']}\x00{p['size']}\x00".encode())
+        h.update(self.prompt.encode())
         for ref in self.references:
             h.update(hashlib.sha256(ref).digest())
         return h.hexdigest()
@@ -407,7 +412,7 @@ def check_request(
     if not isinstance(metadata, Mapping):
         raise ValidationError("metadata", f"must be a dict, got {type(metadata).__name__}")
     try:
-        metadata_json = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+        metadata_json = json.dumps(dict(metadata), sort_keys=True, allow_nan=False) if metadata else "{}"
     except (TypeError, ValueError) as exc:
         raise ValidationError("metadata", f"must be JSON-serialisable: {exc}") from None
     if len(metadata_json.encode()) > _config.MAX_METADATA_BYTES:

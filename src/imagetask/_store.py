@@ -51,7 +51,7 @@ _V1 = [
         max_attempts    INTEGER NOT NULL,
         cost            INTEGER NOT NULL,
         idempotency_key TEXT,
-        fingerprint     TEXT NOT NULL,
+        fingerprint     TEXT,
         metadata        TEXT NOT NULL,
         error_code      TEXT,
         error_message   TEXT,
@@ -92,7 +92,7 @@ _V1 = [
     """,
     """
     CREATE TABLE task_events (
-        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        id      INTEGER PRIMARY KEY,
         task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
         at      INTEGER NOT NULL,
         attempt INTEGER NOT NULL,
@@ -114,7 +114,7 @@ _V1 = [
     # pruning a task never touches the money it moved.
     """
     CREATE TABLE ledger (
-        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        id      INTEGER PRIMARY KEY,
         owner   TEXT NOT NULL,
         task_id TEXT,
         kind    TEXT NOT NULL CHECK (kind IN ('grant', 'charge', 'refund')),
@@ -147,7 +147,8 @@ class SubmitRow:
     cost: int
     charge: bool
     idempotency_key: str | None
-    fingerprint: str
+    #: Hash of the request, kept only with an idempotency key (to compare re-submits).
+    fingerprint: str | None
     metadata_json: str
     #: The stored copies of the reference images.
     references: tuple[StoredImage, ...] = ()
@@ -614,11 +615,13 @@ def _event(
     worker: str | None = None,
     detail: str | None = None,
 ) -> None:
-    conn.execute(
-        "INSERT INTO task_events (task_id, at, attempt, event, status, worker, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (task_id, now, attempt, event, status, worker, detail),
-    )
+    conn.execute(_INSERT_EVENT, (task_id, now, attempt, event, status, worker, detail))
+
+
+_INSERT_EVENT = (
+    "INSERT INTO task_events (task_id, at, attempt, event, status, worker, detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _image_row(task_id: str, role: str, attempt: int, rel: str, im: StoredImage) -> tuple[Any, ...]:
@@ -650,6 +653,11 @@ def _submit_rows(
     atomic: bool,
 ) -> list[Submitted | ImageTaskError]:
     results: list[Submitted | ImageTaskError] = []
+    if atomic and len(rows) > 1 and not any(r.idempotency_key or (r.charge and r.cost) for r, _ in rows):
+        return _insert_plain(conn, rows, now)
+    if atomic or len(rows) == 1:
+        # One error rolls back the whole transaction anyway: no savepoints needed.
+        return [_submit_one(conn, row, refs, now) for row, refs in rows]
     for row, refs in rows:
         conn.execute("SAVEPOINT submit_one")
         try:
@@ -657,12 +665,35 @@ def _submit_rows(
         except ImageTaskError as exc:
             conn.execute("ROLLBACK TO submit_one")
             conn.execute("RELEASE submit_one")
-            if atomic:
-                raise
             results.append(exc)
         else:
             conn.execute("RELEASE submit_one")
     return results
+
+
+def _insert_plain(
+    conn: sqlite3.Connection, rows: Sequence[tuple[SubmitRow, list[tuple[Any, ...]]]], now: int
+) -> list[Submitted | ImageTaskError]:
+    """Many rows with no key and no charge: nothing to look up, so insert them in bulk."""
+    conn.executemany(_INSERT_TASK, [_task_values(row, now) for row, _ in rows])
+    conn.executemany(_INSERT_EVENT, [(row.id, now, 0, "submitted", "queued", None, None) for row, _ in rows])
+    conn.executemany(_INSERT_IMAGE, [ref for _, refs in rows for ref in refs])
+    return [Submitted(row.id, created=True, at=now) for row, _ in rows]
+
+
+_INSERT_TASK = (
+    "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost,"
+    " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
+    return (
+        row.id, row.owner, row.prompt, row.model, json.dumps(row.params, sort_keys=True),
+        row.max_attempts, row.cost, row.idempotency_key, row.fingerprint, row.metadata_json,
+        now, now, now,
+    )  # fmt: skip
 
 
 def _submit_one(conn: sqlite3.Connection, row: SubmitRow, refs: list[tuple[Any, ...]], now: int) -> Submitted:
@@ -687,26 +718,7 @@ def _submit_one(conn: sqlite3.Connection, row: SubmitRow, refs: list[tuple[Any, 
         ).fetchone()
         if paid is None:
             raise InsufficientCredits(row.owner, row.cost, _balance(conn, row.owner))
-    conn.execute(
-        "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost,"
-        " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            row.id,
-            row.owner,
-            row.prompt,
-            row.model,
-            json.dumps(row.params, sort_keys=True),
-            row.max_attempts,
-            row.cost,
-            row.idempotency_key,
-            row.fingerprint,
-            row.metadata_json,
-            now,
-            now,
-            now,
-        ),
-    )
+    conn.execute(_INSERT_TASK, _task_values(row, now))
     if row.charge and row.cost > 0:
         conn.execute(
             "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, ?, 'charge', ?, ?)",
