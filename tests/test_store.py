@@ -93,7 +93,6 @@ class TestStoreContract:
         assert await store.succeed(r.id, 2, "w2", [])
         events = [(e["event"], e["attempt"]) for e in await store.events(r.id)]
         assert events == [
-            ("submitted", 0),
             ("claimed", 1),
             ("lease_expired", 1),
             ("claimed", 2),

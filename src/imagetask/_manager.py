@@ -6,7 +6,6 @@ import asyncio
 import builtins
 import contextlib
 import enum
-import json
 import logging
 import os
 import warnings
@@ -27,6 +26,7 @@ from ._models import (
     StoredImage,
     Task,
     TaskStatus,
+    _json_object,
     check_request,
     new_task_id,
     now_ms,
@@ -173,14 +173,11 @@ class TaskManager:
         self.poll_interval = float(poll_interval)
         self.credits = Credits(self)
         self._store = Store(self.path, self.images_root, durability)
-        self._images = ImageStore(self.images_root)
+        self._images = ImageStore(self.images_root, sync_dirs=durability == "full")
         self._worker: Worker | None = None
         self._state = _State.NEW
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
-        self._submit_queue: list[tuple[SubmitRow, asyncio.Future[Submitted]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._flushing = False
 
     def __repr__(self) -> str:
         provider = self.provider.name if self.provider is not None else None
@@ -237,9 +234,6 @@ class TaskManager:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
         if self._worker is not None:
             await self._worker.stop()
         if self._watcher is not None:
@@ -325,7 +319,7 @@ class TaskManager:
             model=model,
             aspect_ratio=aspect_ratio,
             size=size,
-            images=_as_image_list(images),
+            images=() if isinstance(images, tuple) and not images else _as_image_list(images),
             owner=owner,
             idempotency_key=idempotency_key,
             metadata=metadata,
@@ -415,55 +409,12 @@ class TaskManager:
         )
 
     async def _enqueue(self, row: SubmitRow) -> Submitted:
-        """Group commit: submits that arrive while a commit is in flight share the next one.
-
-        The first submit to find no commit in flight leads: it commits its own row at once,
-        in its own coroutine (no extra task hop when submits come one after another). Rows
-        that arrive meanwhile wait in the queue and are committed together, a savepoint
-        each, by a flusher task. Every caller is answered only after the transaction
-        holding its row has committed.
-        """
-        if not self._flushing:
-            self._flushing = True
-            try:
-                (result,) = await self._store.submit([row], atomic=False)
-            finally:
-                self._flushing = False
-                if self._submit_queue:
-                    self._start_flusher()
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        fut: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
-        self._submit_queue.append((row, fut))
-        return await fut
-
-    def _start_flusher(self) -> None:
-        self._flushing = True
-        self._flusher = asyncio.create_task(self._flush(), name="imagetask-submit")
-
-    async def _flush(self) -> None:
-        try:
-            while self._submit_queue:
-                batch, self._submit_queue = self._submit_queue, []
-                try:
-                    results = await self._store.submit([row for row, _ in batch], atomic=False)
-                except BaseException as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    if isinstance(exc, Exception):
-                        continue
-                    raise
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        fut.set_exception(result)
-                    else:
-                        fut.set_result(result)
-        finally:
-            self._flushing = False
+        """Commit one submit. Concurrent submits share a transaction (the store's group
+        commit); this returns only once the transaction holding the row has committed."""
+        (result,) = await self._store.submit([row], atomic=False)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     async def _after_submit(self, row: SubmitRow, submitted: Submitted) -> Task:
         if not submitted.created:
@@ -483,7 +434,7 @@ class TaskManager:
             references=row.references,
             max_attempts=row.max_attempts,
             cost=row.cost,
-            metadata=json.loads(row.metadata_json),
+            metadata=_json_object(row.metadata_json),
             idempotency_key=row.idempotency_key,
             created_at=datetime.fromtimestamp(submitted.at / 1000, tz=UTC),
         )

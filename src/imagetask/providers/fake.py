@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import random
 import textwrap
 from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .._exceptions import ProviderError
 from .base import GEMINI_ASPECT_RATIOS, ImageRequest, ImageResult, ModelInfo
@@ -27,7 +29,7 @@ OUTCOMES = {
     "bad_image": "return bytes that are not an image",
 }
 
-_BASE_PIXELS = 256  # the 1K, 1:1 picture is 256 x 256: small enough to draw in a millisecond
+_BASE_PIXELS = 128  # the 1K, 1:1 picture is 128 x 128: cheap to draw, encode and validate
 
 
 class FakeProvider:
@@ -97,7 +99,11 @@ class FakeProvider:
         """Nothing to close."""
 
     async def generate(self, request: ImageRequest) -> ImageResult:
-        """Draw one picture, or act out the next scripted outcome."""
+        """Draw one picture, or act out the next scripted outcome, after ``latency`` seconds.
+
+        The picture is drawn in a thread while the latency elapses, so a call takes
+        ``latency`` (not latency plus drawing time) and never blocks the event loop.
+        """
         self.calls += 1
         self.requests.append(request)
         outcome = self._outcomes.popleft() if self._outcomes else "ok"
@@ -106,9 +112,17 @@ class FakeProvider:
         try:
             if outcome == "hang":
                 await asyncio.Event().wait()  # forever, until the attempt is cancelled
-            if self.latency:
-                await asyncio.sleep(self.latency)
-            return self._act(outcome, request)
+            if outcome != "ok":
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                return self._act(outcome, request)
+            _, data = await asyncio.gather(
+                asyncio.sleep(self.latency),
+                asyncio.to_thread(draw, request.prompt, request.aspect_ratio, request.size, request.index),
+            )
+            return ImageResult(
+                data, "image/png", {"finish_reason": "STOP", "model_version": "fake-1", "text": None}
+            )
         finally:
             self.active -= 1
 
@@ -131,11 +145,14 @@ class FakeProvider:
             raise ProviderError("no_image", "the fake answered with text only", retryable=False)
         if outcome == "bad_image":
             return ImageResult(b"this is not an image", "image/png", {"finish_reason": "STOP"})
-        return ImageResult(
-            draw(request.prompt, request.aspect_ratio, request.size, request.index),
-            "image/png",
-            {"finish_reason": "STOP", "model_version": "fake-1", "text": None},
-        )
+        raise AssertionError(f"unhandled outcome {outcome!r}")
+
+
+@functools.cache
+def _font() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
 
 
 def draw(prompt: str, aspect_ratio: str | None, size: str | None, index: int = 0) -> bytes:
@@ -159,8 +176,8 @@ def draw(prompt: str, aspect_ratio: str | None, size: str | None, index: int = 0
         r = rng.randrange(side // 16, side // 4)
         color = tuple(rng.randrange(256) for _ in range(3))
         pen.ellipse((x - r, y - r, x + r, y + r), fill=color)
-    text = "\n".join(textwrap.wrap(prompt, width=max(12, width // 8))[:6])
-    pen.multiline_text((8, 8), text, fill=(255, 255, 255))
+    text = "\n".join(textwrap.wrap(prompt, width=max(12, width // 7))[:4])
+    pen.multiline_text((4, 4), text, fill=(255, 255, 255), font=_font())
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)  # fast to encode; size does not matter here
     return buf.getvalue()

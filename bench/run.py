@@ -1,0 +1,193 @@
+"""Run every benchmark case, each in its own process, and write a Markdown report.
+
+    python bench/run.py                 # the full run (about 5-8 minutes on 2 cores)
+    python bench/run.py --quick         # a smoke run (tiny sizes, one repetition)
+    python bench/run.py --only submit   # cases whose name contains "submit"
+
+See bench/README.md for what each case measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from cases import CASES  # noqa: E402  (bench/ is not a package; its folder goes on the path first)
+
+#: Repetitions in a full run (the median is reported); heavy cases run fewer times.
+REPS = {
+    "e2e.makespan": 2,
+    "wake.other_process": 2,
+    "memory.queued_100k": 1,
+    "memory.finished_1k": 1,
+    "memory.finished_big": 1,
+    "startup.recover": 3,
+    "imagetask.claim_finish": 3,
+    "stdlib.claim_finish_file": 3,
+}
+
+#: (label, metric, case, baseline case or None, comparison, bound)
+TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
+    ("submit, one after another, vs stdlib sqlite3", "ops", "imagetask.submit", "stdlib.submit", ">=", 0.45),
+    ("submit from 100 coroutines vs stdlib one at a time", "ops", "imagetask.submit_concurrent",
+     "stdlib.submit", ">=", 1.0),
+    ("submit from 100 coroutines vs huey enqueue", "ops", "imagetask.submit_concurrent", "huey.enqueue",
+     ">", 1.0),
+    ("submit_many(100) vs stdlib one at a time", "ops", "imagetask.submit_many", "stdlib.submit", ">=", 4.0),
+    ("poll vs stdlib (same one-statement read)", "ops", "imagetask.poll", "stdlib.poll", ">=", 0.5),
+    ("pending: 1,000 / 1,000,000 finished rows (time ratio)", "ops", "imagetask.pending_1k",
+     "imagetask.pending_big", "<=", 1.2),
+    ("makespan / ideal (L=100 ms, N=1,000, C=16)", "ratio", "e2e.makespan", None, "<=", 1.05),
+    ("same-process wake-up p50 (ms)", "p50_us", "wake.same_process", None, "<", 2000),
+    ("peak RSS: 1,000,000 / 1,000 finished rows", "rss_peak_mb", "memory.finished_big",
+     "memory.finished_1k", "<=", 1.1),
+]  # fmt: skip
+
+
+def run_case(name: str, quick: bool, reps: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "cases.py"), name, "--reps", str(reps)]
+    if quick:
+        cmd.append("--quick")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "seconds": 0}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}){mem}"
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> str:
+    mode = "QUICK (smoke sizes; the numbers mean nothing)" if quick else "full"
+    versions = ", ".join(
+        f"{name} {version(name)}" for name in ("imagetask", "aiosqlite", "huey", "persist-queue")
+    )
+    lines = [
+        "# imagetask benchmark results",
+        "",
+        f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {mode} mode, {elapsed:.0f} s in all",
+        f"- Machine: {machine()}",
+        f"- Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; {versions}",
+        "- Settings: WAL, synchronous=NORMAL (imagetask's default durability: survives a process"
+        " crash) for imagetask, the stdlib and aiosqlite floors and huey; persist-queue at its own"
+        " default (WAL, synchronous=FULL).",
+        "- Each case runs in its own process; figures are medians over repetitions, with min-max of ops/s.",
+        "",
+        "## Targets",
+        "",
+        "| target | value | bound | result |",
+        "|---|---|---|---|",
+    ]
+    for label, metric, case, base, op, bound in TARGETS:
+        value = _metric(results, case, metric)
+        if base is not None:
+            base_value = _metric(results, base, metric)
+            value = None if value is None or not base_value else value / base_value
+            if metric == "ops" and op == "<=":  # a time ratio: slower/faster
+                value = None if value is None else value  # ops_1k / ops_big = time_big / time_1k
+        if metric == "p50_us" and value is not None:
+            value, bound = value / 1000, bound / 1000
+        ok = value is not None and {">=": value >= bound, ">": value > bound, "<=": value <= bound,
+                                    "<": value < bound}[op]  # fmt: skip
+        verdict = "met" if ok else ("n/a" if value is None else "**missed**")
+        lines.append(f"| {label} | {fmt(value, 2)} | {op} {bound:g} | {verdict} |")
+    lines += ["", "## All cases", "", "| case | what | ops/s (median) | min-max | p50 µs | p99 µs | other |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, (what, _) in CASES.items():
+        r = results.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | {what} | error: {r['error']} | | | | |")
+            continue
+        other = ", ".join(
+            f"{k}={fmt(v, 3)}" for k, v in r.items()
+            if k not in ("ops", "ops_min", "ops_max", "p50_us", "p99_us", "reps", "seconds")
+        )  # fmt: skip
+        spread = f"{fmt(r.get('ops_min'))}-{fmt(r.get('ops_max'))}" if "ops_min" in r else ""
+        lines.append(
+            f"| {name} | {what} | {fmt(r.get('ops'))} | {spread} | {fmt(r.get('p50_us'), 1)} |"
+            f" {fmt(r.get('p99_us'), 1)} | {other} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _metric(results: dict[str, dict[str, Any]], case: str, metric: str) -> float | None:
+    value = results.get(case, {}).get(metric)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test)")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per case (full mode)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="where to write the report")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    for name in CASES:
+        if args.only not in name:
+            continue
+        reps = 1 if args.quick else min(args.reps, REPS.get(name, args.reps))
+        print(f"{name:<32}", end=" ", flush=True)
+        results[name] = run_case(name, args.quick, reps)
+        r = results[name]
+        shown = r.get("error") or (f"{r['ops']:,.0f} ops/s" if "ops" in r else json.dumps(r)[:80])
+        print(f"{shown}  ({r['seconds']:.1f} s)", flush=True)
+    text = report(results, args.quick, time.monotonic() - started)
+    args.out.write_text(text)
+    print(f"\nwrote {args.out}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
