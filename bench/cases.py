@@ -594,7 +594,7 @@ def wake_other_process(tmp: Path, quick: bool) -> dict[str, float]:
     async def run() -> dict[str, float]:
         samples = []
         async with _manager(db) as tm:
-            for i in range(20 if quick else 100):
+            for i in range(5 if quick else 100):
                 task = await tm.submit(f"p{i}")
                 await tm.wait(task.id, timeout=30)
                 returned = time.perf_counter()

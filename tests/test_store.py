@@ -242,3 +242,56 @@ def test_stored_image_opens_with_pillow(tmp_path):
     with im.open() as opened:
         assert opened.size == (3, 2)
     assert "image/png" in im._repr_mimebundle_()
+
+
+async def test_point_read_falls_back_to_the_threaded_reader_when_busy(tmp_path):
+    """If the inline read connection reports busy, get() still answers through the reader thread."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        task = await tm.submit("x")
+
+        class Busy:
+            def execute(self, *args: object) -> None:
+                raise sqlite3.OperationalError("database is locked")
+
+            def close(self) -> None:
+                pass
+
+        real = tm._store._inline
+        tm._store._inline = Busy()  # type: ignore[assignment]
+        try:
+            assert (await tm.poll(task.id)).id == task.id
+        finally:
+            tm._store._inline = real
+
+
+async def test_pending_uses_the_partial_index(tmp_path):
+    """pending(owner) reads the partial index of active tasks, so finished rows never cost it."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False):
+        pass
+    plan = sql(
+        tmp_path / "t.db",
+        "EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE owner = ? AND status IN ('queued', 'running')"
+        " ORDER BY id DESC",
+        "alice",
+    )
+    assert any("tasks_active" in str(row) for row in plan), plan
+
+
+async def test_batched_writes_isolate_a_failing_operation(tmp_path):
+    """Writes committed together stay independent: one that fails is rolled back alone."""
+    import asyncio
+
+    from imagetask import InsufficientCredits
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, credits=True) as tm:
+        await tm.credits.grant("rich", 10)
+        results = await asyncio.gather(
+            tm.submit("a", owner="rich"),
+            tm.submit("b", owner="poor"),
+            tm.submit("c", owner="rich", idempotency_key="k"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], InsufficientCredits)
+        assert [r.prompt for r in results if not isinstance(r, Exception)] == ["a", "c"]
+        assert await tm.credits.balance("rich") == 8
+    assert sql(tmp_path / "t.db", "SELECT owner FROM tasks ORDER BY id") == [("rich",), ("rich",)]
