@@ -531,15 +531,17 @@ def _record_commits(sink: Callable[[str, float], None]) -> None:
     """Instrument the store: call ``sink(task_id, perf_counter)`` right after a success commits."""
     import imagetask._store as store_module
 
-    original = store_module._transaction
+    original = store_module._batch_transaction
 
-    def transaction(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
-        result = original(conn, fn, *args)
-        if fn is store_module._succeed and result:
-            sink(args[0], time.perf_counter())
-        return result
+    def batch(conn: sqlite3.Connection, ops: Any) -> Any:
+        outcomes = original(conn, ops)  # returns after COMMIT
+        now = time.perf_counter()
+        for (fn, args), (ok, value) in zip(ops, outcomes, strict=True):
+            if fn is store_module._succeed and ok and value:
+                sink(args[0], now)
+        return outcomes
 
-    store_module._transaction = transaction
+    store_module._batch_transaction = batch
 
 
 @case("wake.same_process", "commit of a success -> wait() returns, same process")
@@ -594,7 +596,7 @@ def wake_other_process(tmp: Path, quick: bool) -> dict[str, float]:
     async def run() -> dict[str, float]:
         samples = []
         async with _manager(db) as tm:
-            for i in range(5 if quick else 100):
+            for i in range(5 if quick else 40):
                 task = await tm.submit(f"p{i}")
                 await tm.wait(task.id, timeout=30)
                 returned = time.perf_counter()

@@ -30,7 +30,7 @@ from cases import CASES  # noqa: E402  (bench/ is not a package; its folder goes
 #: Repetitions in a full run (the median is reported); heavy cases run fewer times.
 REPS = {
     "e2e.makespan": 2,
-    "wake.other_process": 2,
+    "wake.other_process": 1,
     "memory.queued_100k": 1,
     "memory.finished_1k": 1,
     "memory.finished_big": 1,
@@ -131,8 +131,8 @@ def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> s
             value = None if value is None or not base_value else value / base_value
             if metric == "ops" and op == "<=":  # a time ratio: slower/faster
                 value = None if value is None else value  # ops_1k / ops_big = time_big / time_1k
-        if metric == "p50_us" and value is not None:
-            value, bound = value / 1000, bound / 1000
+        if metric == "p50_us":  # shown in milliseconds
+            value, bound = (None if value is None else value / 1000), bound / 1000
         ok = value is not None and {">=": value >= bound, ">": value > bound, "<=": value <= bound,
                                     "<": value < bound}[op]  # fmt: skip
         verdict = "met" if ok else ("n/a" if value is None else "**missed**")

@@ -295,3 +295,27 @@ async def test_batched_writes_isolate_a_failing_operation(tmp_path):
         assert [r.prompt for r in results if not isinstance(r, Exception)] == ["a", "c"]
         assert await tm.credits.balance("rich") == 8
     assert sql(tmp_path / "t.db", "SELECT owner FROM tasks ORDER BY id") == [("rich",), ("rich",)]
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [("_CLAIM", "tasks_queue"), ("_NEXT_RUN", "tasks_queue"), ("_EXPIRED", "tasks_leases")],
+)
+async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
+    """The claim transaction reads the queue and the leases through their partial indexes,
+    never by sorting every queued row."""
+    import imagetask._store as store_module
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False):
+        pass
+    text = getattr(store_module, query)
+    args = {
+        "_CLAIM": {"worker": "w", "lease_until": 0, "now": 0, "per_owner": 4},
+        "_NEXT_RUN": (),
+        "_EXPIRED": (0,),
+    }[query]
+    conn = sqlite3.connect(tmp_path / "t.db")
+    plan = [str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + text, args)]
+    conn.close()
+    assert any(index in line for line in plan), plan
+    assert not any("TEMP B-TREE" in line for line in plan), plan

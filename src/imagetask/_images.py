@@ -213,8 +213,9 @@ class ImageStore:
                 return
             folder = folder.parent
 
-    def scan(self) -> Iterator[tuple[str, Path, int | None, bool]]:
-        """Every file in the store: (task id, path, attempt or None for references, is_tmp)."""
+    def scan(self) -> Iterator[tuple[str, Path, int | None]]:
+        """Every file in the store, temporary ones included: (task id, path, attempt, or None
+        for a reference copy)."""
         if not self.root.is_dir():
             return
         for folder in self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*"):
@@ -225,7 +226,7 @@ class ImageStore:
                 if m is None:
                     continue
                 attempt = m["attempt"]
-                yield folder.name, path, None if attempt is None else int(attempt), bool(m["tmp"])
+                yield folder.name, path, None if attempt is None else int(attempt)
 
     def sweep(self, known: dict[str, tuple[str, int]], referenced: set[str], files: list[Any]) -> int:
         """Delete orphan files among ``files`` (as listed by `scan` *before* reading the db).
@@ -240,7 +241,7 @@ class ImageStore:
         """
         doomed = []
         now = time.time()
-        for task_id, path, attempt, is_tmp in files:
+        for task_id, path, attempt in files:
             rel = self.relative(path)
             if rel in referenced:
                 continue
@@ -254,8 +255,8 @@ class ImageStore:
                     continue
             elif state[0] == "running" and attempt == state[1]:
                 continue  # the live attempt is writing it
-            elif attempt is None and not is_tmp and state[0] != "running":
-                pass  # an unreferenced reference copy: left by a failed submit
+            # Otherwise: a file of a finished task or of an older attempt that no row names
+            # (a crash before the commit, a lost claim), or a reference copy a submit left.
             doomed.append(path)
         return self.delete(doomed)
 

@@ -36,6 +36,9 @@ ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 # --- schema -----------------------------------------------------------------------------------
+# The hot queries name their partial index (INDEXED BY): left to itself, SQLite's planner
+# prefers tasks_status and then sorts every queued row on each claim. A PostgreSQL store
+# would use its own planner hints (or none) for the same indexes.
 # Migrations are numbered, forward-only, and recorded in schema_migrations. Never edit one
 # that has shipped: append a new one.
 
@@ -467,13 +470,6 @@ class Store:
             raise StoreError(f"{self.path}: {exc}") from exc
         return self._task_from_join(rows) if rows else None
 
-    async def get_many(self, ids: Sequence[str]) -> list[Task]:
-        """The tasks with these ids that exist, in no particular order."""
-        marks = ",".join("?" * len(ids))
-        return self._tasks(
-            await self._read(_select_tasks, f"SELECT * FROM tasks WHERE id IN ({marks})", tuple(ids))
-        )
-
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
         if owner is None:
@@ -887,14 +883,21 @@ UPDATE tasks
        started_at = coalesce(started_at, :now), updated_at = :now
  WHERE status = 'queued'
    AND id = (
-       SELECT t.id FROM tasks t
+       SELECT t.id FROM tasks t INDEXED BY tasks_queue
         WHERE t.status = 'queued' AND t.run_after <= :now
-          AND (SELECT count(*) FROM tasks r
+          AND (SELECT count(*) FROM tasks r INDEXED BY tasks_running
                 WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
         ORDER BY t.run_after, t.id
         LIMIT 1)
 RETURNING id, owner, prompt, model, params, attempt, max_attempts
 """
+
+
+_NEXT_RUN = "SELECT min(run_after) FROM tasks INDEXED BY tasks_queue WHERE status = 'queued'"
+_EXPIRED = (
+    "SELECT id, attempt, max_attempts, worker FROM tasks INDEXED BY tasks_leases"
+    " WHERE status = 'running' AND lease_until < ?"
+)
 
 
 def _claim(
@@ -920,17 +923,14 @@ def _claim(
                 retries[code] = retries.get(code, 0) + 1
         _event(conn, row["id"], row["attempt"], "claimed", "running", now, worker)
         claimed.append((row, refs, retries))
-    next_run = conn.execute("SELECT min(run_after) FROM tasks WHERE status = 'queued'").fetchone()[0]
+    next_run = conn.execute(_NEXT_RUN).fetchone()[0]
     return claimed, ended, next_run
 
 
 def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
     """Take back tasks whose lease expired: re-queue, or fail ``interrupted`` if spent."""
     ended = []
-    expired = conn.execute(
-        "SELECT id, attempt, max_attempts, worker FROM tasks WHERE status = 'running' AND lease_until < ?",
-        (now,),
-    ).fetchall()
+    expired = conn.execute(_EXPIRED, (now,)).fetchall()
     for row in expired:
         guard = (now, now, row["id"], row["attempt"], now)
         where = " WHERE id = ? AND attempt = ? AND status = 'running' AND lease_until < ? RETURNING id"
