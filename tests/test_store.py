@@ -299,7 +299,7 @@ async def test_batched_writes_isolate_a_failing_operation(tmp_path):
 
 @pytest.mark.parametrize(
     ("query", "index"),
-    [("_CLAIM", "tasks_queue"), ("_NEXT_RUN", "tasks_queue"), ("_EXPIRED", "tasks_leases")],
+    [("_CLAIM", "tasks_queue"), ("_NEXT_RUN", "tasks_queue"), ("_EXPIRED", "tasks_running")],
 )
 async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
     """The claim transaction reads the queue and the leases through their partial indexes,
