@@ -56,6 +56,7 @@ _V1 = [
         attempt         INTEGER NOT NULL DEFAULT 0,
         max_attempts    INTEGER NOT NULL,
         cost            INTEGER NOT NULL,
+        refs            INTEGER NOT NULL DEFAULT 0,
         idempotency_key TEXT,
         fingerprint     TEXT,
         metadata        TEXT NOT NULL,
@@ -804,9 +805,9 @@ def _insert_plain(
 
 
 _INSERT_TASK = (
-    "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost,"
+    "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost, refs,"
     " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -819,7 +820,8 @@ def _params_json(**params: Any) -> str:
 def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
     return (
         row.id, row.owner, row.prompt, row.model, _params_json(**row.params),
-        row.max_attempts, row.cost, row.idempotency_key, row.fingerprint, row.metadata_json,
+        row.max_attempts, row.cost, len(row.references), row.idempotency_key, row.fingerprint,
+        row.metadata_json,
         now, now, now,
     )  # fmt: skip
 
@@ -890,7 +892,7 @@ UPDATE tasks
                 WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
         ORDER BY t.run_after, t.id
         LIMIT 1)
-RETURNING id, owner, prompt, model, params, attempt, max_attempts
+RETURNING id, owner, prompt, model, params, attempt, max_attempts, refs
 """
 
 
@@ -912,9 +914,12 @@ def _claim(
         row = conn.execute(_CLAIM, args).fetchone()
         if row is None:
             break
-        refs = conn.execute(
-            "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx", (row["id"],)
-        ).fetchall()
+        refs = []
+        if row["refs"]:  # most tasks have none: skip the lookup
+            refs = conn.execute(
+                "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx",
+                (row["id"],),
+            ).fetchall()
         retries: dict[str, int] = {}
         if row["attempt"] > 1:
             for (detail,) in conn.execute(
@@ -922,8 +927,11 @@ def _claim(
             ):
                 code = (detail or "").split(":", 1)[0]
                 retries[code] = retries.get(code, 0) + 1
-        _event(conn, row["id"], row["attempt"], "claimed", "running", now, worker)
         claimed.append((row, refs, retries))
+    conn.executemany(
+        _INSERT_EVENT,
+        [(row["id"], now, row["attempt"], "claimed", "running", worker, None) for row, _, _ in claimed],
+    )
     next_run = conn.execute(_NEXT_RUN).fetchone()[0]
     return claimed, ended, next_run
 
