@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -65,7 +66,10 @@ def submit_args(i: int, owner: str = "alice") -> tuple[tuple[Any, ...], tuple[An
 def finished_db(rows: int) -> Path:
     """A cached database holding ``rows`` succeeded tasks (built once, then copied)."""
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"finished-{rows}-v{MIGRATIONS[-1][0]}.db"
+    # Keyed by the schema's text, not just its version: a cache built from another schema
+    # must never be reused.
+    schema = hashlib.sha256(repr(MIGRATIONS).encode()).hexdigest()[:12]
+    path = CACHE / f"finished-{rows}-{schema}.db"
     if path.exists():
         return path
     tmp = path.with_suffix(".tmp")
