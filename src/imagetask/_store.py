@@ -1016,6 +1016,20 @@ def _retry(
     run_after: int,
     now: int,
 ) -> bool:
+    return _requeue(conn, task_id, attempt, worker, run_after, now, "retry", f"{error.code}: {error.message}")
+
+
+def _requeue(
+    conn: sqlite3.Connection,
+    task_id: str,
+    attempt: int,
+    worker: str,
+    run_after: int,
+    now: int,
+    event: str,
+    detail: str,
+) -> bool:
+    """Put the current attempt's task back in the queue (a retry, or a release at shutdown)."""
     done = conn.execute(
         "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
         " updated_at = ?" + _GUARD,
@@ -1023,7 +1037,7 @@ def _retry(
     ).fetchone()
     if done is None:
         return False
-    _event(conn, task_id, attempt, "retry", "queued", now, worker, f"{error.code}: {error.message}")
+    _event(conn, task_id, attempt, event, "queued", now, worker, detail)
     return True
 
 
@@ -1043,15 +1057,7 @@ def _fail(
 
 
 def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, now: int) -> bool:
-    done = conn.execute(
-        "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
-        " updated_at = ?" + _GUARD,
-        (now, now, task_id, attempt, worker),
-    ).fetchone()
-    if done is None:
-        return False
-    _event(conn, task_id, attempt, "released", "queued", now, worker, "the worker shut down")
-    return True
+    return _requeue(conn, task_id, attempt, worker, now, now, "released", "the worker shut down")
 
 
 def _cancel(conn: sqlite3.Connection, task_id: str, reason: str, now: int) -> bool:

@@ -24,14 +24,8 @@ __all__ = [
     "ReferenceImage",
 ]
 
-for _name in (
-    "FakeProvider",
-    "GeminiProvider",
-    "ImageRequest",
-    "ImageResult",
-    "ModelInfo",
-    "Provider",
-    "ReferenceImage",
-):
-    globals()[_name].__module__ = "imagetask.providers"
-del _name
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("imagetask.providers."):
+        _obj.__module__ = "imagetask.providers"
+del _name, _obj

@@ -30,26 +30,13 @@ log = logging.getLogger("imagetask")
 #: image. Prices are relative units, roughly following Google's per-image prices (Flash about
 #: $0.04, Pro about $0.13 at 1K/2K and $0.24 at 4K). Capabilities of the newer ids are taken
 #: from Google's documentation and not verified against the live API.
+_PRO = {"sizes": ("1K", "2K", "4K"), "max_reference_images": 14, "price": 3, "size_prices": {"4K": 6}}
 GEMINI_MODELS: dict[str, ModelInfo] = {
     m.id: m
     for m in (
         ModelInfo("gemini-2.5-flash-image", GEMINI_ASPECT_RATIOS, (), max_reference_images=3, price=1),
-        ModelInfo(
-            "gemini-3-pro-image-preview",
-            GEMINI_ASPECT_RATIOS,
-            ("1K", "2K", "4K"),
-            max_reference_images=14,
-            price=3,
-            size_prices={"4K": 6},
-        ),
-        ModelInfo(
-            "gemini-3-pro-image",
-            GEMINI_ASPECT_RATIOS,
-            ("1K", "2K", "4K"),
-            max_reference_images=14,
-            price=3,
-            size_prices={"4K": 6},
-        ),
+        ModelInfo("gemini-3-pro-image-preview", GEMINI_ASPECT_RATIOS, **_PRO),  # type: ignore[arg-type]
+        ModelInfo("gemini-3-pro-image", GEMINI_ASPECT_RATIOS, **_PRO),  # type: ignore[arg-type]
         ModelInfo(
             "gemini-3.1-flash-image-preview",
             GEMINI_ASPECT_RATIOS,
