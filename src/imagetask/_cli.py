@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +63,9 @@ async def _demo(args: argparse.Namespace) -> int:
             f"(at most 4 run at once for one owner; the rest wait queued)\n"
         )
         seen: dict[str, TaskStatus] = {}
+        for task in tasks:  # what each submit answered: queued, before any work
+            seen[task.id] = task.status
+            _print_change(task, 0.0)
         ids = [t.id for t in tasks]
         while True:
             current = [await tm.poll(task_id) for task_id in ids]  # database reads only
@@ -130,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; queued tasks stay in the database and resume next time", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`imagetask demo | head`): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except TaskNotFound as exc:
         print(f"imagetask: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
