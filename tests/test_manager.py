@@ -197,14 +197,15 @@ async def test_unknown_ids_raise_task_not_found(make_manager):
 
 
 async def test_concurrency_caps_one_process(make_manager):
-    """Never more than `concurrency` tasks run at once in one process, and the cap is reached."""
+    """Never more than `concurrency` generations run at once in one process, and the cap is reached;
+    a finished generation's slot is reused while its images are stored."""
     provider = FakeProvider(latency=0.1)
     tm = await make_manager(provider=provider, concurrency=2, per_owner=10)
     ids = [(await tm.submit(f"t{i}", owner=f"o{i}")).id for i in range(6)]
     for task_id in ids:
         await tm.wait(task_id, timeout=10)
     assert provider.max_active == 2
-    assert max_overlap(tm.path) == 2
+    assert max_overlap(tm.path) <= 4  # at most `concurrency` more rows that are still storing
 
 
 async def test_per_owner_caps_one_owner_not_others(make_manager):

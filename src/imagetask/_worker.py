@@ -91,6 +91,8 @@ class Worker:
         self.on_terminal = on_terminal
         self.id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._running: dict[str, _Attempt] = {}
+        #: Attempts still generating: what ``concurrency`` limits.
+        self._generating = 0
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -103,6 +105,10 @@ class Worker:
 
     def wake(self) -> None:
         """Tell the dispatcher there may be new work."""
+        self._wake.set()
+
+    def _release_slot(self) -> None:
+        self._generating -= 1
         self._wake.set()
 
     @property
@@ -138,7 +144,7 @@ class Worker:
         last_claim = -float("inf")
         while True:
             self._wake.clear()
-            free = self.concurrency - len(self._running)
+            free = self.concurrency - self._generating
             since = loop.time() - last_claim
             timeout = self.poll_interval
             # A claim transaction also takes back expired leases, so one runs at least every
@@ -159,6 +165,7 @@ class Worker:
                     log.info("task %s: attempt %d started on %s", c.id, c.attempt, self.id)
                     attempt = _Attempt(c)
                     self._running[c.id] = attempt
+                    self._generating += 1
                     attempt.task = asyncio.create_task(self._run(attempt), name=f"imagetask-{c.id}")
                 if free > 0 and len(claimed) == free:
                     continue  # every slot filled: there may be more, look again once one frees
@@ -213,6 +220,8 @@ class Worker:
         except Exception:
             log.exception("task %s: attempt %d crashed in imagetask itself", c.id, c.attempt)
         finally:
+            if attempt.phase == "generating":  # stopped before its generation ended
+                self._release_slot()
             self._running.pop(c.id, None)
             self._wake.set()
 
@@ -239,7 +248,12 @@ class Worker:
             log.exception("task %s: provider %s raised an unexpected error", c.id, self.provider.name)
             error = TaskError("internal_error", f"{type(exc).__name__}: {exc}", retryable=False)
 
-        attempt.phase = "storing"  # from here on the fenced write decides, not a cancel
+        # From here on the fenced write decides, not a cancel. The generation is over, so its
+        # slot goes to the next task now: storing and committing overlap the next generation
+        # (`concurrency` limits generations; the row stays `running`, and counts against
+        # per_owner, until the commit).
+        attempt.phase = "storing"
+        self._release_slot()
         stored: list[StoredImage] = []
         if error is None:
             try:
