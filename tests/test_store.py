@@ -319,3 +319,20 @@ async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
     conn.close()
     assert any(index in line for line in plan), plan
     assert not any("TEMP B-TREE" in line for line in plan), plan
+
+
+async def test_cancelling_the_committing_caller_strands_no_other_write(tmp_path):
+    """A submit cancelled while its own commit is in flight leaves the writes queued behind it to
+    commit and answer normally."""
+    import asyncio
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        first = asyncio.ensure_future(tm.submit("leader"))
+        await asyncio.sleep(0)  # the leader is now committing alone
+        others = [asyncio.ensure_future(tm.submit(f"queued {i}")) for i in range(5)]
+        await asyncio.sleep(0)
+        first.cancel()
+        done = await asyncio.gather(*others)
+        assert [t.prompt for t in done] == [f"queued {i}" for i in range(5)]
+        assert first.cancelled() or first.done()
+        assert {t.prompt for t in await tm.list()} >= {f"queued {i}" for i in range(5)}

@@ -211,6 +211,8 @@ class Store:
         self._inline: sqlite3.Connection | None = None
         self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
+        #: A commit is in flight (a caller's own, or the committer task's).
+        self._busy = False
 
     # -- lifecycle --
 
@@ -342,16 +344,38 @@ class Store:
         """
         if self._writer is None:
             raise StoreError("the store is closed")
+        if not self._busy:
+            # The writer is idle: commit this operation at once, in this coroutine (one hop,
+            # no task switch). Its batch is itself alone, so a cancellation of this caller can
+            # strand no one else; writes that arrive meanwhile queue for the committer task.
+            self._busy = True
+            try:
+                ((ok, value),) = await self._run(self._writer, _batch_transaction, [(fn, args)])
+            finally:
+                self._busy = False
+                if self._queue:
+                    self._start_committer()
+            if not ok:
+                raise (
+                    StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
+                )
+            result: T = value
+            return result
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((fn, args, fut))
-        if self._committer is None or self._committer.done():
-            # A task of its own, so a caller's cancellation never cuts a batch in half.
-            # It starts on the next turn of the loop: writes made ready in this turn join.
-            self._committer = asyncio.create_task(self._commit_all(), name="imagetask-commit")
-        result: T = await fut
-        return result
+        return await fut  # type: ignore[no-any-return]
+
+    def _start_committer(self) -> None:
+        self._busy = True
+        self._committer = asyncio.create_task(self._commit_all(), name="imagetask-commit")
 
     async def _commit_all(self) -> None:
+        try:
+            await self._commit_queued()
+        finally:
+            self._busy = False
+
+    async def _commit_queued(self) -> None:
         assert self._writer is not None
         while self._queue:
             batch, self._queue = self._queue, []
