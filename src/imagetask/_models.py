@@ -173,34 +173,46 @@ class Task:
         """True when the task succeeded."""
         return self.status is TaskStatus.SUCCEEDED
 
+    #: The columns `_from_row` reads, in order; the store selects exactly these.
+    _COLUMNS = (
+        "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
+        "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
+        "created_at", "started_at", "finished_at",
+    )  # fmt: skip
+
     @classmethod
     def _from_row(
         cls,
-        row: Any,  # a sqlite3.Row or any mapping of column names
+        row: Sequence[Any],
         images: Sequence[StoredImage] = (),
         references: Sequence[StoredImage] = (),
     ) -> Task:
+        """Build a task from the values of `_COLUMNS`, in that order (by position: this is
+        the hot path of every poll)."""
+        (task_id, owner, prompt, model, params, status, attempt, max_attempts, cost, key,
+         metadata, error_code, error_message, error_retryable, created, started, finished,
+         ) = row[:17]  # fmt: skip
         error = None
-        if row["error_code"] is not None:
-            error = TaskError(row["error_code"], row["error_message"] or "", bool(row["error_retryable"]))
+        if error_code is not None:
+            error = TaskError(error_code, error_message or "", bool(error_retryable))
         return cls(
-            id=row["id"],
-            owner=row["owner"],
-            prompt=row["prompt"],
-            model=row["model"],
-            params=_json_object(row["params"]),
-            status=TaskStatus(row["status"]),
+            id=task_id,
+            owner=owner,
+            prompt=prompt,
+            model=model,
+            params=_json_object(params),
+            status=TaskStatus(status),
             images=tuple(images),
             references=tuple(references),
             error=error,
-            attempts=row["attempt"],
-            max_attempts=row["max_attempts"],
-            cost=row["cost"],
-            metadata=_json_object(row["metadata"]),
-            idempotency_key=row["idempotency_key"],
-            created_at=_from_ms(row["created_at"]),
-            started_at=_from_ms(row["started_at"]),
-            finished_at=_from_ms(row["finished_at"]),
+            attempts=attempt,
+            max_attempts=max_attempts,
+            cost=cost,
+            metadata=_json_object(metadata),
+            idempotency_key=key,
+            created_at=_from_ms(created),
+            started_at=_from_ms(started),
+            finished_at=_from_ms(finished),
         )
 
     def _repr_html_(self) -> str:

@@ -499,10 +499,10 @@ class Store:
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
         if owner is None:
-            sql = "SELECT * FROM tasks WHERE status IN ('queued', 'running') ORDER BY id DESC"
+            sql = f"{_SELECT_TASKS} WHERE status IN ('queued', 'running') ORDER BY id DESC"
             args: tuple[Any, ...] = ()
         else:
-            sql = "SELECT * FROM tasks WHERE owner = ? AND status IN ('queued', 'running') ORDER BY id DESC"
+            sql = f"{_SELECT_TASKS} WHERE owner = ? AND status IN ('queued', 'running') ORDER BY id DESC"
             args = (owner,)
         return self._tasks(await self._read(_select_tasks, sql, args))
 
@@ -519,7 +519,7 @@ class Store:
         if before is not None:
             where.append("id < ?")
             args.append(before)
-        sql = "SELECT * FROM tasks"
+        sql = _SELECT_TASKS
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -576,7 +576,7 @@ class Store:
         refs: dict[str, list[StoredImage]] = {}
         for r in image_rows:
             (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
-        return [Task._from_row(row, outputs.get(row["id"], ()), refs.get(row["id"], ())) for row in rows]
+        return [Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows]
 
     def _task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
         """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""
@@ -592,7 +592,7 @@ class Store:
                     json.loads(provenance) if provenance != "{}" else {},
                 )  # fmt: skip
                 (outputs if role == "output" else refs).append(image)
-        return Task._from_row(dict(zip(_TASK_COLUMNS, first, strict=False)), outputs, refs)
+        return Task._from_row(first, outputs, refs)
 
     def _image(self, r: sqlite3.Row) -> StoredImage:
         return StoredImage(
@@ -720,12 +720,9 @@ def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
         conn.execute("COMMIT")
 
 
-_TASK_COLUMNS = (
-    "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
-    "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
-    "created_at", "started_at", "finished_at",
-)  # fmt: skip
+_TASK_COLUMNS = Task._COLUMNS
 _N_TASK_COLUMNS = len(_TASK_COLUMNS)
+_SELECT_TASKS = "SELECT " + ", ".join(_TASK_COLUMNS) + " FROM tasks"
 #: A point read in one statement (one snapshot, no explicit transaction): the task's
 #: columns, repeated on each of its image rows (or once, with NULL image columns).
 _GET_ONE = (
