@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +104,32 @@ def fmt(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
-def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> str:
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's rounds -> medians (with the min-max of ops/s), or the first error."""
+    for r in runs:
+        if "error" in r:
+            return r
+    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float) and k not in ("reps", "seconds")]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    if "ops" in out:
+        out["ops_min"] = min(r["ops"] for r in runs)
+        out["ops_max"] = max(r["ops"] for r in runs)
+    out["rounds"] = len(runs)
+    return out
+
+
+def ratio(runs: dict[str, list[dict[str, Any]]], case: str, base: str, metric: str) -> float | None:
+    """The median over rounds of case/base, each round's pair measured minutes apart."""
+    pairs = [
+        a[metric] / b[metric]
+        for a, b in zip(runs.get(case, []), runs.get(base, []), strict=False)
+        if isinstance(a.get(metric), int | float) and isinstance(b.get(metric), int | float) and b[metric]
+    ]
+    return statistics.median(pairs) if pairs else None
+
+
+def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -> str:
+    results = {name: combine(rs) for name, rs in runs.items() if rs}
     mode = "QUICK (smoke sizes; the numbers mean nothing)" if quick else "full"
     versions = ", ".join(
         f"{name} {version(name)}" for name in ("imagetask", "aiosqlite", "huey", "persist-queue")
@@ -117,7 +143,9 @@ def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> s
         "- Settings: WAL, synchronous=NORMAL (imagetask's default durability: survives a process"
         " crash) for imagetask, the stdlib and aiosqlite floors and huey; persist-queue at its own"
         " default (WAL, synchronous=FULL).",
-        "- Each case runs in its own process; figures are medians over repetitions, with min-max of ops/s.",
+        "- Each case runs in its own process. The whole suite runs round after round; figures are"
+        " medians over rounds (with the min-max of ops/s), and each ratio is the median of the"
+        " ratios taken within a round, so a floor and the case compared with it share the load.",
         "",
         "## Targets",
         "",
@@ -125,12 +153,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> s
         "|---|---|---|---|",
     ]
     for label, metric, case, base, op, bound in TARGETS:
-        value = _metric(results, case, metric)
-        if base is not None:
-            base_value = _metric(results, base, metric)
-            value = None if value is None or not base_value else value / base_value
-            if metric == "ops" and op == "<=":  # a time ratio: slower/faster
-                value = None if value is None else value  # ops_1k / ops_big = time_big / time_1k
+        value = _metric(results, case, metric) if base is None else ratio(runs, case, base, metric)
         if metric == "p50_us":  # shown in milliseconds
             value, bound = (None if value is None else value / 1000), bound / 1000
         ok = value is not None and {">=": value >= bound, ">": value > bound, "<=": value <= bound,
@@ -148,7 +171,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool, elapsed: float) -> s
             continue
         other = ", ".join(
             f"{k}={fmt(v, 3)}" for k, v in r.items()
-            if k not in ("ops", "ops_min", "ops_max", "p50_us", "p99_us", "reps", "seconds")
+            if k not in ("ops", "ops_min", "ops_max", "p50_us", "p99_us", "rounds", "seconds")
         )  # fmt: skip
         spread = f"{fmt(r.get('ops_min'))}-{fmt(r.get('ops_max'))}" if "ops_min" in r else ""
         lines.append(
@@ -167,26 +190,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per case (full mode)")
+    parser.add_argument("--reps", type=int, default=5, help="rounds (full mode)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="where to write the report")
     args = parser.parse_args()
     started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    for name in CASES:
-        if args.only not in name:
-            continue
-        reps = 1 if args.quick else min(args.reps, REPS.get(name, args.reps))
-        print(f"{name:<32}", end=" ", flush=True)
-        results[name] = run_case(name, args.quick, reps)
-        r = results[name]
-        shown = r.get("error") or (f"{r['ops']:,.0f} ops/s" if "ops" in r else json.dumps(r)[:80])
-        print(f"{shown}  ({r['seconds']:.1f} s)", flush=True)
-    text = report(results, args.quick, time.monotonic() - started)
+    names = [name for name in CASES if args.only in name]
+    rounds = 1 if args.quick else args.reps
+    # Round after round of the whole suite, so that a floor and the case compared with it run
+    # minutes apart at most, under the same load; ratios are taken within each round.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for round_no in range(rounds):
+        print(f"-- round {round_no + 1} of {rounds}", flush=True)
+        for name in names:
+            if round_no >= (1 if args.quick else REPS.get(name, rounds)):
+                continue
+            print(f"{name:<32}", end=" ", flush=True)
+            r = run_case(name, args.quick, 1)
+            runs[name].append(r)
+            shown = r.get("error") or (f"{r['ops']:,.0f} ops/s" if "ops" in r else json.dumps(r)[:80])
+            print(f"{shown}  ({r['seconds']:.1f} s)", flush=True)
+    text = report(runs, args.quick, time.monotonic() - started)
     args.out.write_text(text)
     print(f"\nwrote {args.out}")
-    return 1 if any("error" in r for r in results.values()) else 0
+    return 1 if any("error" in r for rs in runs.values() for r in rs) else 0
 
 
 if __name__ == "__main__":
