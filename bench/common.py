@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import sqlite3
 import statistics
@@ -166,10 +165,4 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, Any]:
         out["ops_min"] = min(r["ops"] for r in runs)
         out["ops_max"] = max(r["ops"] for r in runs)
     out["reps"] = len(runs)
-    return out
-
-
-def shuffled(seq: list[Any], seed: int = 7) -> list[Any]:
-    out = list(seq)
-    random.Random(seed).shuffle(out)
     return out

@@ -27,6 +27,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from cases import CASES  # noqa: E402  (bench/ is not a package; its folder goes on the path first)
+from common import median_of  # noqa: E402
 
 #: Repetitions in a full run (the median is reported); heavy cases run fewer times.
 REPS = {
@@ -109,12 +110,12 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         if "error" in r:
             return r
-    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float) and k not in ("reps", "seconds")]
-    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
-    if "ops" in out:
-        out["ops_min"] = min(r["ops"] for r in runs)
-        out["ops_max"] = max(r["ops"] for r in runs)
-    out["rounds"] = len(runs)
+    numeric = [
+        {k: v for k, v in r.items() if isinstance(v, int | float) and k not in ("reps", "seconds")}
+        for r in runs
+    ]
+    out = median_of(numeric)
+    out["rounds"] = out.pop("reps")
     return out
 
 
