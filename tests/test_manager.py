@@ -205,7 +205,9 @@ async def test_concurrency_caps_one_process(make_manager):
     for task_id in ids:
         await tm.wait(task_id, timeout=10)
     assert provider.max_active == 2
-    assert max_overlap(tm.path) <= 4  # at most `concurrency` more rows that are still storing
+    # Rows may also show running while storing (up to `concurrency` more) or while claimed
+    # ahead of a free slot (one more).
+    assert max_overlap(tm.path) <= 2 * 2 + 1
 
 
 async def test_per_owner_caps_one_owner_not_others(make_manager):

@@ -99,3 +99,34 @@ async def test_prune_deletes_old_finished_tasks_and_their_files_only(make_manage
     assert [t.id for t in await tm.list()] == [active.id]
     assert sql(tm.path, "SELECT * FROM ledger ORDER BY id") == ledger_before
     assert sql(tm.path, "SELECT DISTINCT task_id FROM task_events") == [(active.id,)]
+
+
+async def test_a_task_claimed_ahead_waits_for_a_slot_and_can_be_cancelled(make_manager):
+    """With concurrency 1, a second task is claimed ahead but not generated until the slot frees;
+    cancelling it while it waits never reaches the provider; per_owner still bounds the claims."""
+    provider = FakeProvider(outcomes=["hang"])
+    tm = await make_manager(provider=provider, concurrency=1, per_owner=5)
+    first = await tm.submit("holds the slot", owner="a")
+    second = await tm.submit("waits for it", owner="b")
+    third = await tm.submit("not claimed yet", owner="c")
+    await wait_for(lambda: provider.active == 1)
+    await asyncio.sleep(0.2)  # several dispatcher turns
+    statuses = {t.id: t.status for t in [await tm.poll(i) for i in (first.id, second.id, third.id)]}
+    assert statuses == {first.id: "running", second.id: "running", third.id: "queued"}
+    assert provider.calls == 1 and provider.max_active == 1
+    assert (await tm.cancel(second.id)).status is TaskStatus.CANCELLED
+    await tm.cancel(first.id)
+    done = await tm.wait(third.id, timeout=10)  # the slot and the look-ahead move on
+    assert done.ok and provider.calls == 2  # the cancelled waiting task never generated
+
+
+async def test_claim_ahead_respects_per_owner(make_manager):
+    """The task claimed ahead still counts against its owner's limit."""
+    provider = FakeProvider(outcomes=["hang", "hang"])
+    tm = await make_manager(provider=provider, concurrency=1, per_owner=1)
+    ids = [(await tm.submit(f"alice {i}", owner="alice")).id for i in range(3)]
+    await wait_for(lambda: provider.active == 1)
+    await asyncio.sleep(0.2)
+    assert sql(tm.path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(1,)]
+    for task_id in ids:
+        await tm.cancel(task_id)

@@ -37,6 +37,10 @@ __all__ = ["Worker", "backoff"]
 
 log = logging.getLogger("imagetask")
 
+#: Tasks a worker claims beyond its free generation slots. The claimed task waits (its lease
+#: renewed, cancellable) until a slot frees, then starts at once.
+CLAIM_AHEAD = 1
+
 #: Retryable codes whose retries are capped below max_attempts: a model that answered
 #: without an image is asked once more, then the task fails (model variance, not outage).
 RETRY_LIMITS = {"no_image": 1}
@@ -91,8 +95,10 @@ class Worker:
         self.on_terminal = on_terminal
         self.id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._running: dict[str, _Attempt] = {}
-        #: Attempts still generating: what ``concurrency`` limits.
+        #: Claimed attempts that have not finished generating (waiting for a slot included).
         self._generating = 0
+        #: At most ``concurrency`` generations at once (guarantee 8).
+        self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -144,7 +150,9 @@ class Worker:
         last_claim = -float("inf")
         while True:
             self._wake.clear()
-            free = self.concurrency - self._generating
+            # One task is claimed ahead of a free slot, so a slot that frees starts its next
+            # generation at once instead of after a claim's round trip through the writer.
+            free = self.concurrency + CLAIM_AHEAD - self._generating
             since = loop.time() - last_claim
             timeout = self.poll_interval
             # A claim transaction also takes back expired leases, so one runs at least every
@@ -231,7 +239,7 @@ class Worker:
         retry_after: float | None = None
         results: list[ImageResult] = []
         try:
-            async with asyncio.timeout(self.attempt_timeout):
+            async with self._slots, asyncio.timeout(self.attempt_timeout):
                 results = await self._generate_all(c)
         except TimeoutError:
             error = TaskError(
