@@ -23,7 +23,6 @@ from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
     ImageInput,
-    StoredImage,
     Task,
     TaskStatus,
     _json_object,
@@ -356,7 +355,8 @@ class TaskManager:
         try:
             for i, item in enumerate(items):
                 try:
-                    rows.append(await self._prepare(item))
+                    # No reference images: nothing to read or copy, so no thread hop either.
+                    rows.append(self._make_row(item, ()) if not item.images else await self._prepare(item))
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
             results = await store.submit(rows, atomic=True)
@@ -365,18 +365,22 @@ class TaskManager:
                 await self._discard_references(row)
             raise
         tasks = []
+        created_at = None
         for row, result in zip(rows, results, strict=True):
             assert isinstance(result, Submitted)
-            tasks.append(await self._after_submit(row, result))
+            if not result.created:
+                tasks.append(await self._after_submit(row, result))
+                continue
+            created_at = created_at or datetime.fromtimestamp(result.at / 1000, tz=UTC)
+            tasks.append(self._queued_task(row, created_at))
+        log.info("submitted %d task(s) in one transaction", len(tasks))
+        if self._worker is not None:
+            self._worker.wake()
         return tasks
 
     async def _prepare(self, req: GenerationRequest) -> SubmitRow:
         """Validate, price, and copy reference images: everything before the transaction."""
-        if self.provider is None:
-            raise ConfigError(
-                "this manager has no provider, so it cannot validate or run new tasks; pass "
-                "provider=... (GeminiProvider() or FakeProvider()) or set GEMINI_API_KEY"
-            )
+        self._require_provider()
         datas: tuple[bytes, ...] = ()
         if req.images:
             datas = tuple(
@@ -384,15 +388,19 @@ class TaskManager:
                     lambda: [read_reference(item, i) for i, item in enumerate(req.images)]
                 )
             )
-        checked = check_request(req, self.provider.models, self.provider.default_model, datas)
-        task_id = new_task_id()
-        refs: tuple[StoredImage, ...] = ()
+        row = self._make_row(req, datas)
         if datas:
-            refs = tuple(
-                await asyncio.to_thread(
-                    lambda: [self._images.write_reference(task_id, i, d) for i, d in enumerate(datas)]
-                )
+            refs = await asyncio.to_thread(
+                lambda: [self._images.write_reference(row.id, i, d) for i, d in enumerate(datas)]
             )
+            row = attrs.evolve(row, references=tuple(refs))
+        return row
+
+    def _make_row(self, req: GenerationRequest, datas: tuple[bytes, ...]) -> SubmitRow:
+        """Validate and price one request (reference images already read) into a row."""
+        provider = self._require_provider()
+        checked = check_request(req, provider.models, provider.default_model, datas)
+        task_id = new_task_id()
         return SubmitRow(
             id=task_id,
             owner=checked.owner,
@@ -405,8 +413,15 @@ class TaskManager:
             idempotency_key=checked.idempotency_key,
             fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
             metadata_json=checked.metadata_json,
-            references=refs,
         )
+
+    def _require_provider(self) -> Provider:
+        if self.provider is None:
+            raise ConfigError(
+                "this manager has no provider, so it cannot validate or run new tasks; pass "
+                "provider=... (GeminiProvider() or FakeProvider()) or set GEMINI_API_KEY"
+            )
+        return self.provider
 
     async def _enqueue(self, row: SubmitRow) -> Submitted:
         """Commit one submit. Concurrent submits share a transaction (the store's group
@@ -422,9 +437,16 @@ class TaskManager:
             log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
             return await self.poll(submitted.id)
         log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
-        # The snapshot is built from what was just committed, before any worker is woken:
-        # submit always answers `queued`, without another read.
-        task = Task(
+        task = self._queued_task(row, datetime.fromtimestamp(submitted.at / 1000, tz=UTC))
+        if self._worker is not None:
+            self._worker.wake()
+        return task
+
+    @staticmethod
+    def _queued_task(row: SubmitRow, created_at: datetime) -> Task:
+        """The snapshot of a row just committed, built before any worker is woken: submit
+        always answers `queued`, without another read."""
+        return Task(
             id=row.id,
             owner=row.owner,
             prompt=row.prompt,
@@ -436,11 +458,8 @@ class TaskManager:
             cost=row.cost,
             metadata=_json_object(row.metadata_json),
             idempotency_key=row.idempotency_key,
-            created_at=datetime.fromtimestamp(submitted.at / 1000, tz=UTC),
+            created_at=created_at,
         )
-        if self._worker is not None:
-            self._worker.wake()
-        return task
 
     async def _discard_references(self, row: SubmitRow) -> None:
         if row.references:

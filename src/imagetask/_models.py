@@ -374,6 +374,19 @@ def _check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
     return text
 
 
+def _check_metadata(metadata: object) -> str:
+    """The caller's metadata as JSON, or a ValidationError."""
+    if not isinstance(metadata, Mapping):
+        raise ValidationError("metadata", f"must be a dict, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("metadata", f"must be JSON-serialisable: {exc}") from None
+    if len(text.encode()) > _config.MAX_METADATA_BYTES:
+        raise ValidationError("metadata", f"is larger than {_config.MAX_METADATA_BYTES} bytes as JSON")
+    return text
+
+
 def check_request(
     req: GenerationRequest,
     models: Mapping[str, ModelInfo],
@@ -416,15 +429,7 @@ def check_request(
             f"{len(references)} reference images given; {model_id} accepts at most "
             f"{info.max_reference_images}",
         )
-    metadata = {} if req.metadata is None else req.metadata
-    if not isinstance(metadata, Mapping):
-        raise ValidationError("metadata", f"must be a dict, got {type(metadata).__name__}")
-    try:
-        metadata_json = json.dumps(dict(metadata), sort_keys=True, allow_nan=False) if metadata else "{}"
-    except (TypeError, ValueError) as exc:
-        raise ValidationError("metadata", f"must be JSON-serialisable: {exc}") from None
-    if len(metadata_json.encode()) > _config.MAX_METADATA_BYTES:
-        raise ValidationError("metadata", f"is larger than {_config.MAX_METADATA_BYTES} bytes as JSON")
+    metadata_json = "{}" if req.metadata is None else _check_metadata(req.metadata)
     params: dict[str, Any] = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
     return CheckedRequest(
         prompt=prompt,

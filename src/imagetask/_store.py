@@ -832,15 +832,22 @@ _INSERT_TASK = (
 )
 
 
+def _params_json(params: Mapping[str, Any]) -> str:
+    """The stored JSON of a task's params (few distinct values: cached when hashable)."""
+    try:
+        return _params_json_of(tuple(sorted(params.items())))
+    except TypeError:  # an unhashable value
+        return json.dumps(params, sort_keys=True)
+
+
 @functools.lru_cache(maxsize=256)
-def _params_json(**params: Any) -> str:
-    """The stored JSON of a task's params (few distinct values: cached)."""
-    return json.dumps(params, sort_keys=True)
+def _params_json_of(items: tuple[tuple[str, Any], ...]) -> str:
+    return json.dumps(dict(items), sort_keys=True)
 
 
 def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
     return (
-        row.id, row.owner, row.prompt, row.model, _params_json(**row.params),
+        row.id, row.owner, row.prompt, row.model, _params_json(row.params),
         row.max_attempts, row.cost, len(row.references), row.idempotency_key, row.fingerprint,
         row.metadata_json,
         now, now, now,
