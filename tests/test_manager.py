@@ -588,3 +588,35 @@ async def test_default_path_comes_from_imagetask_home(tmp_path, monkeypatch):
     async with tm:
         await tm.submit("here")
     assert Path(tmp_path / "custom" / "tasks.db").exists()
+
+
+async def test_tasks_show_themselves_in_jupyter(make_manager):
+    """Task renders HTML with its status and images (prompt escaped); StoredImage renders its bytes."""
+    tm = await make_manager()
+    done = await tm.wait((await tm.submit("<b>bold</b> lighthouse", n=2)).id, timeout=10)
+    html_text = done._repr_html_()
+    assert "succeeded" in html_text and html_text.count("<img ") == 2
+    assert "&lt;b&gt;bold" in html_text and "<b>bold</b>" not in html_text
+    bundle = done.images[0]._repr_mimebundle_()
+    assert bundle["image/png"] == done.images[0].path.read_bytes()
+    failed_tm = await make_manager(provider=FakeProvider(outcomes=["refusal"]))
+    failed = await failed_tm.wait((await failed_tm.submit("no")).id, timeout=10)
+    assert "safety_blocked" in failed._repr_html_()
+
+
+async def test_as_completed_timeout_yields_the_finished_then_raises(make_manager):
+    """as_completed(timeout) yields what finished, then raises WaitTimeout; the rest keep running."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["ok", "hang"]), concurrency=2)
+    quick = await tm.submit("quick")
+    await tm.wait(quick.id, timeout=10)
+    stuck = await tm.submit("stuck")
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for task in tm.as_completed([quick.id, stuck.id], timeout=0.3):
+            seen.append(task.id)
+
+    with pytest.raises(WaitTimeout):
+        await consume()
+    assert seen == [quick.id]
+    assert (await tm.poll(stuck.id)).status is TaskStatus.RUNNING

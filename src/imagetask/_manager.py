@@ -569,11 +569,10 @@ class TaskManager:
         try:
             for next_done in asyncio.as_completed(waits, timeout=timeout):
                 try:
-                    yield await next_done
-                except TimeoutError as exc:
-                    if isinstance(exc, WaitTimeout):
-                        raise
+                    task = await next_done
+                except TimeoutError:  # only as_completed's own deadline: wait() has none here
                     raise WaitTimeout(", ".join(ids), timeout or 0.0) from None
+                yield task
         finally:
             for w in waits:
                 w.cancel()

@@ -32,8 +32,6 @@ __all__ = ["Claimed", "Store", "SubmitRow"]
 log = logging.getLogger("imagetask")
 T = TypeVar("T")
 
-ACTIVE = ("queued", "running")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 # --- schema -----------------------------------------------------------------------------------
 # Every index is paid for on each transition, so there are few, most of them partial. The hot
