@@ -15,6 +15,7 @@ from imagetask import (
     ImageTaskError,
     InsufficientCredits,
     ProviderError,
+    Task,
     TaskManager,
     TaskNotFound,
     TaskStatus,
@@ -191,6 +192,54 @@ async def test_unknown_ids_raise_task_not_found(make_manager):
     with pytest.raises(TaskNotFound):
         async for _ in tm.as_completed(["nope"]):
             pass
+
+
+async def test_as_completed_checks_every_id_before_yielding(make_manager):
+    """An unknown id among finished ones raises TaskNotFound before anything is yielded, naming
+    it, and leaves no waiter behind."""
+    tm = await make_manager()
+    done = await tm.wait((await tm.submit("done")).id, timeout=10)
+    seen: list[Task] = []
+
+    async def consume() -> None:
+        async for task in tm.as_completed([done.id, "nope"]):
+            seen.append(task)
+
+    with pytest.raises(TaskNotFound, match="nope"):
+        await consume()
+    assert seen == []
+    assert tm._waiters == {}
+
+
+async def test_as_completed_handles_more_ids_than_one_statement_holds(make_manager):
+    """as_completed over 1,200 ids (more than one IN (...) chunk) yields every one exactly once."""
+    tm = await make_manager(workers=False)
+    tasks = await tm.submit_many([{"prompt": f"t{i}"} for i in range(1200)])
+    await asyncio.gather(*(tm.cancel(t.id) for t in tasks[:700]))
+
+    async def cancel_rest() -> None:
+        await asyncio.gather(*(tm.cancel(t.id) for t in tasks[700:]))
+
+    canceller = asyncio.create_task(cancel_rest())
+    seen = [t.id async for t in tm.as_completed([t.id for t in tasks] + [tasks[0].id], timeout=30)]
+    await canceller
+    assert sorted(seen) == sorted(t.id for t in tasks)
+    assert tm._waiters == {}
+
+
+async def test_as_completed_raises_when_the_manager_closes(make_manager):
+    """A consumer of as_completed gets an ImageTaskError, not a hang, when the manager closes."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))
+    task = await tm.submit("forever")
+
+    async def consume() -> list[Task]:
+        return [t async for t in tm.as_completed([task.id])]
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    await tm.aclose()
+    with pytest.raises(ImageTaskError, match="closed"):
+        await asyncio.wait_for(consumer, 10)
 
 
 # --- limits -----------------------------------------------------------------------------------

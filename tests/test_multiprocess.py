@@ -103,3 +103,15 @@ async def test_wait_in_another_process_notices_completion(db_path, spawn):
         noticed = time.time()
     assert done.ok and done.finished_at is not None
     assert noticed - done.finished_at.timestamp() < poll_interval + 1.0
+
+
+async def test_as_completed_in_another_process_yields_every_task(db_path, spawn):
+    """as_completed in a process without workers yields each task once, as another process ends it."""
+    child = spawn("work", str(db_path), "--latency", "0.2")
+    assert child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.2) as tm:
+        ids = [t.id for t in await tm.submit_many([{"prompt": f"elsewhere {i}"} for i in range(6)])]
+        seen = [t async for t in tm.as_completed(ids, timeout=30)]
+        assert tm._waiters == {}
+    assert sorted(t.id for t in seen) == sorted(ids)
+    assert all(t.ok for t in seen)

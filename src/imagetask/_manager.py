@@ -562,21 +562,59 @@ class TaskManager:
             TaskNotFound: an id is unknown (checked before anything is yielded).
             WaitTimeout: ``timeout`` seconds passed before all finished.
         """
-        ids = list(dict.fromkeys(ids))
-        for task_id in ids:
-            await self.poll(task_id)
-        waits = [asyncio.ensure_future(self.wait(task_id)) for task_id in ids]
+        if timeout is not None:
+            _check_arg_seconds("timeout", timeout)
+        store = self._require_open()
+        ids = [_check_id(task_id) for task_id in dict.fromkeys(ids)]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        # Register first, then read: a task that ends between the two is not missed. One
+        # batched status read for all ids, then one read per task as it ends.
+        woken: asyncio.Queue[str] = asyncio.Queue()
+        futures: dict[str, asyncio.Future[None]] = {}
+
+        def listen(task_id: str) -> None:
+            fut = loop.create_future()
+            fut.add_done_callback(lambda f: woken.put_nowait(task_id) if not f.cancelled() else None)
+            futures[task_id] = fut
+            self._waiters.setdefault(task_id, set()).add(fut)
+
+        def unlisten(task_id: str) -> None:
+            fut = futures.pop(task_id)
+            fut.cancel()
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    del self._waiters[task_id]
+
         try:
-            for next_done in asyncio.as_completed(waits, timeout=timeout):
+            for task_id in ids:
+                listen(task_id)
+            statuses = await store.statuses(ids)
+            missing = [task_id for task_id in ids if task_id not in statuses]
+            if missing:
+                raise TaskNotFound(", ".join(missing))
+            for task_id in ids:
+                if TaskStatus(statuses[task_id]).terminal:
+                    unlisten(task_id)
+                    yield await self.poll(task_id)
+            while futures:
+                self._ensure_watcher()
                 try:
-                    task = await next_done
-                except TimeoutError:  # only as_completed's own deadline: wait() has none here
-                    raise WaitTimeout(", ".join(ids), timeout or 0.0) from None
+                    async with asyncio.timeout_at(deadline):
+                        task_id = await woken.get()
+                except TimeoutError:
+                    raise WaitTimeout(", ".join(futures), timeout or 0.0) from None
+                futures.pop(task_id).result()  # raises if the manager closed meanwhile
+                task = await self.poll(task_id)
+                if not task.done:  # woken early (a change from another process): listen again
+                    listen(task_id)
+                    continue
                 yield task
         finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            for task_id in list(futures):
+                unlisten(task_id)
 
     def _notify(self, task_id: str) -> None:
         for fut in self._waiters.pop(task_id, ()):

@@ -524,10 +524,15 @@ class Store:
         args.append(limit)
         return self._tasks(await self._read(_select_tasks, sql, tuple(args)))
 
+    async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of ``ids`` that exists, read in one snapshot."""
+        return await self._read(_statuses, list(ids))
+
     async def terminal_among(self, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are in a terminal state (or gone)."""
         ids = list(ids)
-        return await self._read(_terminal_among, ids)
+        found = await self.statuses(ids)
+        return {i for i in ids if found.get(i) not in _ACTIVE}
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version`` on the point-read connection: it changes when
@@ -1141,17 +1146,18 @@ def _select_tasks(
     return rows, images
 
 
-def _terminal_among(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
-    if not ids:
-        return set()
-    marks = ",".join("?" * len(ids))
-    active = {
-        r[0]
-        for r in conn.execute(
-            f"SELECT id FROM tasks WHERE id IN ({marks}) AND status IN ('queued', 'running')", ids
-        )
-    }
-    return set(ids) - active
+#: Ids per ``IN (...)`` statement: well under SQLite's variable limit (32,766, or 999 before 3.32).
+_IN_CHUNK = 500
+_ACTIVE = frozenset({"queued", "running"})
+
+
+def _statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found.update(conn.execute(f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk).fetchall())
+    return found
 
 
 def _events(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
