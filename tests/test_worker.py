@@ -120,6 +120,19 @@ async def test_a_task_claimed_ahead_waits_for_a_slot_and_can_be_cancelled(make_m
     assert done.ok and provider.calls == 2  # the cancelled waiting task never generated
 
 
+async def test_a_worker_claims_a_quarter_of_its_slots_ahead(make_manager):
+    """With concurrency 8 a worker runs 8 generations and holds exactly 2 more claimed tasks;
+    the rest stay queued for any process to take."""
+    provider = FakeProvider(outcomes=["hang"] * 8)
+    tm = await make_manager(provider=provider, concurrency=8, per_owner=20)
+    await tm.submit_many([{"prompt": f"t{i}"} for i in range(14)])
+    await wait_for(lambda: provider.active == 8)
+    await asyncio.sleep(0.2)  # several dispatcher turns
+    counts = dict(sql(tm.path, "SELECT status, count(*) FROM tasks GROUP BY status"))
+    assert counts == {"running": 10, "queued": 4}
+    assert provider.calls == 8
+
+
 async def test_claim_ahead_respects_per_owner(make_manager):
     """The task claimed ahead still counts against its owner's limit."""
     provider = FakeProvider(outcomes=["hang", "hang"])

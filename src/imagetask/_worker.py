@@ -33,13 +33,20 @@ from ._models import StoredImage, TaskError, now_ms
 from ._store import Claimed, Store
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
-__all__ = ["Worker", "backoff"]
+__all__ = ["Worker", "backoff", "claim_ahead"]
 
 log = logging.getLogger("imagetask")
 
-#: Tasks a worker claims beyond its free generation slots. The claimed task waits (its lease
-#: renewed, cancellable) until a slot frees, then starts at once.
-CLAIM_AHEAD = 1
+
+def claim_ahead(concurrency: int) -> int:
+    """How many tasks a worker claims beyond its free generation slots: a quarter of them, at
+    least one. A task claimed ahead waits (its lease renewed, cancellable, never sent to the
+    provider) until a slot frees, then starts at once, without a claim's round trip. One is
+    not enough when generations end together: the rest of the freed slots would each wait
+    for a claim through the writer. More holds back work another process could start.
+    """
+    return max(1, concurrency // 4)
+
 
 #: Retryable codes whose retries are capped below max_attempts: a model that answered
 #: without an image is asked once more, then the task fails (model variance, not outage).
@@ -87,6 +94,7 @@ class Worker:
         self.images = images
         self.provider = provider
         self.concurrency = concurrency
+        self.ahead = claim_ahead(concurrency)
         self.per_owner = per_owner
         self.lease = lease
         self.attempt_timeout = attempt_timeout
@@ -150,9 +158,9 @@ class Worker:
         last_claim = -float("inf")
         while True:
             self._wake.clear()
-            # One task is claimed ahead of a free slot, so a slot that frees starts its next
+            # Tasks are claimed ahead of free slots, so a slot that frees starts its next
             # generation at once instead of after a claim's round trip through the writer.
-            free = self.concurrency + CLAIM_AHEAD - self._generating
+            free = self.concurrency + self.ahead - self._generating
             since = loop.time() - last_claim
             timeout = self.poll_interval
             # A claim transaction also takes back expired leases, so one runs at least every
