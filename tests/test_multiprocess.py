@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
@@ -115,3 +116,39 @@ async def test_as_completed_in_another_process_yields_every_task(db_path, spawn)
         assert tm._waiters == {}
     assert sorted(t.id for t in seen) == sorted(ids)
     assert all(t.ok for t in seen)
+
+
+async def test_wait_notices_a_task_that_ended_elsewhere_just_before_watching(db_path):
+    """A task that another connection ends after a waiter's own read, but before the watcher
+    starts, still wakes the waiter (the watcher's first turn always looks)."""
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.1) as tm:
+        task = await tm.submit("ends elsewhere")
+        start_watcher = tm._ensure_watcher
+
+        def end_it_then_watch() -> None:
+            with sqlite3.connect(db_path) as other:  # another connection: a foreign commit
+                other.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (task.id,))
+            start_watcher()
+
+        tm._ensure_watcher = end_it_then_watch  # type: ignore[method-assign]
+        done = await tm.wait(task.id, timeout=5)
+    assert done.status == "cancelled"
+
+
+async def test_the_watcher_skips_this_process_own_commits(make_manager, monkeypatch):
+    """In the process that runs the tasks, its own commits wake waiters by signal; the watcher
+    does not re-read every waited task after each of them (only its first turn looks)."""
+    tm = await make_manager(provider=FakeProvider(latency=0.05), concurrency=4, poll_interval=0.05)
+    looks = 0
+    terminal_among = tm._store.terminal_among
+
+    async def counting(ids):  # type: ignore[no-untyped-def]
+        nonlocal looks
+        looks += 1
+        return await terminal_among(ids)
+
+    monkeypatch.setattr(tm._store, "terminal_among", counting)
+    tasks = await tm.submit_many([{"prompt": f"t{i}"} for i in range(20)])
+    seen = [t async for t in tm.as_completed([t.id for t in tasks], timeout=30)]
+    assert len(seen) == 20
+    assert looks <= 1

@@ -628,13 +628,19 @@ class TaskManager:
     async def _watch(self) -> None:
         """While anyone waits: notice commits from other processes and wake their waiters.
 
-        ``PRAGMA data_version`` makes "nothing changed" one cheap read; after a change the
-        next check comes soon (``poll_interval / 10``), then the pause doubles up to
-        ``poll_interval``.
+        ``PRAGMA data_version`` on the point-read connection makes "nothing changed" one
+        cheap read; after a change the next check comes soon (``poll_interval / 10``), then
+        the pause doubles up to ``poll_interval``. A change that this process's own writer
+        made (its commits already signalled their waiters) is told apart by the writer's
+        ``data_version``, which moves only for other connections' commits, so a busy worker
+        does not re-read every waited task on each of its own commits.
         """
         floor = self.poll_interval / 10
         interval = floor
-        version = self._store.data_version()
+        # None: the first turn always looks, because a task may have ended elsewhere after a
+        # waiter's own read and before this watcher started.
+        version: int | None = None
+        foreign: int | None = None
         while self._waiters:
             await asyncio.sleep(interval)
             try:
@@ -644,6 +650,10 @@ class TaskManager:
                     continue
                 version = current
                 interval = floor
+                current_foreign = await self._store.foreign_version()
+                if current_foreign == foreign:
+                    continue  # only this process wrote
+                foreign = current_foreign
                 for task_id in await self._store.terminal_among(list(self._waiters)):
                     self._notify(task_id)
             except ImageTaskError:

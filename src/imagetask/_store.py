@@ -544,6 +544,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
+    async def foreign_version(self) -> int:
+        """``PRAGMA data_version`` on the writer: it changes only when *another* connection
+        (another process, or another manager) commits, never for this store's own writes."""
+        if self._writer is None:
+            raise StoreError("the store is closed")
+        return await self._run(self._writer, _data_version)
+
     async def events(self, task_id: str) -> list[dict[str, Any]]:
         """The event log of one task, oldest first."""
         return await self._read(_events, task_id)
@@ -1158,6 +1165,10 @@ def _statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, str]:
         marks = ",".join("?" * len(chunk))
         found.update(conn.execute(f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk).fetchall())
     return found
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _events(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
