@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,34 @@ async def test_as_completed_raises_when_the_manager_closes(make_manager):
     await tm.aclose()
     with pytest.raises(ImageTaskError, match="closed"):
         await asyncio.wait_for(consumer, 10)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["submit", "submit_many"])
+async def test_a_cancelled_submit_keeps_the_references_of_a_row_it_wrote(make_manager, many):
+    """A caller cancelled while its write waits for the lock still sees that write to its end:
+    the row commits, its reference files stay, and the cancellation reaches the caller."""
+    tm = await make_manager(workers=False)
+    blocker = sqlite3.connect(tm.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the submit must wait
+    try:
+        if many:
+            call = tm.submit_many([{"prompt": "with a reference", "images": [png()]}])
+        else:
+            call = tm.submit("with a reference", images=[png()])
+        submitting = asyncio.ensure_future(call)
+        await asyncio.sleep(0.3)
+        assert not submitting.done()
+        submitting.cancel()
+        await asyncio.sleep(0.1)
+        assert not submitting.done()  # still waiting for its commit, not abandoned
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    (task,) = await tm.list()
+    assert task.prompt == "with a reference"
+    assert [im.path.exists() for im in task.references] == [True]
 
 
 # --- limits -----------------------------------------------------------------------------------

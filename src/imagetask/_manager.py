@@ -325,12 +325,20 @@ class TaskManager:
         )
         self._require_open()
         row = await self._prepare(request)
-        try:
-            submitted = await self._enqueue(row)
-        except BaseException:
+        if not row.references:
+            return await self._after_submit(row, await self._enqueue(row))
+        # Its reference files may be deleted only if the row was not written, so a cancelled
+        # caller waits for the commit in flight before the cancellation goes on.
+        write = asyncio.ensure_future(self._enqueue(row))
+        cancelled = await _to_the_end(write)
+        failure = _failure(write)
+        if failure is not None:
             await self._discard_references(row)
-            raise
-        return await self._after_submit(row, submitted)
+            raise asyncio.CancelledError() if cancelled else failure
+        task = await self._after_submit(row, write.result())
+        if cancelled:
+            raise asyncio.CancelledError()
+        return task
 
     async def submit_many(
         self, requests: Iterable[GenerationRequest | Mapping[str, Any]]
@@ -359,23 +367,36 @@ class TaskManager:
                     rows.append(self._make_row(item, ()) if not item.images else await self._prepare(item))
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
-            results = await store.submit(rows, atomic=True)
         except BaseException:
             for row in rows:
                 await self._discard_references(row)
             raise
-        tasks = []
-        created_at = None
-        for row, result in zip(rows, results, strict=True):
+        now = now_ms()
+        write = asyncio.ensure_future(store.submit(rows, atomic=True, now=now))
+        # While the writer's thread inserts the rows, build the answers (as if every row is
+        # new; a re-submitted idempotency key is replaced below).
+        cancelled = False
+        try:
+            await asyncio.sleep(0)  # let the write reach the writer's thread
+        except asyncio.CancelledError:
+            cancelled = True
+        created_at = datetime.fromtimestamp(now / 1000, tz=UTC)
+        tasks = [self._queued_task(row, created_at) for row in rows]
+        cancelled = await _to_the_end(write) or cancelled
+        failure = _failure(write)
+        if failure is not None:
+            for row in rows:
+                await self._discard_references(row)
+            raise asyncio.CancelledError() if cancelled else failure
+        for i, (row, result) in enumerate(zip(rows, write.result(), strict=True)):
             assert isinstance(result, Submitted)
             if not result.created:
-                tasks.append(await self._after_submit(row, result))
-                continue
-            created_at = created_at or datetime.fromtimestamp(result.at / 1000, tz=UTC)
-            tasks.append(self._queued_task(row, created_at))
+                tasks[i] = await self._after_submit(row, result)
         log.info("submitted %d task(s) in one transaction", len(tasks))
         if self._worker is not None:
             self._worker.wake()
+        if cancelled:  # written all the same: keep it, and let the cancellation go on
+            raise asyncio.CancelledError()
         return tasks
 
     async def _prepare(self, req: GenerationRequest) -> SubmitRow:
@@ -758,3 +779,24 @@ def _check_id(task_id: object) -> str:
     if not isinstance(task_id, str):
         raise ValidationError("task_id", f"must be a string, got {type(task_id).__name__}")
     return task_id
+
+
+async def _to_the_end(fut: asyncio.Future[Any]) -> bool:
+    """Wait until ``fut`` is done even if the caller is cancelled meanwhile (a commit in
+    flight cannot be recalled: its caller must learn whether it happened). Returns whether
+    the caller was cancelled; it then re-raises the cancellation itself."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():
+                cancelled = True
+        except BaseException:  # fut failed: the caller reads it from fut
+            pass
+    return cancelled
+
+
+def _failure(fut: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a done future ended with, cancellation included."""
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()

@@ -405,14 +405,19 @@ class Store:
 
     # -- submit --
 
-    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
+    async def submit(
+        self, rows: Sequence[SubmitRow], *, atomic: bool, now: int | None = None
+    ) -> list[Submitted | ImageTaskError]:
         """Insert tasks in one transaction, a savepoint each.
 
         With ``atomic`` the first error rolls everything back and is raised; otherwise
         each row succeeds or fails on its own and its error is returned in its place.
+        ``now`` is the submit time written as ``created_at`` (default: the current time).
         """
         refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
-        return await self._write(_submit_rows, list(zip(rows, refs, strict=True)), _now(), atomic)
+        return await self._write(
+            _submit_rows, list(zip(rows, refs, strict=True)), _now() if now is None else now, atomic
+        )
 
     # -- worker transitions --
 
