@@ -232,6 +232,25 @@ def test_task_ids_sort_by_time_and_carry_it():
     assert before <= task_id_ms(ids[0]) <= after
 
 
+def test_task_ids_follow_the_ulid_layout(monkeypatch):
+    """An id is the 128-bit number (48 bits of milliseconds, then 80 random bits) in Crockford
+    base32, most significant first, the same layout a database written by any version holds."""
+    import random
+
+    import imagetask._models as models
+
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    rng = random.Random(7)
+    for _ in range(2000):
+        ms, rand = rng.randrange(1 << 48), rng.randrange(1, 1 << 79)
+        monkeypatch.setattr(models, "_last_id", (ms, rand - 1))
+        monkeypatch.setattr(models, "now_ms", lambda ms=ms: ms)
+        value = (ms << 80) | rand
+        expected = "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
+        assert models.new_task_id() == expected
+        assert task_id_ms(expected) == ms
+
+
 def test_stored_image_opens_with_pillow(tmp_path):
     """StoredImage.open() gives a PIL image of the file."""
     from PIL import Image

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -139,7 +140,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 # --- records passed between the store and the worker -------------------------------------------
 
 
-@attrs.frozen
+@attrs.define
 class SubmitRow:
     """Everything a submit writes for one task (validated, priced, references copied)."""
 
@@ -202,6 +203,7 @@ class Store:
             raise ValueError("durability: must be 'normal' or 'full'")
         self.path = path
         self.images_root = images_root
+        self._root_prefix = os.path.join(str(images_root), "")
         self.durability = durability
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -583,6 +585,10 @@ class Store:
     # -- row decoding --
 
     def _rel(self, image: StoredImage) -> str:
+        path = str(image.path)
+        prefix = self._root_prefix
+        if path.startswith(prefix):  # always, for files this store wrote: skip pathlib's parsing
+            return path[len(prefix) :].replace(os.sep, "/")
         return image.path.relative_to(self.images_root).as_posix()
 
     def _tasks(self, result: tuple[list[sqlite3.Row], list[sqlite3.Row]]) -> list[Task]:
