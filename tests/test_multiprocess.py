@@ -152,3 +152,24 @@ async def test_the_watcher_skips_this_process_own_commits(make_manager, monkeypa
     seen = [t async for t in tm.as_completed([t.id for t in tasks], timeout=30)]
     assert len(seen) == 20
     assert looks <= 1
+
+
+async def test_a_foreign_commit_wakes_a_waiter_while_both_own_writers_commit(db_path):
+    """A waiter wakes on a commit from another connection even while this process's fast
+    (loop-thread) writer and threaded writer both keep committing."""
+    import asyncio
+
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.1) as tm:
+        target = await tm.submit("ends elsewhere")
+        waiting = asyncio.create_task(tm.wait(target.id, timeout=10))
+        for i in range(5):
+            await tm.submit(f"own fast {i}")  # one row: the loop-thread writer
+            await tm.submit_many([{"prompt": f"own threaded {i}-{j}"} for j in range(10)])
+            await asyncio.sleep(0.05)
+        with sqlite3.connect(db_path) as other:
+            other.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (target.id,))
+        for i in range(5):
+            await tm.submit(f"more own {i}")
+            await asyncio.sleep(0.05)
+        done = await waiting
+    assert done.status == "cancelled"

@@ -355,3 +355,74 @@ async def test_cancelling_the_committing_caller_strands_no_other_write(tmp_path)
         assert [t.prompt for t in done] == [f"queued {i}" for i in range(5)]
         assert first.cancelled() or first.done()
         assert {t.prompt for t in await tm.list()} >= {f"queued {i}" for i in range(5)}
+
+
+async def test_a_submit_waits_for_a_lock_held_elsewhere_without_blocking_the_loop(tmp_path):
+    """While another connection holds the write lock, a submit waits for it on the writer's
+    thread (the event loop keeps running), then commits."""
+    import asyncio
+    import sqlite3
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        await tm.submit("warm up")
+        blocker = sqlite3.connect(tm.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        submitting = asyncio.create_task(tm.submit("behind the lock"))
+        await asyncio.sleep(0.3)
+        assert not submitting.done()
+        blocker.execute("COMMIT")
+        blocker.close()
+        task = await asyncio.wait_for(submitting, 10)
+        ticker.cancel()
+        assert ticks >= 10  # the loop ran while the submit waited
+        assert (await tm.poll(task.id)).prompt == "behind the lock"
+
+
+async def test_the_wal_stays_bounded_under_many_small_submits(tmp_path):
+    """Submits committed on the loop's thread never checkpoint there; the store checkpoints on
+    the writer's thread instead, so the WAL file stops growing (it would pass 20 MB here)."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        for i in range(3000):
+            await tm.submit(f"prompt {i}")
+        wal = Path(str(tm.path) + "-wal")
+        assert wal.stat().st_size < 10 * 2**20, wal.stat().st_size
+        assert len(await tm.list(limit=5)) == 5
+
+
+async def test_submits_pending_at_close_are_committed_and_answered(tmp_path):
+    """Submits still waiting for their commit when the manager closes are committed first,
+    and their callers get their tasks."""
+    import asyncio
+
+    tm = TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False)
+    await tm.open()
+    pending = [asyncio.ensure_future(tm.submit(f"late {i}")) for i in range(3)]
+    await asyncio.sleep(0)  # each has queued its write; none is committed yet
+    await tm.aclose()
+    tasks = await asyncio.gather(*pending)
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as again:
+        stored = {t.id for t in await again.list()}
+    assert {t.id for t in tasks} == stored and len(stored) == 3
+
+
+async def test_concurrent_small_submits_commit_together_in_order(tmp_path):
+    """Small submits made in one turn of the event loop share a commit on the loop's thread;
+    every caller gets its own task, and the ids follow the call order."""
+    import asyncio
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        before = tm._store._fast_commits
+        tasks = await asyncio.gather(*(tm.submit(f"p{i}") for i in range(10)))
+        assert [t.prompt for t in tasks] == [f"p{i}" for i in range(10)]
+        assert [t.id for t in tasks] == sorted(t.id for t in tasks)
+        assert tm._store._fast_commits == before + 1
+        assert len(await tm.list()) == 10

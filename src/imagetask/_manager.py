@@ -651,17 +651,19 @@ class TaskManager:
 
         ``PRAGMA data_version`` on the point-read connection makes "nothing changed" one
         cheap read; after a change the next check comes soon (``poll_interval / 10``), then
-        the pause doubles up to ``poll_interval``. A change that this process's own writer
-        made (its commits already signalled their waiters) is told apart by the writer's
-        ``data_version``, which moves only for other connections' commits, so a busy worker
-        does not re-read every waited task on each of its own commits.
+        the pause doubles up to ``poll_interval``. A change that only this process's own
+        writers made (their commits already signalled their waiters) is told apart by the
+        writers' own ``data_version`` values (`Store.own_versions`), so a busy worker does
+        not re-read every waited task on each of its own commits.
         """
         floor = self.poll_interval / 10
         interval = floor
         # None: the first turn always looks, because a task may have ended elsewhere after a
         # waiter's own read and before this watcher started.
         version: int | None = None
-        foreign: int | None = None
+        # The writers' versions read just before the last full look: only a full look moves
+        # this baseline, so a foreign commit is never skipped past.
+        looked_at: tuple[int, ...] | None = None
         while self._waiters:
             await asyncio.sleep(interval)
             try:
@@ -671,10 +673,10 @@ class TaskManager:
                     continue
                 version = current
                 interval = floor
-                current_foreign = await self._store.foreign_version()
-                if current_foreign == foreign:
-                    continue  # only this process wrote
-                foreign = current_foreign
+                own = await self._store.own_versions()
+                if looked_at is not None and any(a == b for a, b in zip(own, looked_at, strict=True)):
+                    continue  # some writer of ours saw no other connection commit: only we wrote
+                looked_at = own
                 for task_id in await self._store.terminal_among(list(self._waiters)):
                     self._notify(task_id)
             except ImageTaskError:

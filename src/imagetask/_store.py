@@ -2,7 +2,9 @@
 
 One writer connection per process and one reader connection, both aiosqlite. A write
 transaction is one Python function run whole on the writer's thread (one hop, not one
-per statement), opened with ``BEGIN IMMEDIATE``. Every transition of a task is a single
+per statement), opened with ``BEGIN IMMEDIATE``. Two more plain sqlite3 connections live
+on the event loop's thread: one for point reads, one for small submits while the writer
+is idle (no hop at all; see `Store._write_small`). Every transition of a task is a single
 guarded ``UPDATE ... WHERE status = ? AND attempt = ? RETURNING``: callers act only on
 what comes back, so a worker that lost its lease cannot overwrite anything.
 
@@ -13,6 +15,7 @@ SQLite-only functions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -209,6 +212,14 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
         self._inline: sqlite3.Connection | None = None
+        #: A write connection on the event loop's own thread for small writes (one submit)
+        #: while the threaded writer is idle: no thread hop. Never waits for a lock, never
+        #: checkpoints (see `_write_small`). None with durability="full" (fsync per commit).
+        self._fast: sqlite3.Connection | None = None
+        self._fast_commits = 0
+        #: Small writes waiting for the end of this turn of the event loop.
+        self._small: list[_Queued] = []
+        self._checkpoint: asyncio.Task[None] | None = None
         self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
         #: A commit is in flight (a caller's own, or the committer task's).
@@ -230,6 +241,8 @@ class Store:
             await self._run(self._writer, self._migrate)
             self._reader = await self._connect(query_only=True)
             self._inline = self._connect_inline()
+            if self.durability == "normal":
+                self._fast = self._connect_fast()
         except BaseException:
             await self.close()
             raise
@@ -302,16 +315,42 @@ class Store:
         conn.execute("PRAGMA query_only = ON")
         return conn
 
+    def _connect_fast(self) -> sqlite3.Connection:
+        """The small-write connection, used only on the thread that opened the store.
+
+        ``busy_timeout`` 0: when another connection holds the write lock, the write goes to
+        the threaded writer (which may wait) instead of blocking the event loop. Automatic
+        checkpoints are off here (one would copy pages and fsync on the loop's thread); the
+        store runs them on the writer's thread instead.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row  # the transaction functions read columns by name
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def close(self) -> None:
         """Finish queued writes, then close the connections (safe to call twice)."""
+        self._flush_small()
         if self._committer is not None:
             try:
                 await self._committer
             except Exception:
                 pass  # its callers got the error
-        inline, self._inline = self._inline, None
-        if inline is not None:
-            inline.close()
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
+        for attr in ("_inline", "_fast"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                conn.close()
         for attr in ("_reader", "_writer"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
@@ -365,6 +404,78 @@ class Store:
         self._queue.append((fn, args, fut))
         return await fut  # type: ignore[no-any-return]
 
+    async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like `_write`, for a write of a few rows, committed on the event loop's thread.
+
+        Small writes made in the same turn of the event loop are committed together, at
+        the end of that turn, by the fast connection: no thread hop (a WAL commit with
+        synchronous=NORMAL writes pages but does not fsync). They go to the threaded
+        writer's group commit instead when it is busy, when there are more than a few of
+        them (the loop would be held too long), or when another connection holds the lock
+        (the threaded writer may wait for it; the loop must not).
+        """
+        if self._fast is None:
+            return await self._write(fn, *args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._small.append((fn, args, fut))
+        if len(self._small) == 1:
+            loop.call_soon(self._flush_small)
+        return await fut  # type: ignore[no-any-return]
+
+    def _flush_small(self) -> None:
+        batch, self._small = self._small, []
+        if not batch:
+            return
+        if self._fast is None or self._busy or len(batch) > _INLINE_MAX_OPS:
+            self._hand_to_writer(batch)
+            return
+        ops, waiters = _coalesce(batch)
+        try:
+            outcomes = _batch_transaction(self._fast, ops)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):  # another connection holds the lock: wait for it on the thread
+                self._hand_to_writer(batch)
+            else:
+                _fail_all(batch, StoreError(f"{self.path}: {exc}"))
+            return
+        except BaseException as exc:
+            _fail_all(batch, StoreError(f"{self.path}: {exc}") if isinstance(exc, sqlite3.Error) else exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _settle_outcomes(outcomes, waiters, self.path)
+        self._fast_commits += 1
+        if self._fast_commits % _CHECKPOINT_EVERY == 0 and (
+            self._checkpoint is None or self._checkpoint.done()
+        ):
+            self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="imagetask-checkpoint")
+
+    def _hand_to_writer(self, batch: list[_Queued]) -> None:
+        if self._writer is None:
+            _fail_all(batch, StoreError("the store is closed"))
+            return
+        self._queue.extend(batch)
+        if not self._busy:
+            self._start_committer()
+
+    async def _run_checkpoint(self) -> None:
+        """Copy the WAL back into the database on the writer's thread, since the fast
+        connection never checkpoints by itself. It holds the writer like a write does, so
+        small writes queue behind it instead of adding frames meanwhile; with every frame
+        copied, the next write starts the WAL over from its beginning (it stops growing)."""
+        if self._writer is None or self._busy:
+            return  # the writer is busy: the next trigger tries again
+        self._busy = True
+        try:
+            await self._run(self._writer, _checkpoint)
+        except Exception as exc:
+            log.warning("checkpointing %s failed: %s", self.path, exc)
+        finally:
+            self._busy = False
+            if self._queue:
+                self._start_committer()
+
     def _start_committer(self) -> None:
         self._busy = True
         self._committer = asyncio.create_task(self._commit_all(), name="imagetask-commit")
@@ -389,15 +500,7 @@ class Store:
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (ok, value), (futures, sizes) in zip(outcomes, waiters, strict=True):
-                if ok and sizes is not None:  # a merged submit: each caller gets its slice
-                    start = 0
-                    for fut, size in zip(futures, sizes, strict=True):
-                        _settle(fut, True, value[start : start + size], self.path)
-                        start += size
-                else:
-                    for fut in futures:
-                        _settle(fut, ok, value, self.path)
+            _settle_outcomes(outcomes, waiters, self.path)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
@@ -417,7 +520,8 @@ class Store:
         ``now`` is the submit time written as ``created_at`` (default: the current time).
         """
         refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
-        return await self._write(
+        write = self._write_small if len(rows) <= _SMALL_WRITE_ROWS else self._write
+        return await write(
             _submit_rows, list(zip(rows, refs, strict=True)), _now() if now is None else now, atomic
         )
 
@@ -551,12 +655,24 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
-    async def foreign_version(self) -> int:
-        """``PRAGMA data_version`` on the writer: it changes only when *another* connection
-        (another process, or another manager) commits, never for this store's own writes."""
+    async def own_versions(self) -> tuple[int, ...]:
+        """``PRAGMA data_version`` on each of this store's write connections.
+
+        A connection's data_version moves only when *another* connection commits. With two
+        writers here (the threaded one, and the fast one on the loop's thread), a commit
+        from another process (or another manager) moves both; this store's own commits
+        each move only the other one. So if either value is unchanged since an earlier
+        call, no foreign commit happened in between.
+        """
         if self._writer is None:
             raise StoreError("the store is closed")
-        return await self._run(self._writer, _data_version)
+        threaded = await self._run(self._writer, _data_version)
+        if self._fast is None:
+            return (threaded,)
+        try:
+            return (threaded, _data_version(self._fast))
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     async def events(self, task_id: str) -> list[dict[str, Any]]:
         """The event log of one task, oldest first."""
@@ -704,6 +820,25 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any, path: Path) -> None:
         fut.set_exception(value)
 
 
+def _settle_outcomes(outcomes: list[tuple[bool, Any]], waiters: list[Any], path: Path) -> None:
+    """Answer each caller of a committed batch (see `_coalesce`)."""
+    for (ok, value), (futures, sizes) in zip(outcomes, waiters, strict=True):
+        if ok and sizes is not None:  # a merged submit: each caller gets its slice
+            start = 0
+            for fut, size in zip(futures, sizes, strict=True):
+                _settle(fut, True, value[start : start + size], path)
+                start += size
+        else:
+            for fut in futures:
+                _settle(fut, ok, value, path)
+
+
+def _fail_all(batch: Sequence[_Queued], exc: BaseException) -> None:
+    for _, _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
 def _batch_transaction(
     conn: sqlite3.Connection, ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
 ) -> list[tuple[bool, Any]]:
@@ -731,6 +866,25 @@ def _batch_transaction(
             conn.execute("ROLLBACK")
         raise
     return outcomes
+
+
+#: Submits of at most this many rows may commit on the event loop's thread...
+_SMALL_WRITE_ROWS = 4
+#: ...in batches of at most this many (more go to the writer's thread, not to hold the loop).
+_INLINE_MAX_OPS = 16
+
+#: Fast-connection commits between two checkpoints on the writer's thread (a submit adds
+#: about five pages to the WAL, so this keeps it near SQLite's default of 1,000 pages).
+_CHECKPOINT_EVERY = 200
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection has the lock."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6)
 
 
 def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -842,7 +996,9 @@ def _insert_plain(
 ) -> list[Submitted]:
     """Rows with no key and no charge: nothing to look up, so insert them in bulk."""
     conn.executemany(_INSERT_TASK, [_task_values(row, now) for row, _ in rows])
-    conn.executemany(_INSERT_IMAGE, [ref for _, refs in rows for ref in refs])
+    images = [ref for _, refs in rows for ref in refs]
+    if images:
+        conn.executemany(_INSERT_IMAGE, images)
     return [Submitted(row.id, created=True, at=now) for row, _ in rows]
 
 
