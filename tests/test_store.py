@@ -426,3 +426,15 @@ async def test_concurrent_small_submits_commit_together_in_order(tmp_path):
         assert [t.id for t in tasks] == sorted(t.id for t in tasks)
         assert tm._store._fast_commits == before + 1
         assert len(await tm.list()) == 10
+
+
+async def test_only_submits_of_up_to_128_rows_commit_on_the_loop_thread(tmp_path):
+    """A submit_many of 128 rows commits on the loop's thread; one of 129 goes to the writer's
+    thread (the loop is never held for a big batch); both are written whole."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        before = tm._store._fast_commits
+        await tm.submit_many([{"prompt": f"a{i}"} for i in range(128)])
+        assert tm._store._fast_commits == before + 1
+        await tm.submit_many([{"prompt": f"b{i}"} for i in range(129)])
+        assert tm._store._fast_commits == before + 1
+        assert len(await tm.list(limit=500)) == 257

@@ -217,8 +217,10 @@ class Store:
         #: checkpoints (see `_write_small`). None with durability="full" (fsync per commit).
         self._fast: sqlite3.Connection | None = None
         self._fast_commits = 0
+        self._wal_pages = 0
         #: Small writes waiting for the end of this turn of the event loop.
         self._small: list[_Queued] = []
+        self._small_rows = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
@@ -404,30 +406,32 @@ class Store:
         self._queue.append((fn, args, fut))
         return await fut  # type: ignore[no-any-return]
 
-    async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _write_small(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
         """Like `_write`, for a write of a few rows, committed on the event loop's thread.
 
         Small writes made in the same turn of the event loop are committed together, at
         the end of that turn, by the fast connection: no thread hop (a WAL commit with
         synchronous=NORMAL writes pages but does not fsync). They go to the threaded
-        writer's group commit instead when it is busy, when there are more than a few of
-        them (the loop would be held too long), or when another connection holds the lock
-        (the threaded writer may wait for it; the loop must not).
+        writer's group commit instead when it is busy, when they add up to more than
+        ``_INLINE_MAX_ROWS`` rows (the loop would be held too long), or when another
+        connection holds the lock (the threaded writer may wait for it; the loop must not).
         """
         if self._fast is None:
             return await self._write(fn, *args)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._small.append((fn, args, fut))
+        self._small_rows += rows
         if len(self._small) == 1:
             loop.call_soon(self._flush_small)
         return await fut  # type: ignore[no-any-return]
 
     def _flush_small(self) -> None:
         batch, self._small = self._small, []
+        rows, self._small_rows = self._small_rows, 0
         if not batch:
             return
-        if self._fast is None or self._busy or len(batch) > _INLINE_MAX_OPS:
+        if self._fast is None or self._busy or rows > _INLINE_MAX_ROWS:
             self._hand_to_writer(batch)
             return
         ops, waiters = _coalesce(batch)
@@ -446,9 +450,10 @@ class Store:
             return
         _settle_outcomes(outcomes, waiters, self.path)
         self._fast_commits += 1
-        if self._fast_commits % _CHECKPOINT_EVERY == 0 and (
-            self._checkpoint is None or self._checkpoint.done()
-        ):
+        # Roughly the pages this commit appended to the WAL: each touched b-tree leaf, once.
+        self._wal_pages += _PAGES_PER_COMMIT + rows // 4
+        if self._wal_pages >= _CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
+            self._wal_pages = 0
             self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="imagetask-checkpoint")
 
     def _hand_to_writer(self, batch: list[_Queued]) -> None:
@@ -460,12 +465,22 @@ class Store:
             self._start_committer()
 
     async def _run_checkpoint(self) -> None:
-        """Copy the WAL back into the database on the writer's thread, since the fast
-        connection never checkpoints by itself. It holds the writer like a write does, so
-        small writes queue behind it instead of adding frames meanwhile; with every frame
-        copied, the next write starts the WAL over from its beginning (it stops growing)."""
+        """Copy the WAL back into the database, since the fast connection never checkpoints
+        by itself, without holding up writes for long.
+
+        First the bulk, on a short-lived connection in a worker thread, while writes go on
+        (a PASSIVE checkpoint takes no lock a writer needs): about 50 ms for 1,000 pages
+        here, mostly two fsyncs. Then, holding the writer like a write does, the few pages
+        that arrived meanwhile (a few ms): with every frame copied, the next write starts
+        the WAL over from its beginning, so the file stops growing.
+        """
+        try:
+            await asyncio.to_thread(_checkpoint_file, self.path)
+        except Exception as exc:
+            log.warning("checkpointing %s failed: %s", self.path, exc)
+            return
         if self._writer is None or self._busy:
-            return  # the writer is busy: the next trigger tries again
+            return  # a write is in flight: the next checkpoint finishes the job
         self._busy = True
         try:
             await self._run(self._writer, _checkpoint)
@@ -520,10 +535,11 @@ class Store:
         ``now`` is the submit time written as ``created_at`` (default: the current time).
         """
         refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
-        write = self._write_small if len(rows) <= _SMALL_WRITE_ROWS else self._write
-        return await write(
-            _submit_rows, list(zip(rows, refs, strict=True)), _now() if now is None else now, atomic
-        )
+        pairs = list(zip(rows, refs, strict=True))
+        when = _now() if now is None else now
+        if len(rows) <= _INLINE_MAX_ROWS:
+            return await self._write_small(len(rows), _submit_rows, pairs, when, atomic)
+        return await self._write(_submit_rows, pairs, when, atomic)
 
     # -- worker transitions --
 
@@ -868,18 +884,28 @@ def _batch_transaction(
     return outcomes
 
 
-#: Submits of at most this many rows may commit on the event loop's thread...
-_SMALL_WRITE_ROWS = 4
-#: ...in batches of at most this many (more go to the writer's thread, not to hold the loop).
-_INLINE_MAX_OPS = 16
+#: The most task rows one commit on the event loop's thread may insert (a few ms of work at
+#: most); bigger submits, or more at once, go to the writer's thread so the loop is not held.
+_INLINE_MAX_ROWS = 128
 
-#: Fast-connection commits between two checkpoints on the writer's thread (a submit adds
-#: about five pages to the WAL, so this keeps it near SQLite's default of 1,000 pages).
-_CHECKPOINT_EVERY = 200
+#: The fast connection asks for a checkpoint (on the writer's thread) once its commits have
+#: added about this many pages to the WAL: SQLite's own default. A commit touches about one
+#: leaf per b-tree (the table and four indexes), plus a page per four more rows.
+_CHECKPOINT_PAGES = 1000
+_PAGES_PER_COMMIT = 5
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _checkpoint_file(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _checkpoint(conn)
+    finally:
+        conn.close()
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
