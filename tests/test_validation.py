@@ -69,6 +69,24 @@ async def test_bad_input_names_the_field_and_writes_nothing(make_manager, field,
     assert not tm.images_root.exists() or list(tm.images_root.rglob("*.*")) == []
 
 
+BATCH_CASES = [(f, kw) for f, kw in CASES if "images" not in kw]
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"), BATCH_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BATCH_CASES)]
+)
+async def test_a_bad_request_after_good_ones_fails_the_whole_batch(make_manager, field, kwargs):
+    """In submit_many, a bad request after valid ones of the same model and size (whose checks
+    are shared across the batch) still names its index and field, and nothing is written."""
+    tm = await make_manager(workers=False, credits=True)
+    await tm.credits.grant("alice", 100)
+    good = {"prompt": "fine", "n": 1, "owner": "alice"}
+    with pytest.raises(ValidationError) as err:
+        await tm.submit_many([good, {**good, **kwargs}, good])
+    assert err.value.field == f"requests[1].{field}"
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(0,)]
+
+
 async def test_oversized_reference_image_is_refused(make_manager, tmp_path):
     """A reference image over 20 MB, as a file or as bytes, is refused before it is copied."""
     tm = await make_manager(workers=False)

@@ -359,12 +359,15 @@ class TaskManager:
         """
         store = self._require_open()
         items = [GenerationRequest._coerce(item, i) for i, item in enumerate(requests)]
+        shapes: dict[Any, Any] = {}
         rows: list[SubmitRow] = []
         try:
             for i, item in enumerate(items):
                 try:
                     # No reference images: nothing to read or copy, so no thread hop either.
-                    rows.append(self._make_row(item, ()) if not item.images else await self._prepare(item))
+                    rows.append(
+                        self._make_row(item, (), shapes) if not item.images else await self._prepare(item)
+                    )
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
         except BaseException:
@@ -417,10 +420,13 @@ class TaskManager:
             row = attrs.evolve(row, references=tuple(refs))
         return row
 
-    def _make_row(self, req: GenerationRequest, datas: tuple[bytes, ...]) -> SubmitRow:
-        """Validate and price one request (reference images already read) into a row."""
+    def _make_row(
+        self, req: GenerationRequest, datas: tuple[bytes, ...], shapes: dict[Any, Any] | None = None
+    ) -> SubmitRow:
+        """Validate and price one request (reference images already read) into a row
+        (``shapes``: a cache of model checks shared by one batch, see `check_request`)."""
         provider = self._require_provider()
-        checked = check_request(req, provider.models, provider.default_model, datas)
+        checked = check_request(req, provider.models, provider.default_model, datas, shapes)
         task_id = new_task_id()
         return SubmitRow(
             id=task_id,

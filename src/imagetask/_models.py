@@ -348,7 +348,7 @@ class GenerationRequest:
         return cls(**item)
 
 
-@attrs.frozen
+@attrs.define
 class CheckedRequest:
     """A request that passed validation, normalised, with its price and fingerprint."""
 
@@ -402,11 +402,14 @@ def check_request(
     models: Mapping[str, ModelInfo],
     default_model: str,
     references: tuple[bytes, ...],
+    shapes: dict[Any, tuple[str, int]] | None = None,
 ) -> CheckedRequest:
     """Validate one request against a provider's model table.
 
     Reference images must already have been read and checked by the image store
-    (``references``); this checks their count against the model.
+    (``references``); this checks their count against the model. ``shapes`` caches the
+    model checks across one batch: requests of one shape (model, n, aspect ratio, size,
+    reference count) are checked once.
 
     Raises:
         ValidationError: naming the first bad field.
@@ -416,6 +419,36 @@ def check_request(
     key = req.idempotency_key
     if key is not None:
         key = _check_text("idempotency_key", key, _config.MAX_KEY_CHARS, strip=False)
+    n = req.n
+    # The type is part of the key: True == 1, but n=True is refused.
+    shape = (req.model, type(n), n, req.aspect_ratio, req.size, len(references))
+    try:
+        known = shapes.get(shape) if shapes is not None else None
+    except TypeError:  # an unhashable value: checked (and refused) below
+        known, shapes = None, None
+    if known is None:
+        known = _check_shape(req, models, default_model, len(references))
+        if shapes is not None:
+            shapes[shape] = known
+    model_id, cost = known
+    metadata_json = "{}" if req.metadata is None else _check_metadata(req.metadata)
+    params: dict[str, Any] = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
+    return CheckedRequest(
+        prompt=prompt,
+        model=model_id,
+        params=params,
+        owner=owner,
+        idempotency_key=key,
+        metadata_json=metadata_json,
+        references=references,
+        cost=cost,
+    )
+
+
+def _check_shape(
+    req: GenerationRequest, models: Mapping[str, ModelInfo], default_model: str, references: int
+) -> tuple[str, int]:
+    """Check the model, n, aspect ratio, size and reference count; the model id and cost."""
     model_id = default_model if req.model is None else req.model
     if not isinstance(model_id, str) or model_id not in models:
         known = ", ".join(sorted(models)) or "(none)"
@@ -433,21 +466,9 @@ def check_request(
     if req.size is not None and req.size not in info.sizes:
         supported = ", ".join(info.sizes) if info.sizes else "none (leave size unset)"
         raise ValidationError("size", f"{req.size!r} is not supported by {model_id}; supported: {supported}")
-    if len(references) > info.max_reference_images:
+    if references > info.max_reference_images:
         raise ValidationError(
             "images",
-            f"{len(references)} reference images given; {model_id} accepts at most "
-            f"{info.max_reference_images}",
+            f"{references} reference images given; {model_id} accepts at most {info.max_reference_images}",
         )
-    metadata_json = "{}" if req.metadata is None else _check_metadata(req.metadata)
-    params: dict[str, Any] = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
-    return CheckedRequest(
-        prompt=prompt,
-        model=model_id,
-        params=params,
-        owner=owner,
-        idempotency_key=key,
-        metadata_json=metadata_json,
-        references=references,
-        cost=info.price_for(req.size) * n,
-    )
+    return model_id, info.price_for(req.size) * n
