@@ -218,6 +218,8 @@ class Store:
         self._fast: sqlite3.Connection | None = None
         self._fast_commits = 0
         self._wal_pages = 0
+        #: The bulk of a checkpoint is done; the writer copies the rest after its next commit.
+        self._finish_checkpoint = False
         #: Small writes waiting for the end of this turn of the event loop.
         self._small: list[_Queued] = []
         self._small_rows = 0
@@ -268,6 +270,10 @@ class Store:
         conn.execute("PRAGMA foreign_keys = ON")
         if query_only:
             conn.execute("PRAGMA query_only = ON")
+        else:
+            # The store checkpoints itself, mostly off the writer (see `_run_checkpoint`);
+            # SQLite's own checkpoint in the committing writer stays only as a safety net.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_SAFETY_CHECKPOINT_PAGES}")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -390,12 +396,14 @@ class Store:
             # no task switch). Its batch is itself alone, so a cancellation of this caller can
             # strand no one else; writes that arrive meanwhile queue for the committer task.
             self._busy = True
+            finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
-                ((ok, value),) = await self._run(self._writer, _batch_transaction, [(fn, args)])
+                ((ok, value),) = await self._run(self._writer, _batch_transaction, [(fn, args)], finish)
             finally:
                 self._busy = False
                 if self._queue:
                     self._start_committer()
+            self._count_wal(_PAGES_PER_WRITE)
             if not ok:
                 raise (
                     StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
@@ -451,7 +459,15 @@ class Store:
         _settle_outcomes(outcomes, waiters, self.path)
         self._fast_commits += 1
         # Roughly the pages this commit appended to the WAL: each touched b-tree leaf, once.
-        self._wal_pages += _PAGES_PER_COMMIT + rows // 4
+        self._count_wal(_PAGES_PER_WRITE + rows // 4)
+        if self._finish_checkpoint and not self._busy:
+            self._finish_checkpoint = False
+            self._checkpoint = asyncio.create_task(self._finish_checkpoint_now(), name="imagetask-checkpoint")
+
+    def _count_wal(self, pages: int) -> None:
+        """Add an estimate of the pages a commit appended to the WAL; past about 1,000, start
+        a checkpoint (unless one is under way)."""
+        self._wal_pages += pages
         if self._wal_pages >= _CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
             self._wal_pages = 0
             self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="imagetask-checkpoint")
@@ -465,27 +481,32 @@ class Store:
             self._start_committer()
 
     async def _run_checkpoint(self) -> None:
-        """Copy the WAL back into the database, since the fast connection never checkpoints
-        by itself, without holding up writes for long.
+        """Copy the WAL back into the database without holding up writes for long.
 
         First the bulk, on a short-lived connection in a worker thread, while writes go on
         (a PASSIVE checkpoint takes no lock a writer needs): about 50 ms for 1,000 pages
-        here, mostly two fsyncs. Then, holding the writer like a write does, the few pages
-        that arrived meanwhile (a few ms): with every frame copied, the next write starts
-        the WAL over from its beginning, so the file stops growing.
+        here, mostly two fsyncs. Then the writer copies the few pages that arrived meanwhile
+        (a few ms), right after its next commit, or at once if it is idle: with every frame
+        copied, the next write starts the WAL over from its beginning, so the file stops
+        growing. (SQLite's own automatic checkpoint would do all of it inside a commit.)
         """
         try:
-            await asyncio.to_thread(_checkpoint_file, self.path)
+            await asyncio.to_thread(_checkpoint_file, self.path, self.durability)
         except Exception as exc:
             log.warning("checkpointing %s failed: %s", self.path, exc)
             return
+        if self._busy:
+            self._finish_checkpoint = True  # the committer does it after its next batch
+        else:
+            await self._finish_checkpoint_now()
+
+    async def _finish_checkpoint_now(self) -> None:
         if self._writer is None or self._busy:
-            return  # a write is in flight: the next checkpoint finishes the job
+            self._finish_checkpoint = True
+            return
         self._busy = True
         try:
-            await self._run(self._writer, _checkpoint)
-        except Exception as exc:
-            log.warning("checkpointing %s failed: %s", self.path, exc)
+            await self._run(self._writer, _checkpoint_quietly)
         finally:
             self._busy = False
             if self._queue:
@@ -506,8 +527,9 @@ class Store:
         while self._queue:
             batch, self._queue = self._queue, []
             ops, waiters = _coalesce(batch)
+            finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
-                outcomes = await self._run(self._writer, _batch_transaction, ops)
+                outcomes = await self._run(self._writer, _batch_transaction, ops, finish)
             except BaseException as exc:
                 for _, _, fut in batch:
                     if not fut.done():
@@ -516,6 +538,7 @@ class Store:
                     raise
                 continue
             _settle_outcomes(outcomes, waiters, self.path)
+            self._count_wal(_PAGES_PER_WRITE * len(batch))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
@@ -856,9 +879,22 @@ def _fail_all(batch: Sequence[_Queued], exc: BaseException) -> None:
 
 
 def _batch_transaction(
+    conn: sqlite3.Connection,
+    ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+    checkpoint: bool = False,
+) -> list[tuple[bool, Any]]:
+    """Run write operations in one transaction, each in a savepoint; (ok, result or error)
+    each. With ``checkpoint``, finish a checkpoint after the commit (in the same hop)."""
+    try:
+        return _batch(conn, ops)
+    finally:
+        if checkpoint:
+            _checkpoint_quietly(conn)
+
+
+def _batch(
     conn: sqlite3.Connection, ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
 ) -> list[tuple[bool, Any]]:
-    """Run write operations in one transaction, each in a savepoint; (ok, result or error) each."""
     if len(ops) == 1:  # nothing to isolate it from: the transaction is its savepoint
         fn, args = ops[0]
         try:
@@ -888,21 +924,33 @@ def _batch_transaction(
 #: most); bigger submits, or more at once, go to the writer's thread so the loop is not held.
 _INLINE_MAX_ROWS = 128
 
-#: The fast connection asks for a checkpoint (on the writer's thread) once its commits have
-#: added about this many pages to the WAL: SQLite's own default. A commit touches about one
-#: leaf per b-tree (the table and four indexes), plus a page per four more rows.
+#: The store checkpoints once its commits have added about this many pages to the WAL
+#: (SQLite's own default). A write touches about one leaf per b-tree it changes (the task
+#: table and its indexes, images, events), plus a page per four more submitted rows.
 _CHECKPOINT_PAGES = 1000
-_PAGES_PER_COMMIT = 5
+_PAGES_PER_WRITE = 6
+#: SQLite's automatic checkpoint in the committing writer, kept only in case the estimate
+#: above is far off.
+_SAFETY_CHECKPOINT_PAGES = 20_000
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _checkpoint_file(path: Path) -> None:
+def _checkpoint_quietly(conn: sqlite3.Connection) -> None:
+    """A checkpoint after writes that have committed: a failure is logged, never raised
+    (it must not turn their callers' success into an error)."""
+    try:
+        _checkpoint(conn)
+    except Exception as exc:
+        log.warning("checkpointing the WAL failed: %s", exc)
+
+
+def _checkpoint_file(path: Path, durability: str) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
         _checkpoint(conn)
     finally:
         conn.close()

@@ -116,10 +116,16 @@ class FakeProvider:
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 return self._act(outcome, request)
-            _, data = await asyncio.gather(
-                asyncio.sleep(self.latency),
-                asyncio.to_thread(draw, request.prompt, request.aspect_ratio, request.size, request.index),
+            drawing = asyncio.get_running_loop().run_in_executor(
+                None, draw, request.prompt, request.aspect_ratio, request.size, request.index
             )
+            try:
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                data = await drawing
+            except BaseException:
+                drawing.cancel()  # not started yet: never runs; else its result is dropped
+                raise
             return ImageResult(
                 data, "image/png", {"finish_reason": "STOP", "model_version": "fake-1", "text": None}
             )
