@@ -77,3 +77,26 @@ def test_typed_package():
     from importlib.resources import files
 
     assert files("imagetask").joinpath("py.typed").is_file()
+
+
+def test_the_fast_task_builder_matches_init():
+    """The builder the read path uses gives a Task equal to the one attrs' __init__ builds, with
+    every field set, so a field added to Task cannot be silently left out."""
+    from datetime import UTC, datetime
+
+    import attrs
+
+    from imagetask import Task, TaskError, TaskStatus
+    from imagetask._models import _build_task
+
+    fields = attrs.fields(Task)
+    values = [f"value of {f.name}" for f in fields]
+    built = attrs.asdict(_build_task(*values), recurse=False)
+    assert built == {f.name: v for f, v in zip(fields, values, strict=True)}
+    real = dict(
+        id="01ABC", owner="alice", prompt="p", model="fake", params={"n": 1}, status=TaskStatus.FAILED,
+        images=(), references=(), error=TaskError("timeout", "slow", True), attempts=2, max_attempts=3,
+        cost=1, metadata={"k": "v"}, idempotency_key="key", created_at=datetime.now(UTC),
+        started_at=None, finished_at=datetime.now(UTC),
+    )  # fmt: skip
+    assert _build_task(*real.values()) == Task(**real)

@@ -25,12 +25,13 @@ from ._models import (
     ImageInput,
     Task,
     TaskStatus,
+    _build_task,
     _json_object,
     check_request,
     new_task_id,
     now_ms,
 )
-from ._store import Store, SubmitRow, Submitted
+from ._store import BUSY, Store, SubmitRow, Submitted
 from ._worker import Worker
 from .providers.base import Provider
 
@@ -473,20 +474,11 @@ class TaskManager:
     def _queued_task(row: SubmitRow, created_at: datetime) -> Task:
         """The snapshot of a row just committed, built before any worker is woken: submit
         always answers `queued`, without another read."""
-        return Task(
-            id=row.id,
-            owner=row.owner,
-            prompt=row.prompt,
-            model=row.model,
-            params=row.params,
-            status=TaskStatus.QUEUED,
-            references=row.references,
-            max_attempts=row.max_attempts,
-            cost=row.cost,
-            metadata=_json_object(row.metadata_json),
-            idempotency_key=row.idempotency_key,
-            created_at=created_at,
-        )
+        return _build_task(
+            row.id, row.owner, row.prompt, row.model, row.params, TaskStatus.QUEUED,
+            (), row.references, None, 0, row.max_attempts, row.cost,
+            _json_object(row.metadata_json), row.idempotency_key, created_at, None, None,
+        )  # fmt: skip
 
     async def _discard_references(self, row: SubmitRow) -> None:
         if row.references:
@@ -500,7 +492,10 @@ class TaskManager:
         Raises:
             TaskNotFound: no task has this id.
         """
-        task = await self._require_open().get(_check_id(task_id))
+        store = self._require_open()
+        task = store.get_now(_check_id(task_id))  # no await in the common case
+        if task is BUSY:
+            task = await store.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
         return task

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import json
 import logging
@@ -186,6 +187,14 @@ class Submitted:
     id: str
     created: bool
     at: int
+
+
+class _Busy(enum.Enum):
+    BUSY = "busy"
+
+
+#: What `Store.get_now` returns when the read would have to wait for a lock.
+BUSY = _Busy.BUSY
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -634,12 +643,21 @@ class Store:
 
     async def get(self, task_id: str) -> Task | None:
         """One task by id, or None: one statement, served on the loop's thread when possible."""
+        task = self.get_now(task_id)
+        if task is BUSY:  # let the threaded reader wait for the lock
+            rows = await self._read(_get_one, task_id)
+            return self._task_from_join(rows) if rows else None
+        return task
+
+    def get_now(self, task_id: str) -> Task | _Busy | None:
+        """`get` on the loop's thread, without waiting: ``BUSY`` if SQLite says it would
+        have to wait (then call `get`)."""
         if self._inline is None:
             raise StoreError("the store is closed")
         try:
             rows = self._inline.execute(_GET_ONE, (task_id,)).fetchall()
-        except sqlite3.OperationalError:  # busy or locked: let the threaded reader wait for it
-            rows = await self._read(_get_one, task_id)
+        except sqlite3.OperationalError:  # busy or locked
+            return BUSY
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         return self._task_from_join(rows) if rows else None
