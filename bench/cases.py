@@ -100,6 +100,23 @@ def stdlib_submit(tmp: Path, quick: bool) -> dict[str, float]:
     return timed_loop(n_ops(quick), op)
 
 
+@case("stdlib.submit_batch", "BEGIN IMMEDIATE; INSERT 100 tasks (executemany); COMMIT (tasks/s)")
+def stdlib_submit_batch(tmp: Path, quick: bool) -> dict[str, float]:
+    db = tmp / "s.db"
+    create_schema(db)
+    conn = connect(db)
+
+    def op(b: int) -> None:
+        rows = [submit_args(b * 100 + i)[0] for i in range(100)]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(INSERT_TASK, rows)
+        conn.execute("COMMIT")
+
+    result = timed_loop(n_ops(quick, 10_000) // 100, op)
+    result["ops"] *= 100  # tasks per second
+    return result
+
+
 @case("aiosqlite.submit_per_statement", "the same transaction, one await per statement")
 def aiosqlite_submit_per_statement(tmp: Path, quick: bool) -> dict[str, float]:
     db = tmp / "s.db"

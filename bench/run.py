@@ -59,6 +59,16 @@ TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
 ]  # fmt: skip
 
 
+#: Ratios with no target, shown for context: how close each path is to its own floor.
+REFERENCES: list[tuple[str, str, str]] = [
+    ("submit_many(100) vs stdlib inserting 100 rows in one transaction", "imagetask.submit_many",
+     "stdlib.submit_batch"),
+    ("stdlib inserting 100 rows in one transaction vs one at a time", "stdlib.submit_batch", "stdlib.submit"),
+    ("submit vs aiosqlite, the same transaction in one thread hop", "imagetask.submit",
+     "aiosqlite.submit_one_hop"),
+]  # fmt: skip
+
+
 def run_case(name: str, quick: bool, reps: int) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "cases.py"), name, "--reps", str(reps)]
     if quick:
@@ -161,6 +171,9 @@ def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -
                                     "<": value < bound}[op]  # fmt: skip
         verdict = "met" if ok else ("n/a" if value is None else "**missed**")
         lines.append(f"| {label} | {fmt(value, 2)} | {op} {bound:g} | {verdict} |")
+    lines += ["", "## For context (no target)", "", "| ratio of ops/s | value |", "|---|---|"]
+    for label, case, base in REFERENCES:
+        lines.append(f"| {label} | {fmt(ratio(runs, case, base, 'ops'), 2)} |")
     lines += ["", "## All cases", "", "| case | what | ops/s (median) | min-max | p50 µs | p99 µs | other |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, (what, _) in CASES.items():
