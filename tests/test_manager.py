@@ -228,6 +228,31 @@ async def test_as_completed_handles_more_ids_than_one_statement_holds(make_manag
     assert tm._waiters == {}
 
 
+async def test_as_completed_survives_a_task_ending_while_it_reads_the_statuses(make_manager, monkeypatch):
+    """A task that ends (and signals) while as_completed reads the statuses is yielded once,
+    and the stale signal does not break the wait for the others."""
+    tm = await make_manager(workers=False)
+    first, second = await tm.submit("first"), await tm.submit("second")
+    statuses, gate = tm._store.statuses, asyncio.Event()
+
+    async def held_statuses(ids):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await statuses(ids)
+
+    monkeypatch.setattr(tm._store, "statuses", held_statuses)
+
+    async def consume() -> list[str]:
+        return [t.id async for t in tm.as_completed([first.id, second.id], timeout=10)]
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # listening, and now reading the statuses
+    await tm.cancel(first.id)  # ends and signals before that read answers
+    gate.set()
+    await asyncio.sleep(0.05)
+    await tm.cancel(second.id)
+    assert await consumer == [first.id, second.id]
+
+
 async def test_as_completed_raises_when_the_manager_closes(make_manager):
     """A consumer of as_completed gets an ImageTaskError, not a hang, when the manager closes."""
     tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))

@@ -232,6 +232,16 @@ def test_task_ids_sort_by_time_and_carry_it():
     assert before <= task_id_ms(ids[0]) <= after
 
 
+def test_batches_of_task_ids_sort_with_single_ones():
+    """new_task_ids(n) gives n distinct ids that sort in order, before and after single ones."""
+    from imagetask._models import new_task_ids
+
+    ids = [new_task_id(), *new_task_ids(500), new_task_id(), *new_task_ids(3), new_task_id()]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) == 506
+    assert all(len(i) == 26 for i in ids)
+    assert new_task_ids(0) == []
+
+
 def test_task_ids_follow_the_ulid_layout(monkeypatch):
     """An id is the 128-bit number (48 bits of milliseconds, then 80 random bits) in Crockford
     base32, most significant first, the same layout a database written by any version holds."""

@@ -29,6 +29,7 @@ from ._models import (
     _json_object,
     check_request,
     new_task_id,
+    new_task_ids,
     now_ms,
 )
 from ._store import BUSY, Store, SubmitRow, Submitted
@@ -363,11 +364,14 @@ class TaskManager:
         shapes: dict[Any, Any] = {}
         rows: list[SubmitRow] = []
         try:
+            ids = new_task_ids(len(items))
             for i, item in enumerate(items):
                 try:
                     # No reference images: nothing to read or copy, so no thread hop either.
                     rows.append(
-                        self._make_row(item, (), shapes) if not item.images else await self._prepare(item)
+                        self._make_row(item, (), shapes, ids[i])
+                        if not item.images
+                        else await self._prepare(item)
                     )
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
@@ -422,13 +426,18 @@ class TaskManager:
         return row
 
     def _make_row(
-        self, req: GenerationRequest, datas: tuple[bytes, ...], shapes: dict[Any, Any] | None = None
+        self,
+        req: GenerationRequest,
+        datas: tuple[bytes, ...],
+        shapes: dict[Any, Any] | None = None,
+        task_id: str | None = None,
     ) -> SubmitRow:
         """Validate and price one request (reference images already read) into a row
         (``shapes``: a cache of model checks shared by one batch, see `check_request`)."""
         provider = self._require_provider()
         checked = check_request(req, provider.models, provider.default_model, datas, shapes)
-        task_id = new_task_id()
+        if task_id is None:
+            task_id = new_task_id()
         return SubmitRow(
             id=task_id,
             owner=checked.owner,
@@ -441,6 +450,7 @@ class TaskManager:
             idempotency_key=checked.idempotency_key,
             fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
             metadata_json=checked.metadata_json,
+            params_json=checked.params_json,
         )
 
     def _require_provider(self) -> Provider:
@@ -628,7 +638,10 @@ class TaskManager:
                         task_id = await woken.get()
                 except TimeoutError:
                     raise WaitTimeout(", ".join(futures), timeout or 0.0) from None
-                futures.pop(task_id).result()  # raises if the manager closed meanwhile
+                fut = futures.pop(task_id, None)
+                if fut is None:  # a wake-up for a task already yielded above: nothing to do
+                    continue
+                fut.result()  # raises if the manager closed meanwhile
                 task = await self.poll(task_id)
                 if not task.done:  # woken early (a change from another process): listen again
                     listen(task_id)

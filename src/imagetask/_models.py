@@ -308,6 +308,26 @@ def new_task_id() -> str:
     )  # fmt: skip
 
 
+def new_task_ids(count: int) -> list[str]:
+    """``count`` new task ids, in order (one lock and one clock read for them all)."""
+    global _last_id
+    with _id_lock:
+        ms = now_ms()
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, first = last_ms, last_rand + 1
+        else:
+            first = int.from_bytes(os.urandom(10), "big") >> 1
+        _last_id = (ms, first + count - 1)
+    head, p = _time_part(ms), _PAIRS
+    return [
+        head
+        + p[(r >> 70) & 1023] + p[(r >> 60) & 1023] + p[(r >> 50) & 1023] + p[(r >> 40) & 1023]
+        + p[(r >> 30) & 1023] + p[(r >> 20) & 1023] + p[(r >> 10) & 1023] + p[r & 1023]
+        for r in range(first, first + count)
+    ]  # fmt: skip
+
+
 def task_id_ms(task_id: str) -> int:
     """The millisecond timestamp inside a task id."""
     value = 0
@@ -370,6 +390,8 @@ class CheckedRequest:
     metadata_json: str
     references: tuple[bytes, ...]
     cost: int
+    #: ``params`` as stored: sorted-key JSON.
+    params_json: str
 
     def fingerprint(self) -> str:
         """A hash of everything that defines the work, to match idempotent re-submits."""
@@ -412,7 +434,7 @@ def check_request(
     models: Mapping[str, ModelInfo],
     default_model: str,
     references: tuple[bytes, ...],
-    shapes: dict[Any, tuple[str, int]] | None = None,
+    shapes: dict[Any, tuple[str, int, str]] | None = None,
 ) -> CheckedRequest:
     """Validate one request against a provider's model table.
 
@@ -440,7 +462,7 @@ def check_request(
         known = _check_shape(req, models, default_model, len(references))
         if shapes is not None:
             shapes[shape] = known
-    model_id, cost = known
+    model_id, cost, params_json = known
     metadata_json = "{}" if req.metadata is None else _check_metadata(req.metadata)
     params: dict[str, Any] = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
     return CheckedRequest(
@@ -452,13 +474,15 @@ def check_request(
         metadata_json=metadata_json,
         references=references,
         cost=cost,
+        params_json=params_json,
     )
 
 
 def _check_shape(
     req: GenerationRequest, models: Mapping[str, ModelInfo], default_model: str, references: int
-) -> tuple[str, int]:
-    """Check the model, n, aspect ratio, size and reference count; the model id and cost."""
+) -> tuple[str, int, str]:
+    """Check the model, n, aspect ratio, size and reference count; the model id, the cost and
+    the params as stored."""
     model_id = default_model if req.model is None else req.model
     if not isinstance(model_id, str) or model_id not in models:
         known = ", ".join(sorted(models)) or "(none)"
@@ -481,4 +505,5 @@ def _check_shape(
             "images",
             f"{references} reference images given; {model_id} accepts at most {info.max_reference_images}",
         )
-    return model_id, info.price_for(req.size) * n
+    params = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
+    return model_id, info.price_for(req.size) * n, json.dumps(params, sort_keys=True)

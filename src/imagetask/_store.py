@@ -162,6 +162,8 @@ class SubmitRow:
     metadata_json: str
     #: The stored copies of the reference images.
     references: tuple[StoredImage, ...] = ()
+    #: ``params`` as stored (sorted-key JSON), when the caller has it already.
+    params_json: str | None = None
 
 
 @attrs.frozen
@@ -1116,7 +1118,7 @@ def _params_json_of(items: tuple[tuple[str, Any], ...]) -> str:
 
 def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
     return (
-        row.id, row.owner, row.prompt, row.model, _params_json(row.params),
+        row.id, row.owner, row.prompt, row.model, row.params_json or _params_json(row.params),
         row.max_attempts, row.cost, len(row.references), row.idempotency_key, row.fingerprint,
         row.metadata_json,
         now, now, now,
