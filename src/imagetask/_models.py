@@ -290,22 +290,7 @@ def _time_part(ms: int) -> str:
 
 def new_task_id() -> str:
     """A new 26-character, time-sortable task id."""
-    global _last_id
-    with _id_lock:
-        ms = now_ms()
-        last_ms, last_rand = _last_id
-        if ms <= last_ms:
-            ms, rand = last_ms, last_rand + 1
-        else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
-        _last_id = (ms, rand)
-    # The time part changes once a millisecond (cached); the 80 random bits are 8 pairs.
-    p = _PAIRS
-    return (
-        _time_part(ms)
-        + p[(rand >> 70) & 1023] + p[(rand >> 60) & 1023] + p[(rand >> 50) & 1023] + p[(rand >> 40) & 1023]
-        + p[(rand >> 30) & 1023] + p[(rand >> 20) & 1023] + p[(rand >> 10) & 1023] + p[rand & 1023]
-    )  # fmt: skip
+    return new_task_ids(1)[0]
 
 
 def new_task_ids(count: int) -> list[str]:
@@ -319,6 +304,7 @@ def new_task_ids(count: int) -> list[str]:
         else:
             first = int.from_bytes(os.urandom(10), "big") >> 1
         _last_id = (ms, first + count - 1)
+    # The time part changes once a millisecond (cached); the 80 random bits are 8 pairs.
     head, p = _time_part(ms), _PAIRS
     return [
         head
