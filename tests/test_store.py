@@ -165,6 +165,26 @@ async def test_schema_is_versioned_and_pragmas_are_set(tmp_path):
     assert sql(tmp_path / "s.db", "PRAGMA journal_mode") == [("wal",)]
 
 
+async def test_full_durability_fsyncs_every_commit_on_the_writer_thread(tmp_path, monkeypatch):
+    """With durability="full" the writer runs synchronous=FULL, no write is committed on the
+    loop's thread (every commit is fsynced), and image folders are fsynced after each rename;
+    a task still runs end to end."""
+    import imagetask._images as images_module
+
+    synced: list[str] = []
+    real_fsync_dir = images_module._fsync_dir
+    monkeypatch.setattr(images_module, "_fsync_dir", lambda d: (synced.append(str(d)), real_fsync_dir(d)))
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), durability="full") as tm:
+        assert tm._store._fast is None
+        writer_sync = await tm._store._run(
+            tm._store._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]
+        )
+        assert writer_sync == 2  # FULL
+        done = await tm.wait((await tm.submit("durable")).id, timeout=10)
+        assert done.ok and tm._store._fast_commits == 0
+    assert any(done.id in d for d in synced)
+
+
 async def test_a_newer_database_is_refused(tmp_path):
     """A database whose schema is newer than the code is refused with a clear error, untouched."""
     db = tmp_path / "s.db"
