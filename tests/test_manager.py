@@ -228,6 +228,22 @@ async def test_as_completed_handles_more_ids_than_one_statement_holds(make_manag
     assert tm._waiters == {}
 
 
+async def test_submit_many_ids_follow_the_request_order(make_manager):
+    """Ids sort in the order of the requests, with or without reference images among them."""
+    tm = await make_manager(workers=False)
+    tasks = await tm.submit_many(
+        [
+            {"prompt": "a"},
+            {"prompt": "b", "images": [png()]},
+            {"prompt": "c"},
+            {"prompt": "d", "images": [png()]},
+        ]
+    )
+    assert [t.prompt for t in tasks] == ["a", "b", "c", "d"]
+    assert [t.id for t in tasks] == sorted(t.id for t in tasks)
+    assert [t.prompt for t in await tm.list()] == ["d", "c", "b", "a"]
+
+
 async def test_as_completed_survives_a_task_ending_while_it_reads_the_statuses(make_manager, monkeypatch):
     """A task that ends (and signals) while as_completed reads the statuses is yielded once,
     and the stale signal does not break the wait for the others."""

@@ -371,7 +371,7 @@ class TaskManager:
                     rows.append(
                         self._make_row(item, (), shapes, ids[i])
                         if not item.images
-                        else await self._prepare(item)
+                        else await self._prepare(item, ids[i])
                     )
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
@@ -381,11 +381,12 @@ class TaskManager:
             raise
         now = now_ms()
         write = asyncio.ensure_future(store.submit(rows, atomic=True, now=now))
-        # While the writer's thread inserts the rows, build the answers (as if every row is
-        # new; a re-submitted idempotency key is replaced below).
+        # Build the answers while the write is under way (as if every row is new; a
+        # re-submitted idempotency key is replaced below). A big batch is inserted on the
+        # writer's thread meanwhile; a small one commits at the end of this loop turn.
         cancelled = False
         try:
-            await asyncio.sleep(0)  # let the write reach the writer's thread
+            await asyncio.sleep(0)  # let the write start
         except asyncio.CancelledError:
             cancelled = True
         created_at = datetime.fromtimestamp(now / 1000, tz=UTC)
@@ -407,7 +408,7 @@ class TaskManager:
             raise asyncio.CancelledError()
         return tasks
 
-    async def _prepare(self, req: GenerationRequest) -> SubmitRow:
+    async def _prepare(self, req: GenerationRequest, task_id: str | None = None) -> SubmitRow:
         """Validate, price, and copy reference images: everything before the transaction."""
         self._require_provider()
         datas: tuple[bytes, ...] = ()
@@ -417,7 +418,7 @@ class TaskManager:
                     lambda: [read_reference(item, i) for i, item in enumerate(req.images)]
                 )
             )
-        row = self._make_row(req, datas)
+        row = self._make_row(req, datas, task_id=task_id)
         if datas:
             refs = await asyncio.to_thread(
                 lambda: [self._images.write_reference(row.id, i, d) for i, d in enumerate(datas)]

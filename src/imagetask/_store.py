@@ -223,9 +223,9 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
         self._inline: sqlite3.Connection | None = None
-        #: A write connection on the event loop's own thread for small writes (one submit)
-        #: while the threaded writer is idle: no thread hop. Never waits for a lock, never
-        #: checkpoints (see `_write_small`). None with durability="full" (fsync per commit).
+        #: A write connection on the event loop's own thread for small submits while the
+        #: threaded writer is idle: no thread hop. Never waits for a lock, never checkpoints
+        #: (see `_write_small`). None with durability="full" (an fsync per commit).
         self._fast: sqlite3.Connection | None = None
         self._fast_commits = 0
         self._wal_pages = 0
@@ -340,7 +340,7 @@ class Store:
         ``busy_timeout`` 0: when another connection holds the write lock, the write goes to
         the threaded writer (which may wait) instead of blocking the event loop. Automatic
         checkpoints are off here (one would copy pages and fsync on the loop's thread); the
-        store runs them on the writer's thread instead.
+        store runs its own (see `_run_checkpoint`).
         """
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row  # the transaction functions read columns by name
