@@ -81,22 +81,31 @@ def test_typed_package():
 
 def test_the_fast_task_builder_matches_init():
     """The builder the read path uses gives a Task equal to the one attrs' __init__ builds, with
-    every field set, so a field added to Task cannot be silently left out."""
+    every field set (so a field added to Task cannot be silently left out), still frozen,
+    picklable and evolvable."""
+    import pickle
     from datetime import UTC, datetime
 
     import attrs
+    import pytest
 
     from imagetask import Task, TaskError, TaskStatus
     from imagetask._models import _build_task
 
     fields = attrs.fields(Task)
     values = [f"value of {f.name}" for f in fields]
-    built = attrs.asdict(_build_task(*values), recurse=False)
-    assert built == {f.name: v for f, v in zip(fields, values, strict=True)}
+    as_dict = attrs.asdict(_build_task(*values), recurse=False)
+    assert as_dict == {f.name: v for f, v in zip(fields, values, strict=True)}
     real = dict(
         id="01ABC", owner="alice", prompt="p", model="fake", params={"n": 1}, status=TaskStatus.FAILED,
         images=(), references=(), error=TaskError("timeout", "slow", True), attempts=2, max_attempts=3,
         cost=1, metadata={"k": "v"}, idempotency_key="key", created_at=datetime.now(UTC),
         started_at=None, finished_at=datetime.now(UTC),
     )  # fmt: skip
-    assert _build_task(*real.values()) == Task(**real)
+    built = _build_task(*real.values())
+    assert built == Task(**real)
+    # It behaves as any Task: frozen, picklable, and evolve() works on it.
+    assert pickle.loads(pickle.dumps(built)) == built
+    assert attrs.evolve(built, prompt="q").prompt == "q"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.prompt = "changed"  # type: ignore[misc]
