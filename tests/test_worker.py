@@ -143,3 +143,29 @@ async def test_claim_ahead_respects_per_owner(make_manager):
     assert sql(tm.path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(1,)]
     for task_id in ids:
         await tm.cancel(task_id)
+
+
+async def test_a_failed_success_write_is_tried_again_not_regenerated(make_manager, monkeypatch):
+    """When the database refuses an attempt's success write for a moment (an I/O error), the
+    worker writes it again: the task succeeds with its one generation, not a second paid one."""
+    import sqlite3
+
+    import imagetask._store as store_module
+    import imagetask._worker as worker_module
+
+    monkeypatch.setattr(worker_module, "RECORD_RETRY_DELAY", 0.01)
+    real_succeed, refusals = store_module._succeed, [2]
+
+    def flaky_succeed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if refusals[0]:
+            refusals[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_succeed(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_succeed", flaky_succeed)
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider)
+    done = await tm.wait((await tm.submit("worth keeping")).id, timeout=10)
+    assert done.ok and done.attempts == 1 and len(done.images) == 1
+    assert provider.calls == 1 and refusals == [0]
+    assert done.images[0].path.exists()

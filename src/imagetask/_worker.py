@@ -22,12 +22,12 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 
 from . import _config
-from ._exceptions import ProviderError
+from ._exceptions import ProviderError, StoreError
 from ._images import ImageStore, InvalidImage
 from ._models import StoredImage, TaskError, now_ms
 from ._store import Claimed, Store
@@ -47,6 +47,12 @@ def claim_ahead(concurrency: int) -> int:
     """
     return max(1, concurrency // 4)
 
+
+#: How many times an attempt's outcome write is tried before the attempt is given up (and
+#: the task left to be re-run after its lease), and the first pause between tries (doubling:
+#: 0.25 + 0.5 + 1 + 2 s in all).
+RECORD_TRIES = 5
+RECORD_RETRY_DELAY = 0.25
 
 #: Retryable codes whose retries are capped below max_attempts: a model that answered
 #: without an image is asked once more, then the task fails (model variance, not outage).
@@ -277,7 +283,7 @@ class Worker:
             except InvalidImage as exc:
                 error = TaskError("bad_image", f"the provider returned bytes that are not an image: {exc}")
         if error is None:
-            if await self.store.succeed(c.id, c.attempt, self.id, stored):
+            if await self._record(c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)):
                 log.info("task %s: succeeded with %d image(s)", c.id, len(stored))
                 self.on_terminal(c.id)
             else:
@@ -290,13 +296,35 @@ class Worker:
         within_limit = retry_limit is None or c.retries.get(error.code, 0) < retry_limit
         if error.retryable and within_limit and c.attempt < c.max_attempts:
             delay = backoff(c.attempt, self.retry_delay, retry_after)
-            if await self.store.retry(c.id, c.attempt, self.id, error, delay):
+            if await self._record(
+                c, "retry", lambda: self.store.retry(c.id, c.attempt, self.id, error, delay)
+            ):
                 log.info(
                     "task %s: attempt %d failed (%s), retrying in %.1f s", c.id, c.attempt, error.code, delay
                 )
-        elif await self.store.fail(c.id, c.attempt, self.id, error):
+        elif await self._record(c, "failure", lambda: self.store.fail(c.id, c.attempt, self.id, error)):
             log.info("task %s: failed (%s)", c.id, error.code)
             self.on_terminal(c.id)
+
+    async def _record(self, c: Claimed, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Run an attempt's fenced outcome write, trying again while the database refuses it
+        (a lock held past busy_timeout, an I/O error). Giving up leaves the task to be re-run
+        after its lease: for a success, that is a second paid generation, so it is worth
+        a few seconds. The heartbeat keeps the lease meanwhile; the fence still decides."""
+        delay = RECORD_RETRY_DELAY
+        for tries in range(1, RECORD_TRIES + 1):
+            try:
+                return await write()
+            except StoreError as exc:
+                if tries == RECORD_TRIES:
+                    raise
+                log.warning(
+                    "task %s: recording the %s of attempt %d failed (%s); trying again in %.1f s",
+                    c.id, what, c.attempt, exc, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     async def _generate_all(self, c: Claimed) -> list[ImageResult]:
         refs: tuple[ReferenceImage, ...] = ()
