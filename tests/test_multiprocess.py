@@ -173,3 +173,26 @@ async def test_a_foreign_commit_wakes_a_waiter_while_both_own_writers_commit(db_
             await asyncio.sleep(0.05)
         done = await waiting
     assert done.status == "cancelled"
+
+
+async def test_the_watcher_still_looks_now_and_then_when_only_this_process_writes(db_path):
+    """A task ended by this process's own writer without a signal (which no code path should
+    do) still wakes its waiter within about 10 poll intervals: the watcher's safety net."""
+    import asyncio
+
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.05) as tm:
+        task = await tm.submit("ended quietly")
+        waiting = asyncio.create_task(tm.wait(task.id, timeout=10))
+        for i in range(3):  # own commits: the watcher has looked once and now skips
+            await tm.submit(f"own {i}")
+            await asyncio.sleep(0.05)
+        fast = tm._store._fast
+        assert fast is not None
+        fast.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (task.id,))  # no signal
+        for i in range(30):  # keep committing, so the data_version keeps changing
+            await tm.submit(f"more own {i}")
+            await asyncio.sleep(0.02)
+            if waiting.done():
+                break
+        done = await waiting
+    assert done.status == "cancelled"

@@ -669,10 +669,14 @@ class TaskManager:
         the pause doubles up to ``poll_interval``. A change that only this process's own
         writers made (their commits already signalled their waiters) is told apart by the
         writers' own ``data_version`` values (`Store.own_versions`), so a busy worker does
-        not re-read every waited task on each of its own commits.
+        not re-read every waited task on each of its own commits. Even so it looks at least
+        every ``10 * poll_interval`` while anything changes: a safety net, should a
+        transition of this process ever fail to signal.
         """
+        loop = asyncio.get_running_loop()
         floor = self.poll_interval / 10
         interval = floor
+        last_look = -float("inf")
         # None: the first turn always looks, because a task may have ended elsewhere after a
         # waiter's own read and before this watcher started.
         version: int | None = None
@@ -689,9 +693,10 @@ class TaskManager:
                 version = current
                 interval = floor
                 own = await self._store.own_versions()
-                if looked_at is not None and any(a == b for a, b in zip(own, looked_at, strict=True)):
+                only_ours = looked_at is not None and any(a == b for a, b in zip(own, looked_at, strict=True))
+                if only_ours and loop.time() - last_look < 10 * self.poll_interval:
                     continue  # some writer of ours saw no other connection commit: only we wrote
-                looked_at = own
+                looked_at, last_look = own, loop.time()
                 for task_id in await self._store.terminal_among(list(self._waiters)):
                     self._notify(task_id)
             except ImageTaskError:

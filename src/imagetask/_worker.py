@@ -29,7 +29,7 @@ import attrs
 from . import _config
 from ._exceptions import ProviderError, StoreError
 from ._images import ImageStore, InvalidImage
-from ._models import StoredImage, TaskError, now_ms
+from ._models import StoredImage, TaskError, TaskStatus, now_ms
 from ._store import Claimed, Store
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
@@ -286,11 +286,17 @@ class Worker:
             if await self._record(c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)):
                 log.info("task %s: succeeded with %d image(s)", c.id, len(stored))
                 self.on_terminal(c.id)
+            elif await self._committed_already(c, stored):
+                log.info(
+                    "task %s: succeeded with %d image(s) (an earlier try had committed)", c.id, len(stored)
+                )
+                self.on_terminal(c.id)
             else:
                 await asyncio.to_thread(self.images.delete, [im.path for im in stored])
                 log.info(
                     "task %s: attempt %d finished after losing its claim; result dropped", c.id, c.attempt
                 )
+                self.on_terminal(c.id)  # whoever took it may have ended it: waiters look again
             return
         retry_limit = RETRY_LIMITS.get(error.code)
         within_limit = retry_limit is None or c.retries.get(error.code, 0) < retry_limit
@@ -305,6 +311,8 @@ class Worker:
         elif await self._record(c, "failure", lambda: self.store.fail(c.id, c.attempt, self.id, error)):
             log.info("task %s: failed (%s)", c.id, error.code)
             self.on_terminal(c.id)
+        else:
+            self.on_terminal(c.id)  # fenced out: whatever ended it, its waiters look again
 
     async def _record(self, c: Claimed, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
         """Run an attempt's fenced outcome write, trying again while the database refuses it
@@ -325,6 +333,17 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    async def _committed_already(self, c: Claimed, stored: list[StoredImage]) -> bool:
+        """Whether the task's committed result is exactly these files: a success write that
+        reported an error had committed after all, and `_record`'s next try was fenced out.
+        Then the files are the result and must stay. (Cheap: read only when fenced out.)"""
+        task = await self.store.get(c.id)
+        return (
+            task is not None
+            and task.status is TaskStatus.SUCCEEDED
+            and [im.path for im in task.images] == [im.path for im in stored]
+        )
 
     async def _generate_all(self, c: Claimed) -> list[ImageResult]:
         refs: tuple[ReferenceImage, ...] = ()
