@@ -3,10 +3,11 @@
 One writer connection per process and one reader connection, both aiosqlite. A write
 transaction is one Python function run whole on the writer's thread (one hop, not one
 per statement), opened with ``BEGIN IMMEDIATE``. Two more plain sqlite3 connections live
-on the event loop's thread: one for point reads, one for small submits while the writer
-is idle (no hop at all; see `Store._write_small`). Every transition of a task is a single
-guarded ``UPDATE ... WHERE status = ? AND attempt = ? RETURNING``: callers act only on
-what comes back, so a worker that lost its lease cannot overwrite anything.
+on the event loop's thread: one for point reads, one for small writes (submits, cancels,
+grants) while the writer is idle (no hop at all; see `Store._write_small`). Every
+transition of a task is a single guarded ``UPDATE ... WHERE status = ? AND attempt = ?
+RETURNING``: callers act only on what comes back, so a worker that lost its lease cannot
+overwrite anything.
 
 The SQL stays portable to PostgreSQL: RETURNING, partial indexes, ON CONFLICT, no
 SQLite-only functions.
@@ -223,7 +224,7 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
         self._inline: sqlite3.Connection | None = None
-        #: A write connection on the event loop's own thread for small submits while the
+        #: A write connection on the event loop's own thread for small writes while the
         #: threaded writer is idle: no thread hop. Never waits for a lock, never checkpoints
         #: (see `_write_small`). None with durability="full" (an fsync per commit).
         self._fast: sqlite3.Connection | None = None
@@ -629,13 +630,13 @@ class Store:
 
     async def cancel(self, task_id: str, reason: str) -> bool:
         """Cancel a queued or running task (refunding any charge); False if it had ended."""
-        return await self._write(_cancel, task_id, reason, _now())
+        return await self._write_small(1, _cancel, task_id, reason, _now())
 
     # -- credits --
 
     async def grant(self, owner: str, amount: int) -> int:
         """Add ``amount`` credits (negative to take away); return the new balance."""
-        return await self._write(_grant, owner, amount, _now())
+        return await self._write_small(1, _grant, owner, amount, _now())
 
     async def balance(self, owner: str) -> int:
         """The owner's balance (0 for an unknown owner)."""
