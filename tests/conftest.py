@@ -129,6 +129,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
+#: The event trail of a task whose first worker died and whose second attempt succeeded.
+RETAKEN_THEN_SUCCEEDED = [("claimed", 1), ("lease_expired", 1), ("claimed", 2), ("succeeded", 2)]
+
+
+def trail(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """A task's events (from ``events()``) as (event, attempt) pairs."""
+    return [(e["event"], e["attempt"]) for e in events]
+
+
 ATTEMPT_ENDS = ("succeeded", "failed", "retry", "released", "lease_expired", "cancelled")
 
 
