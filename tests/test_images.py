@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import io
 import os
+import resource
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from imagetask._images import ImageStore, InvalidImage, inspect
+from imagetask import TaskManager, ValidationError
+from imagetask._images import ImageStore, InvalidImage, inspect, read_reference
 from imagetask._models import new_task_id
+from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 
 def encoded(fmt: str, size=(16, 9)) -> bytes:
@@ -84,3 +94,221 @@ def test_sweep_keeps_live_and_referenced_files_and_deletes_orphans(tmp_path):
     assert kept.path.exists() and live.path.exists() and fresh.path.exists()
     assert not stale.path.exists() and not older.path.exists() and not aged.path.exists()
     assert not aged.path.parent.exists()  # emptied task folders go too
+
+
+# Reference images given as paths: only regular files, read with a hard size cap.
+
+
+@pytest.fixture
+def memory_cap() -> Iterator[None]:
+    """Cap the address space at 1 GiB more than now, so a read without limit (the bug these
+    tests guard against) fails with MemoryError instead of exhausting the machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    cap = vm + 2**30
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def release_fifo_readers(fifo: Path) -> None:
+    """Wake a thread stuck opening ``fifo`` for reading (it then reads EOF), so a failing
+    test does not leave the event loop's executor hung on it."""
+    for _ in range(3):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            return  # ENXIO: no reader waiting
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_endless_device_path_is_refused_not_read(memory_cap):
+    """A device path such as /dev/zero (size 0, endless data) is refused with a
+    ValidationError naming images[0], not read into memory."""
+    with pytest.raises(ValidationError, match="not a regular file") as info:
+        read_reference("/dev/zero", 0)
+    assert info.value.field == "images[0]"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+async def test_submit_refuses_an_endless_device_and_writes_nothing(tmp_path, memory_cap):
+    """submit(images=["/dev/zero"]) raises a ValidationError naming images[0] and stores no task."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        async with asyncio.timeout(10):
+            with pytest.raises(ValidationError, match="not a regular file") as info:
+                await tm.submit("x", images=["/dev/zero"])
+        assert info.value.field == "images[0]"
+        assert await tm.list() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+async def test_fifo_path_is_refused_at_once_not_waited_on(tmp_path):
+    """A FIFO path is refused at once with a ValidationError naming images[i], directly
+    and through submit, instead of waiting for a writer that never comes."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(ValidationError, match="not a regular file") as info:
+                await asyncio.to_thread(read_reference, fifo, 2)
+        assert info.value.field == "images[2]" and "FIFO" in str(info.value)
+        async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+            async with asyncio.timeout(5):
+                with pytest.raises(ValidationError, match="not a regular file") as info:
+                    await tm.submit("x", images=[encoded("PNG"), str(fifo)])
+            assert info.value.field == "images[1]"
+            assert await tm.list() == []
+    finally:
+        release_fifo_readers(fifo)
+
+
+def test_folder_path_is_refused(tmp_path):
+    """A folder given as an image is refused with a ValidationError naming images[0]."""
+    with pytest.raises(ValidationError, match="not a regular file") as info:
+        read_reference(tmp_path, 0)
+    assert info.value.field == "images[0]" and "folder" in str(info.value)
+
+
+def test_missing_path_is_refused(tmp_path):
+    """A path that does not exist is refused with a ValidationError naming images[0] and the reason."""
+    with pytest.raises(ValidationError, match="No such file") as info:
+        read_reference(tmp_path / "nope.png", 0)
+    assert info.value.field == "images[0]"
+
+
+def _pagemap_readable() -> bool:
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            return len(f.read(8)) == 8
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _pagemap_readable(), reason="needs a readable /proc/self/pagemap")
+def test_a_regular_file_claiming_size_zero_is_read_only_up_to_the_cap(memory_cap):
+    """A regular file whose stat size is 0 but which yields endless data (/proc/self/pagemap,
+    hundreds of GiB) is refused after reading just past the 20 MB limit, not read to the end."""
+    assert os.stat("/proc/self/pagemap").st_size == 0  # the size that must not be trusted
+    with pytest.raises(ValidationError, match=r"more than 20971520 bytes; the limit is 20971520") as info:
+        read_reference("/proc/self/pagemap", 0)
+    assert info.value.field == "images[0]"
+
+
+def test_a_regular_image_file_is_still_read(tmp_path):
+    """A regular PNG file path is read back byte for byte."""
+    path = tmp_path / "ref.png"
+    path.write_bytes(noisy_png())
+    assert read_reference(path, 0) == path.read_bytes()
+
+
+# Writes that fail half way leave no temporary file.
+
+
+class Tmpfs:
+    """A small tmpfs mounted at ``path`` for the length of one test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._filler = 0
+
+    def free(self) -> int:
+        """Bytes an unprivileged writer can still use."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave_bytes: int) -> None:
+        """Write filler files until at most ``leave_bytes`` are free."""
+        self._filler += 1
+        with open(self.path / f".filler-{self._filler}", "wb", buffering=0) as f:
+            while (free := self.free()) > leave_bytes:
+                try:
+                    f.write(b"\0" * min(free - leave_bytes, 1 << 20))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+
+    def remount(self, ro: bool) -> None:
+        """Make the file system read-only (``ro=True``) or writable again."""
+        _run("mount", "-o", "remount," + ("ro" if ro else "rw"), str(self.path))
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tmpfs]:
+    """A fresh tmpfs (64 KiB, or ``request.param`` as a mount ``size=`` value through
+    indirect parametrization), unmounted afterwards; skips when mounting is not allowed."""
+    size = getattr(request, "param", "64k")
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("mount/umount not installed")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {(getattr(exc, 'stderr', '') or exc)!s}".strip())
+    try:
+        yield Tmpfs(mnt)
+    finally:
+        try:
+            _run("umount", str(mnt))
+        except subprocess.CalledProcessError:
+            _run("umount", "-l", str(mnt))  # still busy: detach it now, freed when let go
+
+
+def big_noisy_png() -> bytes:
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_full_disk_raises_enospc_and_leaves_no_tmp_file(tmpfs):
+    """A write that runs out of space raises the OSError (ENOSPC) unchanged and leaves no .tmp file."""
+    store = ImageStore(tmpfs.path / "images")
+    store.root.mkdir()
+    tmpfs.fill(leave_bytes=16 * 1024)
+    data = big_noisy_png()
+    assert len(data) > tmpfs.free()
+    with pytest.raises(OSError, match="No space left") as info:
+        store.write_output(new_task_id(), 1, 0, data)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmpfs.path.rglob("*.tmp")) == []
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []
+
+
+def test_read_only_disk_raises_erofs_and_leaves_nothing(tmpfs):
+    """A write to a read-only file system raises the OSError (EROFS) unchanged and leaves no file."""
+    store = ImageStore(tmpfs.path / "images")
+    store.root.mkdir()
+    tmpfs.remount(ro=True)
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        store.write_output(new_task_id(), 1, 0, encoded("PNG"))
+    assert info.value.errno == errno.EROFS
+    assert [p for p in tmpfs.path.rglob("*") if p.is_file()] == []
+    tmpfs.remount(ro=False)
+    assert store.write_output(new_task_id(), 1, 0, encoded("PNG")).path.exists()
+
+
+def test_an_io_error_while_writing_leaves_no_tmp_file(tmp_path):
+    """An I/O error (EIO, injected with the documented fault hook) while an image is written
+    propagates unchanged and removes the .tmp file; the next write goes through."""
+    failure = OSError(errno.EIO, "Input/output error")
+    faults = Faults()
+    faults.fail("write_image", failure)
+    store = ImageStore(tmp_path, faults=faults)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        store.write_output(new_task_id(), 1, 0, encoded("PNG"))
+    assert info.value is failure
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert store.write_output(new_task_id(), 1, 0, encoded("PNG")).path.exists()
+    assert faults.hits["write_image"] == 2

@@ -32,6 +32,16 @@ MAX_N = 8
 MAX_KEY_CHARS = 200
 MAX_REFERENCE_BYTES = 20 * 1024 * 1024
 MAX_METADATA_BYTES = 64 * 1024
+#: Deepest nesting of lists and objects allowed in metadata.
+MAX_METADATA_DEPTH = 32
+#: Largest credit grant, and largest balance, either way (well inside a 64-bit integer).
+MAX_CREDITS = 10**12
+#: Longest duration accepted anywhere (about 31 years): far past any real use, and safely
+#: inside a 64-bit count of milliseconds.
+MAX_SECONDS = 1e9
+#: How long an attempt keeps trying to store its images when the image folder refuses them
+#: (read-only, full, I/O error) before the task fails with ``storage_error``.
+DEFAULT_STORAGE_TIMEOUT = 30.0
 #: Files in the image folder whose task is unknown are swept only when older than this,
 #: so prune never races a submit that is copying reference images.
 ORPHAN_GRACE = 3600.0

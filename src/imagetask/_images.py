@@ -16,17 +16,21 @@ import hashlib
 import io
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import _config
 from ._exceptions import ValidationError
 from ._models import ImageInput, StoredImage, task_id_ms
+
+if TYPE_CHECKING:
+    from .testing import Faults
 
 __all__ = ["ImageStore", "InvalidImage", "inspect"]
 
@@ -80,14 +84,7 @@ def read_reference(item: ImageInput, position: int) -> bytes:
     if isinstance(item, bytes | bytearray | memoryview):
         data = bytes(item)
     elif isinstance(item, str | os.PathLike):
-        path = Path(item)
-        try:
-            size = path.stat().st_size
-            if size > limit:
-                raise ValidationError(field, f"{path} is {size} bytes; the limit is {limit} (20 MB)")
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValidationError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+        data = _read_file(Path(item), field, limit)
     elif _is_pil_image(item):
         buf = io.BytesIO()
         try:
@@ -104,6 +101,84 @@ def read_reference(item: ImageInput, position: int) -> bytes:
     except InvalidImage as exc:
         data = _convert_to_png(data, field, exc)
     return data
+
+
+#: Open for reading without blocking (a FIFO with no writer would wait forever), without
+#: becoming a terminal's controlling process, and without leaking into child processes.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_CHUNK = 1024 * 1024
+
+
+def _read_file(path: Path, field: str, limit: int) -> bytes:
+    """Read a regular file of at most ``limit`` bytes, whatever its size claims to be.
+
+    Only regular files are read: a FIFO, a device (``/dev/zero``), a socket or a folder is
+    refused before it is read. The size reported by ``stat`` is not trusted (``/proc`` files
+    say 0): reading stops one chunk past ``limit``, so an endless file cannot exhaust memory.
+
+    Raises:
+        ValidationError: naming ``field``, for a missing, unreadable, special or oversized file.
+    """
+    try:
+        # Refuse special files before opening them: opening a device can have side effects.
+        _check_regular(path, os.stat(path), field, limit)
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        raise ValidationError(field, f"cannot read {path}: {_reason(exc)}") from None
+    try:
+        # Check again on the open file: the path may have been replaced in between.
+        _check_regular(path, os.fstat(fd), field, limit)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            # Whole chunks (a /proc file may refuse odd sizes): at most limit + 1 MiB in memory.
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ValidationError(field, f"cannot read {path}: {_reason(exc)}") from None
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise ValidationError(field, f"{path} is more than {limit} bytes; the limit is {limit} (20 MB)")
+    return b"".join(chunks)
+
+
+def _check_regular(path: Path, st: os.stat_result, field: str, limit: int) -> None:
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        raise ValidationError(
+            field,
+            f"{path} is not a regular file (a {_kind(mode)}); pass an image file, bytes or a PIL image",
+        )
+    if st.st_size > limit:
+        raise ValidationError(field, f"{path} is {st.st_size} bytes; the limit is {limit} (20 MB)")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _is_pil_image(item: object) -> bool:
@@ -136,6 +211,8 @@ class ImageStore:
     #: Also fsync the folder after each rename, so the new name survives power loss (with
     #: ``durability="full"``; a process crash never loses a completed rename).
     sync_dirs: bool = False
+    #: The test hook: faults injected into image writes (see `imagetask.testing`).
+    faults: Faults | None = None
 
     def task_dir(self, task_id: str) -> Path:
         """The folder of one task's files (dated by the task id's timestamp)."""
@@ -157,18 +234,27 @@ class ImageStore:
     def _write(self, task_id: str, stem: str, index: int, data: bytes) -> StoredImage:
         info = inspect(data)
         folder = self.task_dir(task_id)
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{stem}.{_EXT[info.mime]}"
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                if self.faults is not None:
+                    self.faults.before("write_image")
+                    self.faults.before_commit("write_image")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            # A full disk (ENOSPC), a read-only one (EROFS), an I/O error: leave no partial
+            # .tmp file behind, and let the caller see the original error.
+            _unlink_quietly(tmp)
+            raise
         if self.sync_dirs:
             _fsync_dir(folder)
         return StoredImage(
@@ -259,6 +345,13 @@ class ImageStore:
             # (a crash before the commit, a lost claim), or a reference copy a submit left.
             doomed.append(path)
         return self.delete(doomed)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass  # already gone (mkdir or open failed), or the file system refuses (read-only)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -7,27 +7,30 @@ import builtins
 import contextlib
 import enum
 import logging
+import math
 import os
 import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import _config
-from ._exceptions import ConfigError, ImageTaskError, TaskNotFound, ValidationError, WaitTimeout
+from ._exceptions import ConfigError, ImageTaskError, StoreError, TaskNotFound, ValidationError, WaitTimeout
 from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
     ImageInput,
+    StoredImage,
     Task,
     TaskStatus,
     _build_task,
     _json_object,
     check_request,
+    check_text,
     new_task_id,
     new_task_ids,
     now_ms,
@@ -35,6 +38,9 @@ from ._models import (
 from ._store import BUSY, Store, SubmitRow, Submitted
 from ._worker import Worker
 from .providers.base import Provider
+
+if TYPE_CHECKING:
+    from .testing import Faults
 
 __all__ = ["Credits", "PruneReport", "TaskManager"]
 
@@ -78,8 +84,11 @@ class Credits:
             ValidationError: for a bad owner or amount, or a balance that would go negative.
         """
         _check_owner(owner)
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
-            raise ValidationError("amount", f"must be a non-zero integer, got {amount!r}")
+        limit = _config.MAX_CREDITS
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0 or abs(amount) > limit:
+            raise ValidationError(
+                "amount", f"must be a non-zero integer from -10**12 to 10**12, got {amount!r}"
+            )
         store = self._manager._require_open()
         balance = await store.grant(owner, amount)
         log.info("credits: %+d for %s, balance %d", amount, owner, balance)
@@ -121,6 +130,10 @@ class TaskManager:
             every commit, to survive power loss.
         poll_interval: Longest pause between two checks of the database for changes
             made by other processes (while someone waits).
+        storage_timeout: Seconds an attempt keeps trying to store its images while the
+            image folder refuses them (read-only, full, I/O error) before the task fails
+            with ``storage_error`` (and is refunded); the provider is never asked again.
+        faults: For tests: faults to inject into the store (see `imagetask.testing`).
     """
 
     def __init__(
@@ -139,6 +152,8 @@ class TaskManager:
         credits: bool = False,
         durability: str = "normal",
         poll_interval: float = _config.DEFAULT_POLL_INTERVAL,
+        storage_timeout: float = _config.DEFAULT_STORAGE_TIMEOUT,
+        faults: Faults | None = None,
     ) -> None:
         _check_int("concurrency", concurrency, 1)
         _check_int("per_owner", per_owner, 1)
@@ -150,6 +165,7 @@ class TaskManager:
         ):
             _check_seconds(name, value, positive=True)
         _check_seconds("retry_delay", retry_delay, positive=False)
+        _check_seconds("storage_timeout", storage_timeout, positive=False)
         if durability not in ("normal", "full"):
             raise ConfigError(f"durability: must be 'normal' or 'full', got {durability!r}")
         if path is not None and os.fspath(path) in ("", ":memory:"):
@@ -172,9 +188,10 @@ class TaskManager:
         self.charging = bool(credits)
         self.durability = durability
         self.poll_interval = float(poll_interval)
+        self.storage_timeout = float(storage_timeout)
         self.credits = Credits(self)
-        self._store = Store(self.path, self.images_root, durability)
-        self._images = ImageStore(self.images_root, sync_dirs=durability == "full")
+        self._store = Store(self.path, self.images_root, durability, faults)
+        self._images = ImageStore(self.images_root, sync_dirs=durability == "full", faults=faults)
         self._worker: Worker | None = None
         self._state = _State.NEW
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
@@ -219,6 +236,7 @@ class TaskManager:
                     attempt_timeout=self.attempt_timeout,
                     retry_delay=self.retry_delay,
                     poll_interval=self.poll_interval,
+                    storage_timeout=self.storage_timeout,
                     on_terminal=self._notify,
                 )
                 self._worker.start()
@@ -379,28 +397,23 @@ class TaskManager:
             for row in rows:
                 await self._discard_references(row)
             raise
-        now = now_ms()
-        write = asyncio.ensure_future(store.submit(rows, atomic=True, now=now))
-        # Build the answers while the write is under way (as if every row is new; a
-        # re-submitted idempotency key is replaced below). A big batch is inserted on the
-        # writer's thread meanwhile; a small one commits at the end of this loop turn.
-        cancelled = False
-        try:
-            await asyncio.sleep(0)  # let the write start
-        except asyncio.CancelledError:
-            cancelled = True
-        created_at = datetime.fromtimestamp(now / 1000, tz=UTC)
-        tasks = [self._queued_task(row, created_at) for row in rows]
-        cancelled = await _to_the_end(write) or cancelled
+        write = asyncio.ensure_future(store.submit(rows, atomic=True))
+        cancelled = await _to_the_end(write)
         failure = _failure(write)
         if failure is not None:
             for row in rows:
                 await self._discard_references(row)
             raise asyncio.CancelledError() if cancelled else failure
-        for i, (row, result) in enumerate(zip(rows, write.result(), strict=True)):
+        tasks: builtins.list[Task] = []
+        created_at: datetime | None = None
+        for row, result in zip(rows, write.result(), strict=True):
             assert isinstance(result, Submitted)
-            if not result.created:
-                tasks[i] = await self._after_submit(row, result)
+            if created_at is None:  # the time inside the transaction, the same for every row
+                created_at = datetime.fromtimestamp(result.at / 1000, tz=UTC)
+            if result.created:
+                tasks.append(self._queued_task(row, created_at))
+            else:
+                tasks.append(await self._after_submit(row, result))
         log.info("submitted %d task(s) in one transaction", len(tasks))
         if self._worker is not None:
             self._worker.wake()
@@ -420,11 +433,25 @@ class TaskManager:
             )
         row = self._make_row(req, datas, task_id=task_id)
         if datas:
-            refs = await asyncio.to_thread(
-                lambda: [self._images.write_reference(row.id, i, d) for i, d in enumerate(datas)]
-            )
+            refs = await asyncio.to_thread(self._write_references, row.id, datas)
             row = attrs.evolve(row, references=tuple(refs))
         return row
+
+    def _write_references(self, task_id: str, datas: tuple[bytes, ...]) -> builtins.list[StoredImage]:
+        """Copy reference images into the store (on a worker thread); a storage fault deletes
+        the copies made so far and is a `StoreError` naming the folder and the reason."""
+        refs: builtins.list[StoredImage] = []
+        for i, data in enumerate(datas):
+            try:
+                refs.append(self._images.write_reference(task_id, i, data))
+            except OSError as exc:
+                self._images.delete([im.path for im in refs])
+                raise StoreError(
+                    f"images[{i}]: the reference image could not be stored in {self.images_root} "
+                    f"({exc.strerror or exc}); free space or fix the folder, then submit again "
+                    "(nothing was written)"
+                ) from None
+        return refs
 
     def _make_row(
         self,
@@ -545,6 +572,8 @@ class TaskManager:
                 ) from None
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
+        if before is not None:
+            _check_id(before, "before")
         return await self._require_open().list_tasks(owner, status_value, limit, before)
 
     async def events(self, task_id: str) -> builtins.list[dict[str, Any]]:
@@ -565,6 +594,7 @@ class TaskManager:
         """
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
+        _check_id(task_id)
         self._require_open()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(task_id, set()).add(fut)
@@ -769,10 +799,12 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def _seconds_problem(value: object, positive: bool) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        return "a number of seconds"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "a finite number of seconds"
     if value < 0 or (positive and value == 0):
         return "a number of seconds > 0" if positive else "a number of seconds >= 0"
+    if value > _config.MAX_SECONDS:
+        return "a number of seconds up to 1e9 (about 31 years)"
     return None
 
 
@@ -791,15 +823,15 @@ def _check_arg_seconds(name: str, value: object) -> None:
 
 
 def _check_owner(owner: object) -> None:
-    if not isinstance(owner, str) or not owner.strip() or len(owner) > _config.MAX_KEY_CHARS:
-        raise ValidationError(
-            "owner", f"must be a non-empty string of at most {_config.MAX_KEY_CHARS} characters"
-        )
+    """The same rules as ``submit``'s owner, for every method that takes one."""
+    check_text("owner", owner, _config.MAX_KEY_CHARS, strip=False)
 
 
-def _check_id(task_id: object) -> str:
+def _check_id(task_id: object, field: str = "task_id") -> str:
     if not isinstance(task_id, str):
-        raise ValidationError("task_id", f"must be a string, got {type(task_id).__name__}")
+        raise ValidationError(field, f"must be a string, got {type(task_id).__name__}")
+    if not task_id.isascii() or "\x00" in task_id:  # no task id can be: and SQLite could not take it
+        raise ValidationError(field, f"{task_id!r} is not a task id (26 ASCII letters and digits)")
     return task_id
 
 

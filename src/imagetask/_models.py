@@ -135,7 +135,8 @@ class Task:
         images: The stored result images, in order (empty unless succeeded).
         references: The reference images given to ``submit``, as stored copies.
         error: Why the task failed or was cancelled, else None.
-        attempts: How many times a worker claimed the task (crashed claims included).
+        attempts: How many times a worker claimed the task: claims lost to a crash or a
+            stall count, attempts handed back by a clean close do not.
         max_attempts: The attempt budget fixed at submit.
         cost: Price of the task in credits (charged only when credits are on).
         metadata: The caller's own JSON-able data, returned untouched.
@@ -177,7 +178,7 @@ class Task:
     _COLUMNS = (
         "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
         "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
-        "created_at", "started_at", "finished_at",
+        "created_at", "started_at", "finished_at", "released",
     )  # fmt: skip
 
     @classmethod
@@ -191,13 +192,13 @@ class Task:
         the hot path of every poll)."""
         (task_id, owner, prompt, model, params, status, attempt, max_attempts, cost, key,
          metadata, error_code, error_message, error_retryable, created, started, finished,
-         ) = row[:17]  # fmt: skip
+         released) = row[:18]  # fmt: skip
         error = None
         if error_code is not None:
             error = TaskError(error_code, error_message or "", bool(error_retryable))
         return _build_task(
             task_id, owner, prompt, model, _json_object(params), _STATUSES[status],
-            tuple(images), tuple(references), error, attempt, max_attempts, cost,
+            tuple(images), tuple(references), error, attempt - released, max_attempts, cost,
             _json_object(metadata), key,
             _from_ms(created), None if started is None else _from_ms(started),
             None if finished is None else _from_ms(finished),
@@ -389,7 +390,13 @@ class CheckedRequest:
         return h.hexdigest()
 
 
-def _check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
+def check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
+    """A non-empty string of at most ``limit`` characters that SQLite can store (no NUL, no
+    lone surrogate); stripped of surrounding whitespace with ``strip``.
+
+    Raises:
+        ValidationError: naming ``field``.
+    """
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
     text = value.strip() if strip else value
@@ -399,13 +406,28 @@ def _check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
         raise ValidationError(field, f"is {len(text)} characters; the limit is {limit}")
     if "\x00" in text:
         raise ValidationError(field, "must not contain NUL characters")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                field,
+                f"holds a lone surrogate {text[exc.start]!r} at position {exc.start}, which is not "
+                "text and cannot be stored; pass proper Unicode text (decode bytes with "
+                "errors='replace')",
+            ) from None
     return text
 
 
+_check_text = check_text
+
+
 def _check_metadata(metadata: object) -> str:
-    """The caller's metadata as JSON, or a ValidationError."""
+    """The caller's metadata as JSON, or a ValidationError: a JSON object with string keys,
+    nested at most `MAX_METADATA_DEPTH` deep, at most `MAX_METADATA_BYTES` encoded."""
     if not isinstance(metadata, Mapping):
         raise ValidationError("metadata", f"must be a dict, got {type(metadata).__name__}")
+    _check_metadata_shape(metadata)
     try:
         text = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -413,6 +435,31 @@ def _check_metadata(metadata: object) -> str:
     if len(text.encode()) > _config.MAX_METADATA_BYTES:
         raise ValidationError("metadata", f"is larger than {_config.MAX_METADATA_BYTES} bytes as JSON")
     return text
+
+
+def _check_metadata_shape(metadata: Mapping[Any, Any]) -> None:
+    """Walk the metadata without recursion: keys are strings, depth is bounded."""
+    limit = _config.MAX_METADATA_DEPTH
+    stack: list[tuple[object, str, int]] = [(metadata, "metadata", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = []
+            for key, child in value.items():
+                if not isinstance(key, str):
+                    raise ValidationError(
+                        "metadata",
+                        f"keys must be strings (JSON object keys); {where} has the key {key!r} "
+                        f"({type(key).__name__}): use str({key!r})",
+                    )
+                children.append((child, f"{where}[{key!r}]"))
+        elif isinstance(value, list | tuple):
+            children = [(child, f"{where}[{i}]") for i, child in enumerate(value)]
+        else:
+            continue
+        if children and depth >= limit:
+            raise ValidationError("metadata", f"is nested deeper than {limit} levels (at {where})")
+        stack.extend((child, path, depth + 1) for child, path in children)
 
 
 def check_request(

@@ -23,15 +23,20 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 import attrs
 
+from . import _config
 from ._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
 from ._models import StoredImage, Task, TaskError, now_ms
+
+if TYPE_CHECKING:
+    from .testing import Faults
 
 __all__ = ["Claimed", "Store", "SubmitRow"]
 
@@ -137,8 +142,14 @@ _V1 = [
     "CREATE INDEX ledger_owner ON ledger (owner, id)",
 ]
 
+# Attempts handed back by a clean close do not count against max_attempts; ``attempt``
+# (the fencing token) still only grows, so a task's claims left are
+# ``max_attempts - (attempt - released)``.
+_V2 = ["ALTER TABLE tasks ADD COLUMN released INTEGER NOT NULL DEFAULT 0"]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "tasks, images, events, accounts, ledger", _V1),
+    (2, "tasks.released: attempts handed back at shutdown", _V2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -179,6 +190,8 @@ class Claimed:
     attempt: int
     max_attempts: int
     references: tuple[StoredImage, ...]
+    #: How many earlier attempts were handed back at a clean close (they do not count).
+    released: int = 0
     #: How many earlier attempts ended in a retry, by error code (for per-code retry limits).
     retries: Mapping[str, int] = attrs.field(factory=dict)
 
@@ -211,15 +224,20 @@ class Store:
         images_root: Folder the relative image paths in the database are under.
         durability: ``"normal"`` (synchronous=NORMAL: survives a process crash) or
             ``"full"`` (synchronous=FULL: also survives power loss).
+        faults: Faults to inject, for tests (see `imagetask.testing`).
     """
 
-    def __init__(self, path: Path, images_root: Path, durability: str = "normal") -> None:
+    def __init__(
+        self, path: Path, images_root: Path, durability: str = "normal", faults: Faults | None = None
+    ) -> None:
         if durability not in ("normal", "full"):
             raise ValueError("durability: must be 'normal' or 'full'")
         self.path = path
         self.images_root = images_root
         self._root_prefix = os.path.join(str(images_root), "")
         self.durability = durability
+        #: The test hook: faults injected into this store's transactions (None in production).
+        self.faults = faults
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
@@ -264,7 +282,9 @@ class Store:
             raise
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        _daemonize(conn)
+        await conn
         try:
             conn.row_factory = sqlite3.Row
             await self._run(conn, self._configure, query_only)
@@ -410,7 +430,9 @@ class Store:
             self._busy = True
             finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
-                ((ok, value),) = await self._run(self._writer, _batch_transaction, [(fn, args)], finish)
+                ((ok, value),) = await self._run(
+                    self._writer, _batch_transaction, [(fn, args)], finish, self.faults
+                )
             finally:
                 self._busy = False
                 if self._queue:
@@ -456,7 +478,7 @@ class Store:
             return
         ops, waiters = _coalesce(batch)
         try:
-            outcomes = _batch_transaction(self._fast, ops)
+            outcomes = _batch_transaction(self._fast, ops, faults=self.faults)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):  # another connection holds the lock: wait for it on the thread
                 self._hand_to_writer(batch)
@@ -541,7 +563,7 @@ class Store:
             ops, waiters = _coalesce(batch)
             finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
-                outcomes = await self._run(self._writer, _batch_transaction, ops, finish)
+                outcomes = await self._run(self._writer, _batch_transaction, ops, finish, self.faults)
             except BaseException as exc:
                 for _, _, fut in batch:
                     if not fut.done():
@@ -560,34 +582,52 @@ class Store:
 
     # -- submit --
 
-    async def submit(
-        self, rows: Sequence[SubmitRow], *, atomic: bool, now: int | None = None
-    ) -> list[Submitted | ImageTaskError]:
+    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
         """Insert tasks in one transaction, a savepoint each.
 
         With ``atomic`` the first error rolls everything back and is raised; otherwise
         each row succeeds or fails on its own and its error is returned in its place.
-        ``now`` is the submit time written as ``created_at`` (default: the current time).
+        ``created_at`` is the time inside the transaction (`Submitted.at`).
         """
         refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
         pairs = list(zip(rows, refs, strict=True))
-        when = _now() if now is None else now
         if len(rows) <= _INLINE_MAX_ROWS:
-            return await self._write_small(len(rows), _submit_rows, pairs, when, atomic)
-        return await self._write(_submit_rows, pairs, when, atomic)
+            return await self._write_small(len(rows), _submit_rows, pairs, atomic)
+        return await self._write(_submit_rows, pairs, atomic)
 
     # -- worker transitions --
 
     async def claim(
-        self, worker: str, limit: int, per_owner: int, lease: float
+        self,
+        worker: str,
+        limit: int,
+        per_owner: int,
+        lease: float,
+        *,
+        held: Sequence[tuple[str, int]] = (),
+        gone: Callable[[str], bool] | None = None,
     ) -> tuple[list[Claimed], list[str], int | None]:
         """Take back expired leases, then claim up to ``limit`` runnable tasks.
+
+        Args:
+            worker: The claiming worker's id.
+            limit: Most tasks to claim.
+            per_owner: Most running tasks one owner may have (across every process).
+            lease: Seconds the new leases last, from the moment the transaction runs.
+            held: (id, attempt) of the attempts this worker is running: an expired lease
+                among them is renewed, not taken back (a live worker that stalled, say a
+                blocked loop or a SIGSTOP, keeps its own work).
+            gone: Tells whether the holder of a running task (a worker id) is provably
+                gone; those leases are taken back at once, expired or not. None: only
+                expired leases are taken back.
 
         Returns:
             (claimed tasks, ids that became terminal while reaping, the earliest
             ``run_after`` still queued in ms, or None).
         """
-        raw, ended, next_run = await self._write(_claim, worker, limit, per_owner, int(lease * 1000), _now())
+        raw, ended, next_run = await self._write(
+            _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone
+        )
         claimed = [
             Claimed(
                 id=row["id"],
@@ -597,6 +637,7 @@ class Store:
                 params=json.loads(row["params"]),
                 attempt=row["attempt"],
                 max_attempts=row["max_attempts"],
+                released=row["released"],
                 references=tuple(self._image(r) for r in refs),
                 retries=retries,
             )
@@ -608,35 +649,35 @@ class Store:
         """Renew the leases of ``held`` (id, attempt) pairs; return the ids still held."""
         if not held:
             return set()
-        return await self._write(_heartbeat, worker, held, _now() + int(lease * 1000))
+        return await self._write(_heartbeat, worker, held, int(lease * 1000))
 
     async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
         """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
         rows = [_image_row(task_id, "output", attempt, self._rel(im), im) for im in images]
-        return await self._write(_succeed, task_id, attempt, worker, rows, _now())
+        return await self._write(_succeed, task_id, attempt, worker, rows)
 
     async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
         """Put a failed attempt back in the queue after ``delay`` seconds."""
-        now = _now()
-        return await self._write(_retry, task_id, attempt, worker, error, now + int(delay * 1000), now)
+        return await self._write(_retry, task_id, attempt, worker, error, int(delay * 1000))
 
     async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
         """Fail a task for good (refunding any charge); False if the attempt lost its claim."""
-        return await self._write(_fail, task_id, attempt, worker, error, _now())
+        return await self._write(_fail, task_id, attempt, worker, error)
 
     async def release(self, task_id: str, attempt: int, worker: str) -> bool:
-        """Give a running task back to the queue at once (graceful shutdown)."""
-        return await self._write(_release, task_id, attempt, worker, _now())
+        """Give a running task back to the queue at once (graceful shutdown); the attempt
+        does not count against ``max_attempts``."""
+        return await self._write(_release, task_id, attempt, worker)
 
     async def cancel(self, task_id: str, reason: str) -> bool:
         """Cancel a queued or running task (refunding any charge); False if it had ended."""
-        return await self._write_small(1, _cancel, task_id, reason, _now())
+        return await self._write_small(1, _cancel, task_id, reason)
 
     # -- credits --
 
     async def grant(self, owner: str, amount: int) -> int:
         """Add ``amount`` credits (negative to take away); return the new balance."""
-        return await self._write_small(1, _grant, owner, amount, _now())
+        return await self._write_small(1, _grant, owner, amount)
 
     async def balance(self, owner: str) -> int:
         """The owner's balance (0 for an unknown owner)."""
@@ -804,6 +845,16 @@ class Store:
         )
 
 
+def _daemonize(conn: aiosqlite.Connection) -> None:
+    """Make a connection's thread a daemon before it starts, so a manager that is never
+    closed does not keep the process alive at exit (Python waits for every other thread).
+    Ending a daemon thread mid-transaction is safe: SQLite rolls it back, as after a crash.
+    aiosqlite keeps its thread private (``_thread``; before 0.21 the connection was the
+    thread itself): this is the second private name we rely on, pinned in pyproject.toml."""
+    thread: threading.Thread = getattr(conn, "_thread", None) or conn  # type: ignore[assignment]
+    thread.daemon = True
+
+
 # --- functions run on the connection thread ------------------------------------------------------
 
 
@@ -828,18 +879,6 @@ def _check_header(path: Path) -> None:
         )
 
 
-def _transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn, *args)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
-
-
 _Queued = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -857,10 +896,10 @@ def _coalesce(
     ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
     waiters: list[tuple[list[asyncio.Future[Any]], list[int] | None]] = []
     for fn, args, fut in batch:
-        mergeable = fn is _submit_rows and not args[2]
+        mergeable = fn is _submit_rows and not args[1]
         if mergeable and ops and ops[-1][0] is _submit_rows and waiters[-1][1] is not None:
-            rows, now, _ = ops[-1][1]
-            ops[-1] = (_submit_rows, ([*rows, *args[0]], now, False))
+            rows, _ = ops[-1][1]
+            ops[-1] = (_submit_rows, ([*rows, *args[0]], False))
             waiters[-1][0].append(fut)
             waiters[-1][1].append(len(args[0]))
             continue
@@ -903,41 +942,59 @@ def _batch_transaction(
     conn: sqlite3.Connection,
     ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
     checkpoint: bool = False,
+    faults: Faults | None = None,
 ) -> list[tuple[bool, Any]]:
     """Run write operations in one transaction, each in a savepoint; (ok, result or error)
-    each. With ``checkpoint``, finish a checkpoint after the commit (in the same hop)."""
+    each. With ``checkpoint``, finish a checkpoint after the commit (in the same hop).
+    ``faults``: the test hook (see `imagetask.testing.Faults`)."""
     try:
-        return _batch(conn, ops)
+        return _batch(conn, ops, faults)
     finally:
         if checkpoint:
             _checkpoint_quietly(conn)
 
 
 def _batch(
-    conn: sqlite3.Connection, ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+    conn: sqlite3.Connection,
+    ops: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+    faults: Faults | None,
 ) -> list[tuple[bool, Any]]:
-    if len(ops) == 1:  # nothing to isolate it from: the transaction is its savepoint
-        fn, args = ops[0]
-        try:
-            return [(True, _transaction(conn, fn, *args))]
-        except ImageTaskError as exc:
-            return [(False, exc)]
     outcomes: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for fn, args in ops:
-            conn.execute("SAVEPOINT op")
+        if len(ops) == 1:  # nothing to isolate it from: the transaction is its savepoint
+            fn, args = ops[0]
             try:
+                if faults is not None:
+                    faults.before(_OPERATIONS[fn])
                 outcomes.append((True, fn(conn, *args)))
-            except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                outcomes.append((False, exc))
-            conn.execute("RELEASE op")
+            except ImageTaskError as exc:
+                conn.execute("ROLLBACK")
+                return [(False, exc)]
+        else:
+            for fn, args in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    if faults is not None:
+                        faults.before(_OPERATIONS[fn])
+                    outcomes.append((True, fn(conn, *args)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE op")
+        if faults is not None:
+            for fn, _ in ops:
+                faults.before_commit(_OPERATIONS[fn])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    if faults is not None:
+        for i, (fn, _) in enumerate(ops):
+            error = faults.after_commit(_OPERATIONS[fn])
+            if error is not None and outcomes[i][0]:
+                outcomes[i] = (False, error)
     return outcomes
 
 
@@ -1051,20 +1108,33 @@ _INSERT_IMAGE = (
 def _submit_rows(
     conn: sqlite3.Connection,
     rows: Sequence[tuple[SubmitRow, list[tuple[Any, ...]]]],
-    now: int,
     atomic: bool,
 ) -> list[Submitted | ImageTaskError]:
     """Insert a batch of submits; results in the order of ``rows``.
 
     Rows with no idempotency key and no charge cannot fail on their own (their ids are
     new), so they are inserted in bulk. The others each get a savepoint (unless the batch
-    is atomic, where any error rolls back the whole transaction).
+    is atomic, where any error rolls back the whole transaction). Submits of several
+    callers share this batch, so when the bulk insert fails anyway (a value SQLite cannot
+    store that validation let through), the rows are inserted again one by one and only
+    the row at fault gets the error.
     """
+    now = _now()
     results: list[Submitted | ImageTaskError | None] = [None] * len(rows)
     plain = [i for i, (row, _) in enumerate(rows) if not _can_fail(row)]
     if plain:
-        for i, submitted in zip(plain, _insert_plain(conn, [rows[i] for i in plain], now), strict=True):
-            results[i] = submitted
+        conn.execute("SAVEPOINT submit_plain")
+        try:
+            inserted = _insert_plain(conn, [rows[i] for i in plain], now)
+        except Exception:
+            conn.execute("ROLLBACK TO submit_plain")
+            conn.execute("RELEASE submit_plain")
+            if atomic:
+                raise
+        else:
+            conn.execute("RELEASE submit_plain")
+            for i, submitted in zip(plain, inserted, strict=True):
+                results[i] = submitted
     for i, (row, refs) in enumerate(rows):
         if results[i] is not None:
             continue
@@ -1077,6 +1147,9 @@ def _submit_rows(
         except ImageTaskError as exc:
             conn.execute("ROLLBACK TO submit_one")
             results[i] = exc
+        except Exception as exc:  # not this row's validation: the database refused its values
+            conn.execute("ROLLBACK TO submit_one")
+            results[i] = StoreError(f"task {row.id} could not be written: {type(exc).__name__}: {exc}")
         conn.execute("RELEASE submit_one")
     return [r for r in results if r is not None]
 
@@ -1192,21 +1265,33 @@ UPDATE tasks
                 WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
         ORDER BY t.run_after, t.id
         LIMIT 1)
-RETURNING id, owner, prompt, model, params, attempt, max_attempts, refs
+RETURNING id, owner, prompt, model, params, attempt, max_attempts, released, refs
 """
 
 
 _NEXT_RUN = "SELECT min(run_after) FROM tasks INDEXED BY tasks_queue WHERE status = 'queued'"
 _EXPIRED = (
-    "SELECT id, attempt, max_attempts, worker FROM tasks INDEXED BY tasks_running"
+    "SELECT id, attempt, max_attempts, released, worker FROM tasks INDEXED BY tasks_running"
     " WHERE status = 'running' AND lease_until < ?"
+)
+#: Every running row, for the check of holders that are gone (running rows are few).
+_RUNNING = (
+    "SELECT id, attempt, max_attempts, released, worker FROM tasks INDEXED BY tasks_running"
+    " WHERE status = 'running'"
 )
 
 
 def _claim(
-    conn: sqlite3.Connection, worker: str, limit: int, per_owner: int, lease_ms: int, now: int
+    conn: sqlite3.Connection,
+    worker: str,
+    limit: int,
+    per_owner: int,
+    lease_ms: int,
+    held: frozenset[tuple[str, int]],
+    gone: Callable[[str], bool] | None,
 ) -> tuple[list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]], list[str], int | None]:
-    ended = _reap(conn, now)
+    now = _now()  # inside the transaction: waiting for the lock never shortens a lease
+    ended = _reap(conn, now, worker, lease_ms, held, gone)
     claimed: list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]] = []
     args = {"worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner}
     # One task per statement, so each claim sees the running count the previous one left.
@@ -1236,26 +1321,60 @@ def _claim(
     return claimed, ended, next_run
 
 
-def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
-    """Take back tasks whose lease expired: re-queue, or fail ``interrupted`` if spent."""
+def _reap(
+    conn: sqlite3.Connection,
+    now: int,
+    worker: str,
+    lease_ms: int,
+    held: frozenset[tuple[str, int]],
+    gone: Callable[[str], bool] | None,
+) -> list[str]:
+    """Take back tasks whose lease expired, or whose holder is provably gone: re-queue, or
+    fail ``interrupted`` if their attempts are spent. An expired lease of an attempt the
+    reaping worker still runs itself (``held``) is renewed instead."""
     ended = []
-    expired = conn.execute(_EXPIRED, (now,)).fetchall()
-    for row in expired:
-        guard = (now, now, row["id"], row["attempt"], now)
-        where = " WHERE id = ? AND attempt = ? AND status = 'running' AND lease_until < ? RETURNING id"
-        if row["attempt"] < row["max_attempts"]:
+    rows = conn.execute(_EXPIRED, (now,)).fetchall()
+    why = dict.fromkeys((row["id"] for row in rows), "expired")
+    if gone is not None:
+        holders: dict[str, bool] = {}
+        for row in conn.execute(_RUNNING).fetchall():
+            holder = row["worker"]
+            if row["id"] in why or holder is None or holder == worker:
+                continue
+            if holder not in holders:
+                holders[holder] = gone(holder)
+            if holders[holder]:
+                rows.append(row)
+                why[row["id"]] = "holder_gone"
+    for row in rows:
+        if row["worker"] == worker and (row["id"], row["attempt"]) in held:
+            conn.execute(
+                "UPDATE tasks SET lease_until = ? WHERE id = ? AND attempt = ? AND status = 'running'",
+                (now + lease_ms, row["id"], row["attempt"]),
+            )
+            log.info("task %s: attempt %d outlived its lease in a stall; renewed", row["id"], row["attempt"])
+            continue
+        expired = why[row["id"]] == "expired"
+        guard: tuple[Any, ...] = (now, now, row["id"], row["attempt"], row["worker"])
+        where = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker IS ?"
+        if expired:
+            where += " AND lease_until < ?"
+            guard = (*guard, now)
+        where += " RETURNING id"
+        lost = "lease_expired" if expired else "holder_gone"
+        if row["attempt"] - row["released"] < row["max_attempts"]:
             done = conn.execute(
                 "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL,"
                 " run_after = ?, updated_at = ?" + where,
                 guard,
             ).fetchone()
             if done:
-                _event(conn, row["id"], row["attempt"], "lease_expired", "queued", now, row["worker"])
-                log.info("task %s: lease of attempt %d expired, re-queued", row["id"], row["attempt"])
+                _event(conn, row["id"], row["attempt"], "lease_expired", "queued", now, row["worker"], lost)
+                log.info("task %s: attempt %d taken back (%s), re-queued", row["id"], row["attempt"], lost)
         else:
             message = (
-                f"the worker running attempt {row['attempt']} of {row['max_attempts']} stopped "
-                "(crash, kill or shutdown) and no attempts are left"
+                f"the worker running attempt {row['attempt'] - row['released']} of {row['max_attempts']} "
+                "stopped (crash, kill or shutdown) and no attempts are left"
             )
             done = conn.execute(
                 "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL,"
@@ -1268,14 +1387,15 @@ def _reap(conn: sqlite3.Connection, now: int) -> list[str]:
                 _event(
                     conn, row["id"], row["attempt"], "lease_expired", "failed", now, row["worker"], message
                 )
-                log.info("task %s: lease expired with no attempts left, failed", row["id"])
+                log.info("task %s: taken back (%s) with no attempts left, failed", row["id"], lost)
                 ended.append(row["id"])
     return ended
 
 
 def _heartbeat(
-    conn: sqlite3.Connection, worker: str, held: Sequence[tuple[str, int]], until: int
+    conn: sqlite3.Connection, worker: str, held: Sequence[tuple[str, int]], lease_ms: int
 ) -> set[str]:
+    until = _now() + lease_ms  # from inside the transaction: a full lease from the commit
     alive = set()
     for task_id, attempt in held:
         row = conn.execute(
@@ -1292,8 +1412,9 @@ _GUARD = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker = ? RE
 
 
 def _succeed(
-    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, rows: list[tuple[Any, ...]], now: int
+    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, rows: list[tuple[Any, ...]]
 ) -> bool:
+    now = _now()
     done = conn.execute(
         "UPDATE tasks SET status = 'succeeded', worker = NULL, lease_until = NULL,"
         " error_code = NULL, error_message = NULL, error_retryable = NULL,"
@@ -1308,15 +1429,10 @@ def _succeed(
 
 
 def _retry(
-    conn: sqlite3.Connection,
-    task_id: str,
-    attempt: int,
-    worker: str,
-    error: TaskError,
-    run_after: int,
-    now: int,
+    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, delay_ms: int
 ) -> bool:
-    return _requeue(conn, task_id, attempt, worker, run_after, now, "retry", f"{error.code}: {error.message}")
+    detail = f"{error.code}: {error.message}"
+    return _requeue(conn, task_id, attempt, worker, delay_ms, "retry", detail, released=False)
 
 
 def _requeue(
@@ -1324,16 +1440,19 @@ def _requeue(
     task_id: str,
     attempt: int,
     worker: str,
-    run_after: int,
-    now: int,
+    delay_ms: int,
     event: str,
     detail: str,
+    *,
+    released: bool,
 ) -> bool:
-    """Put the current attempt's task back in the queue (a retry, or a release at shutdown)."""
+    """Put the current attempt's task back in the queue (a retry, or a release at shutdown,
+    which hands the attempt back: it does not count against max_attempts)."""
+    now = _now()
     done = conn.execute(
         "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL, run_after = ?,"
-        " updated_at = ?" + _GUARD,
-        (run_after, now, task_id, attempt, worker),
+        " released = released + ?, updated_at = ?" + _GUARD,
+        (now + delay_ms, int(released), now, task_id, attempt, worker),
     ).fetchone()
     if done is None:
         return False
@@ -1341,9 +1460,8 @@ def _requeue(
     return True
 
 
-def _fail(
-    conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError, now: int
-) -> bool:
+def _fail(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
+    now = _now()
     done = conn.execute(
         "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL, error_code = ?,"
         " error_message = ?, error_retryable = ?, finished_at = ?, updated_at = ?" + _GUARD,
@@ -1356,11 +1474,12 @@ def _fail(
     return True
 
 
-def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, now: int) -> bool:
-    return _requeue(conn, task_id, attempt, worker, now, now, "released", "the worker shut down")
+def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str) -> bool:
+    return _requeue(conn, task_id, attempt, worker, 0, "released", "the worker shut down", released=True)
 
 
-def _cancel(conn: sqlite3.Connection, task_id: str, reason: str, now: int) -> bool:
+def _cancel(conn: sqlite3.Connection, task_id: str, reason: str) -> bool:
+    now = _now()
     row = conn.execute(
         "UPDATE tasks SET status = 'cancelled', worker = NULL, lease_until = NULL,"
         " error_code = 'cancelled', error_message = ?, error_retryable = 0,"
@@ -1375,7 +1494,8 @@ def _cancel(conn: sqlite3.Connection, task_id: str, reason: str, now: int) -> bo
     return True
 
 
-def _grant(conn: sqlite3.Connection, owner: str, amount: int, now: int) -> int:
+def _grant(conn: sqlite3.Connection, owner: str, amount: int) -> int:
+    now = _now()
     row = conn.execute(
         "INSERT INTO accounts (owner, balance, updated_at) VALUES (?, ?, ?)"
         " ON CONFLICT (owner) DO UPDATE SET balance = accounts.balance + excluded.balance,"
@@ -1384,6 +1504,10 @@ def _grant(conn: sqlite3.Connection, owner: str, amount: int, now: int) -> int:
     ).fetchone()
     if row["balance"] < 0:
         raise ValidationError("amount", f"would leave {owner!r} with a negative balance ({row['balance']})")
+    if row["balance"] > _config.MAX_CREDITS:
+        raise ValidationError(
+            "amount", f"would take {owner!r}'s balance to {row['balance']}, past the limit of 10**12"
+        )
     conn.execute(
         "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, NULL, 'grant', ?, ?)",
         (owner, amount, now),
@@ -1470,3 +1594,18 @@ def _file_state(conn: sqlite3.Connection, ids: list[str]) -> tuple[dict[str, tup
             r[0] for r in conn.execute(f"SELECT path FROM task_images WHERE task_id IN ({marks})", chunk)
         )
     return known, referenced
+
+
+#: The name of each write operation, for the fault hook (`imagetask.testing.OPERATIONS`).
+_OPERATIONS: dict[Callable[..., Any], str] = {
+    _submit_rows: "submit",
+    _claim: "claim",
+    _heartbeat: "heartbeat",
+    _succeed: "succeed",
+    _retry: "retry",
+    _fail: "fail",
+    _release: "release",
+    _cancel: "cancel",
+    _grant: "grant",
+    _prune_batch: "prune",
+}

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
-import os
 import random
-import secrets
-import socket
 from collections.abc import Awaitable, Callable
 
 import attrs
 
 from . import _config
 from ._exceptions import ProviderError, StoreError
+from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage
 from ._models import StoredImage, TaskError, TaskStatus, now_ms
 from ._store import Claimed, Store
@@ -50,9 +49,14 @@ def claim_ahead(concurrency: int) -> int:
 
 #: How many times an attempt's outcome write is tried before the attempt is given up (and
 #: the task left to be re-run after its lease), and the first pause between tries (doubling:
-#: 0.25 + 0.5 + 1 + 2 s in all).
+#: 0.25 + 0.5 + 1 + 2 s in all; the first pause is ``retry_delay`` when that is shorter).
 RECORD_TRIES = 5
 RECORD_RETRY_DELAY = 0.25
+
+#: The first and the longest pause between two tries at storing an attempt's images while
+#: the image folder refuses them (read-only, full, I/O error).
+STORAGE_RETRY_DELAY = 0.1
+STORAGE_RETRY_CAP = 2.0
 
 #: Retryable codes whose retries are capped below max_attempts: a model that answered
 #: without an image is asked once more, then the task fails (model variance, not outage).
@@ -94,6 +98,7 @@ class Worker:
         attempt_timeout: float,
         retry_delay: float,
         poll_interval: float,
+        storage_timeout: float,
         on_terminal: Callable[[str], None],
     ) -> None:
         self.store = store
@@ -106,8 +111,10 @@ class Worker:
         self.attempt_timeout = attempt_timeout
         self.retry_delay = retry_delay
         self.poll_interval = poll_interval
+        self.storage_timeout = storage_timeout
         self.on_terminal = on_terminal
-        self.id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        #: host/boot/pid/start/token: the lease holder, told apart when provably gone.
+        self.id = new_worker_id()
         self._running: dict[str, _Attempt] = {}
         #: Claimed attempts that have not finished generating (waiting for a slot included).
         self._generating = 0
@@ -137,10 +144,17 @@ class Worker:
         return len(self._running)
 
     def stop_local(self, task_id: str, reason: str) -> None:
-        """Stop this process's attempt of ``task_id``, if it runs one and may still be stopped."""
+        """Stop this process's attempt of ``task_id``, if it runs one and may still be stopped
+        (an attempt already storing its images only learns why, and stops trying to store
+        them; its fenced write decides the rest)."""
         attempt = self._running.get(task_id)
-        if attempt is not None and attempt.phase == "generating" and attempt.task is not None:
+        if attempt is not None:
+            self._stop(attempt, reason)
+
+    def _stop(self, attempt: _Attempt, reason: str) -> None:
+        if attempt.stop_reason is None:
             attempt.stop_reason = reason
+        if attempt.phase == "generating" and attempt.task is not None:
             attempt.task.cancel()
 
     async def stop(self) -> None:
@@ -162,6 +176,9 @@ class Worker:
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         last_claim = -float("inf")
+        # Leases of holders that are provably gone (a process on this host that died) are
+        # taken back at once: on the first claim, and then at most once a poll interval.
+        last_holder_check = -float("inf")
         while True:
             self._wake.clear()
             # Tasks are claimed ahead of free slots, so a slot that frees starts its next
@@ -173,9 +190,17 @@ class Worker:
             # poll_interval even when every slot is busy (then with limit 0).
             if free > 0 or since >= self.poll_interval:
                 last_claim = loop.time()
+                check_holders = last_claim - last_holder_check >= self.poll_interval
+                if check_holders:
+                    last_holder_check = last_claim
                 try:
                     claimed, ended, next_run = await self.store.claim(
-                        self.id, max(free, 0), self.per_owner, self.lease
+                        self.id,
+                        max(free, 0),
+                        self.per_owner,
+                        self.lease,
+                        held=[(tid, a.claimed.attempt) for tid, a in self._running.items()],
+                        gone=holder_gone if check_holders else None,
                     )
                 except Exception:
                     log.exception("claiming tasks failed; retrying in %.1f s", self.poll_interval)
@@ -185,6 +210,15 @@ class Worker:
                     self.on_terminal(task_id)
                 for c in claimed:
                     log.info("task %s: attempt %d started on %s", c.id, c.attempt, self.id)
+                    old = self._running.get(c.id)
+                    if old is not None:
+                        # This process stalled past the lease, the lease was taken back (by
+                        # another process) and now this worker claimed the task again: the
+                        # old attempt is fenced out; stop it so only the new one runs.
+                        log.info(
+                            "task %s: attempt %d replaces attempt %d", c.id, c.attempt, old.claimed.attempt
+                        )
+                        self._stop(old, "lost")
                     attempt = _Attempt(c)
                     self._running[c.id] = attempt
                     self._generating += 1
@@ -223,7 +257,7 @@ class Worker:
                         task_id,
                         attempt_no,
                     )
-                    self.stop_local(task_id, "lost")
+                    self._stop(current, "lost")
 
     # -- one attempt --
 
@@ -244,7 +278,8 @@ class Worker:
         finally:
             if attempt.phase == "generating":  # stopped before its generation ended
                 self._release_slot()
-            self._running.pop(c.id, None)
+            if self._running.get(c.id) is attempt:  # not a newer attempt of the same task
+                del self._running[c.id]
             self._wake.set()
 
     async def _attempt(self, attempt: _Attempt) -> None:
@@ -279,9 +314,17 @@ class Worker:
         stored: list[StoredImage] = []
         if error is None:
             try:
-                stored = await asyncio.to_thread(self._store_files, c, results)
+                stored = await self._store_all(attempt, results)
             except InvalidImage as exc:
                 error = TaskError("bad_image", f"the provider returned bytes that are not an image: {exc}")
+            except OSError as exc:
+                if attempt.stop_reason is not None:  # lost or cancelled meanwhile: nothing to record
+                    log.info(
+                        "task %s: attempt %d stopped while its images could not be stored", c.id, c.attempt
+                    )
+                    self.on_terminal(c.id)
+                    return
+                error = _storage_error(exc, self.images.root, self.storage_timeout)
         if error is None:
             if await self._record(c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)):
                 log.info("task %s: succeeded with %d image(s)", c.id, len(stored))
@@ -300,7 +343,7 @@ class Worker:
             return
         retry_limit = RETRY_LIMITS.get(error.code)
         within_limit = retry_limit is None or c.retries.get(error.code, 0) < retry_limit
-        if error.retryable and within_limit and c.attempt < c.max_attempts:
+        if error.retryable and within_limit and c.attempt - c.released < c.max_attempts:
             delay = backoff(c.attempt, self.retry_delay, retry_after)
             if await self._record(
                 c, "retry", lambda: self.store.retry(c.id, c.attempt, self.id, error, delay)
@@ -319,7 +362,7 @@ class Worker:
         (a lock held past busy_timeout, an I/O error). Giving up leaves the task to be re-run
         after its lease: for a success, that is a second paid generation, so it is worth
         a few seconds. The heartbeat keeps the lease meanwhile; the fence still decides."""
-        delay = RECORD_RETRY_DELAY
+        delay = min(RECORD_RETRY_DELAY, self.retry_delay) or RECORD_RETRY_DELAY
         for tries in range(1, RECORD_TRIES + 1):
             try:
                 return await write()
@@ -344,6 +387,33 @@ class Worker:
             and task.status is TaskStatus.SUCCEEDED
             and [im.path for im in task.images] == [im.path for im in stored]
         )
+
+    async def _store_all(self, attempt: _Attempt, results: list[ImageResult]) -> list[StoredImage]:
+        """Write an attempt's images, trying again with backoff while the image folder refuses
+        them (read-only, full, I/O error), for up to ``storage_timeout`` seconds. The bytes
+        are in hand, so this never asks the provider again; the heartbeat keeps the lease.
+
+        Raises:
+            InvalidImage: bytes that are not an image (at once: trying again cannot help).
+            OSError: the last storage error, once the time is up or the attempt was stopped.
+        """
+        c = attempt.claimed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.storage_timeout
+        delay = STORAGE_RETRY_DELAY
+        while True:
+            try:
+                return await asyncio.to_thread(self._store_files, c, results)
+            except OSError as exc:
+                left = deadline - loop.time()
+                if left <= 0 or attempt.stop_reason is not None:
+                    raise
+                log.warning(
+                    "task %s: storing the images of attempt %d failed (%s); trying again in %.1f s",
+                    c.id, c.attempt, exc, min(delay, left),
+                )  # fmt: skip
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, STORAGE_RETRY_CAP)
 
     async def _generate_all(self, c: Claimed) -> list[ImageResult]:
         refs: tuple[ReferenceImage, ...] = ()
@@ -387,3 +457,15 @@ class Worker:
             self.images.delete([im.path for im in stored])
             raise
         return stored
+
+
+def _storage_error(exc: OSError, root: object, timeout: float) -> TaskError:
+    """The task error for images that could not be stored, naming the reason (``ENOSPC``...)."""
+    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+    reason = exc.strerror or str(exc)
+    return TaskError(
+        "storage_error",
+        f"the images could not be stored in {root} ({name + ': ' if name else ''}{reason}), "
+        f"still after {timeout:g} s of trying; free space or fix the folder, then submit again",
+        retryable=False,
+    )

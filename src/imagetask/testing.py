@@ -1,0 +1,148 @@
+"""Fault injection for tests of code built on imagetask (and imagetask's own tests).
+
+Most faults can be made for real: kill a process, hold the write lock from another
+connection, mount a tiny or read-only filesystem. A few cannot be made on demand, such as
+a disk I/O error in one particular transaction, or a commit that reports an error although
+it went through. `Faults` injects those at named points of a manager's store::
+
+    from imagetask import TaskManager
+    from imagetask.testing import Faults
+
+    faults = Faults()
+    faults.fail("succeed", sqlite3.OperationalError("disk I/O error"), times=2)
+    async with TaskManager(path, provider=FakeProvider(), faults=faults) as tm:
+        ...  # the first two success writes roll back with that error; the worker retries
+
+Operations (the names `fail` and `kill` take):
+
+- store transactions: ``submit``, ``claim``, ``heartbeat``, ``succeed``, ``retry``,
+  ``fail``, ``release``, ``cancel``, ``grant``, ``prune``;
+- ``write_image``: writing one image file (a generated image or a reference copy), after
+  its temporary file was opened.
+
+A fault fires inside the transaction (which then rolls back, and the error reaches the
+operation's caller as the database's own error would), or, with ``after_commit=True``, once
+the transaction has committed: the caller is told it failed although it did not, as when
+a commit's acknowledgement is lost. Never use `Faults` in production code.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+
+import attrs
+
+__all__ = ["OPERATIONS", "Faults"]
+
+#: The operations a fault can be injected into.
+OPERATIONS = frozenset(
+    {
+        "submit",
+        "claim",
+        "heartbeat",
+        "succeed",
+        "retry",
+        "fail",
+        "release",
+        "cancel",
+        "grant",
+        "prune",
+        "write_image",
+    }
+)
+
+
+@attrs.define
+class _Planned:
+    error: BaseException | None
+    times: int
+    after_commit: bool
+    kill: bool
+
+
+class Faults:
+    """Faults planned for the operations of one manager's store (pass ``faults=`` to it).
+
+    Attributes:
+        hits: How many times each operation ran (faulted runs included).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._planned: dict[str, list[_Planned]] = collections.defaultdict(list)
+        self.hits: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            planned = {op: sum(p.times for p in plans) for op, plans in self._planned.items() if plans}
+        return f"Faults(planned={planned})"
+
+    def fail(
+        self, operation: str, error: BaseException, *, times: int = 1, after_commit: bool = False
+    ) -> None:
+        """Make the next ``times`` runs of ``operation`` raise ``error``.
+
+        Args:
+            operation: One of `OPERATIONS`.
+            error: What to raise: a ``sqlite3.Error`` for a store operation (it reaches the
+                caller as a `StoreError`, like a real database error), an ``OSError`` for
+                ``write_image``.
+            times: How many runs in a row fail.
+            after_commit: Raise after the transaction committed instead of inside it.
+        """
+        self._plan(operation, _Planned(error, times, after_commit, kill=False))
+
+    def kill(self, operation: str) -> None:
+        """SIGKILL this process during the next run of ``operation``: inside the transaction,
+        after its statements ran and before it commits (for ``write_image``: with the
+        temporary file open). For crash tests run in a child process."""
+        self._plan(operation, _Planned(None, 1, after_commit=False, kill=True))
+
+    def clear(self) -> None:
+        """Drop every planned fault."""
+        with self._lock:
+            self._planned.clear()
+
+    def _plan(self, operation: str, planned: _Planned) -> None:
+        if operation not in OPERATIONS:
+            raise ValueError(f"operation: unknown {operation!r}; use one of {', '.join(sorted(OPERATIONS))}")
+        if isinstance(planned.times, bool) or not isinstance(planned.times, int) or planned.times < 1:
+            raise ValueError(f"times: must be an integer >= 1, got {planned.times!r}")
+        with self._lock:
+            self._planned[operation].append(planned)
+
+    def _take(self, operation: str, *, after_commit: bool, kill: bool) -> _Planned | None:
+        with self._lock:
+            plans = self._planned.get(operation)
+            if not plans:
+                return None
+            first = plans[0]
+            if first.after_commit != after_commit or first.kill != kill:
+                return None
+            first.times -= 1
+            if first.times == 0:
+                plans.pop(0)
+            return first
+
+    # -- called by the store and the image store --
+
+    def before(self, operation: str) -> None:
+        """At the start of ``operation`` (inside its transaction): count it, raise a planned error."""
+        with self._lock:
+            self.hits[operation] += 1
+        planned = self._take(operation, after_commit=False, kill=False)
+        if planned is not None and planned.error is not None:
+            raise planned.error
+
+    def before_commit(self, operation: str) -> None:
+        """After ``operation``'s statements, before its commit: a planned kill happens here."""
+        if self._take(operation, after_commit=False, kill=True) is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_commit(self, operation: str) -> BaseException | None:
+        """Once ``operation`` committed: the error to report to its caller, if one is planned."""
+        planned = self._take(operation, after_commit=True, kill=False)
+        return None if planned is None else planned.error
