@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sqlite3
 import sys
 
 from imagetask import TaskManager
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 
 def parse() -> argparse.Namespace:
@@ -50,16 +50,9 @@ def terminal_count(db: str) -> int:
 
 async def main() -> int:
     args = parse()
+    faults = Faults()
     if args.mode == "crash-before-commit":
-        import imagetask._store as store_module
-
-        original = store_module._succeed
-
-        def succeed_then_die(*a, **kw):  # type: ignore[no-untyped-def]
-            original(*a, **kw)  # the UPDATE and image rows are written, not committed
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        store_module._succeed = succeed_then_die
+        faults.kill("succeed")  # the UPDATE and image rows are written, not committed
 
     workers = args.mode != "submit"
     async with TaskManager(
@@ -73,6 +66,7 @@ async def main() -> int:
         credits=args.credits,
         retry_delay=0.01,
         poll_interval=0.05,
+        faults=faults,
     ) as tm:
         if args.mode == "submit":
             for i in range(args.count):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -170,3 +172,60 @@ def check_attempts_exclusive(db: Path) -> None:
             if holder is not None:
                 assert holder == attempt, f"task {task_id}: attempt {attempt} ended attempt {holder}'s claim"
             live[task_id] = None
+
+
+class Tmpfs:
+    """A small tmpfs mounted at ``path`` for the length of one test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._filler = 0
+
+    def free(self) -> int:
+        """Bytes an unprivileged writer can still use."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave_bytes: int) -> None:
+        """Write filler files until at most ``leave_bytes`` are free."""
+        self._filler += 1
+        with open(self.path / f".filler-{self._filler}", "wb", buffering=0) as f:
+            while (free := self.free()) > leave_bytes:
+                try:
+                    f.write(b"\0" * min(free - leave_bytes, 1 << 20))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+
+    def remount(self, ro: bool) -> None:
+        """Make the file system read-only (``ro=True``) or writable again."""
+        _run("mount", "-o", "remount," + ("ro" if ro else "rw"), str(self.path))
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tmpfs]:
+    """A fresh tmpfs (64 KiB, or ``request.param`` as a mount ``size=`` value through
+    indirect parametrization), unmounted afterwards; skips when mounting is not allowed."""
+    size = getattr(request, "param", "64k")
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("mount/umount not installed")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {(getattr(exc, 'stderr', '') or exc)!s}".strip())
+    try:
+        yield Tmpfs(mnt)
+    finally:
+        try:
+            _run("umount", str(mnt))
+        except subprocess.CalledProcessError:
+            _run("umount", "-l", str(mnt))  # still busy: detach it now, freed when let go

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 from imagetask import TaskStatus
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 from conftest import RETAKEN_THEN_SUCCEEDED, check_attempts_exclusive, sql, trail
 
@@ -18,13 +20,20 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
 
 async def test_completion_racing_lease_expiry_keeps_the_new_attempt(make_manager):
     """A worker that finishes after its lease was taken and re-run elsewhere writes nothing."""
-    slow = FakeProvider(latency=1.0)
-    a = await make_manager(provider=slow, lease=30)  # heartbeat every 10 s: none during the test
+    slow, stalled = FakeProvider(latency=1.0), Faults()
+    # Heartbeat every 10 s: none during the test.
+    a = await make_manager(provider=slow, lease=30, faults=stalled)
     task = await a.submit("contested")
     await wait_for(lambda: slow.active == 1)
-    sql(a.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task.id)  # A's lease runs out
+    # A stalls: none of its writes get through (else its own claims would renew its lease),
+    # and its lease runs out.
+    stalled.fail("claim", sqlite3.OperationalError("database is locked"), times=10_000)
+    sql(a.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task.id)
     # B re-runs it and is still generating when A's stale attempt finishes.
-    b = await make_manager(provider=FakeProvider(latency=1.5), lease=30)
+    fresh = FakeProvider(latency=1.5)
+    b = await make_manager(provider=fresh, lease=30)
+    await wait_for(lambda: fresh.active == 1)
+    stalled.clear()
     done = await b.wait(task.id, timeout=10)
     assert done.ok and done.attempts == 2
     await wait_for(lambda: slow.active == 0 and a._worker is not None and a._worker.running == 0)

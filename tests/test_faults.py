@@ -1,0 +1,369 @@
+"""Faults injected for real: stalls, held locks, bad neighbours, broken image disks, dead holders,
+unclosed managers, clean closes. Each test names the fault it makes and what the task must get."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from imagetask import StoreError, TaskManager, TaskStatus, ValidationError
+from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
+
+from conftest import check_attempts_exclusive, sql, trail, wait_until
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- a stalled process ------------------------------------------------------------------------
+
+
+async def test_a_loop_blocked_past_the_lease_keeps_its_own_attempt(make_manager):
+    """A worker whose event loop was blocked longer than its lease (1 s) keeps its attempt when
+    it wakes: the task succeeds on attempt 1 with one paid call, never taken back by itself."""
+    provider = FakeProvider(latency=3)
+    tm = await make_manager(provider=provider, lease=1)
+    task = await tm.submit("a stalled worker")
+    await wait_for(lambda: provider.active == 1)
+    time.sleep(1.6)  # the fault: nothing on this loop runs, no heartbeat renews the lease
+    done = await tm.wait(task.id, timeout=20)
+    assert done.ok and done.attempts == 1 and provider.calls == 1
+    assert trail(await tm.events(task.id)) == [("claimed", 1), ("succeeded", 1)]
+
+
+@pytest.mark.slow
+async def test_a_sigstopped_only_worker_finishes_its_tasks_when_continued(db_path, spawn):
+    """The only worker process, SIGSTOPped for 5 s with lease=2, finishes all 3 tasks on their
+    first attempt when continued: a stall is not a crash, and nothing is run twice."""
+    child = spawn("work", str(db_path), "--lease", "2", "--latency", "3", "--concurrency", "3")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as tm:
+        ids = [(await tm.submit(f"stalled {i}")).id for i in range(3)]
+        wait_until(lambda: sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(3,)])
+        child.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)  # every lease (2 s) runs out while the worker is stopped
+        finally:
+            child.send_signal(signal.SIGCONT)
+        done = [await tm.wait(task_id, timeout=30) for task_id in ids]
+        assert [t.status for t in done] == [TaskStatus.SUCCEEDED] * 3
+        assert [t.attempts for t in done] == [1, 1, 1]
+        for task_id in ids:
+            assert trail(await tm.events(task_id)) == [("claimed", 1), ("succeeded", 1)]
+
+
+async def test_a_reclaim_by_the_same_process_replaces_the_old_attempt(make_manager):
+    """When a stalled worker's lease was taken elsewhere and the same worker then claims the
+    task again, the old attempt is stopped and the new one runs alone and is renewed: the task
+    succeeds on that claim, and the old attempt's end does not unregister the new one."""
+    provider, stall = FakeProvider(latency=3), Faults()
+    # concurrency 1: a stale attempt that kept generating would hold the only slot.
+    a = await make_manager(provider=provider, lease=0.6, concurrency=1, poll_interval=30, faults=stall)
+    task = await a.submit("claimed twice by one worker")
+    await wait_for(lambda: provider.active == 1)
+    # A stalls: its lease renewals never reach the database, so its lease (0.6 s) runs out.
+    stall.fail("heartbeat", sqlite3.OperationalError("disk I/O error"), times=10_000)
+    await asyncio.sleep(1.0)
+    other = FakeProvider(outcomes=["hang"])
+    b = await make_manager(provider=other)  # takes the expired lease back and claims attempt 2
+    await wait_for(lambda: other.active == 1)
+    await b.aclose()  # hands attempt 2 back: the task is queued again
+    stall.clear()
+    await a.submit("wakes A's dispatcher", owner="nudge")  # A claims the task again: attempt 3
+    done = await a.wait(task.id, timeout=15)
+    assert done.ok and [im.path.name for im in done.images] == ["a3-0.png"]
+    assert trail(await a.events(task.id)) == [
+        ("claimed", 1), ("lease_expired", 1), ("claimed", 2), ("released", 2),
+        ("claimed", 3), ("succeeded", 3),
+    ]  # fmt: skip
+    assert done.attempts == 2  # claims 1 and 3; attempt 2 was handed back
+    assert [r.attempt for r in provider.requests if r.task_id == task.id] == [1, 3]
+    check_attempts_exclusive(a.path)
+
+
+# -- a held write lock ------------------------------------------------------------------------
+
+
+def hold_write_lock(db, seconds: float, released: list[int], started: threading.Event) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        started.set()
+        time.sleep(seconds)
+        released.append(now_ms())
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def test_a_renewal_that_waited_for_the_lock_grants_a_full_lease(make_manager):
+    """A lease renewal that waited 2.6 s for a write lock held by another connection grants a
+    full lease (3 s) from the moment it commits, not from when it started waiting."""
+    provider = FakeProvider(outcomes=["hang"])
+    tm = await make_manager(provider=provider, lease=3)  # a heartbeat every second
+    task = await tm.submit("renewed under a held lock")
+    await wait_for(lambda: provider.active == 1)
+    released: list[int] = []
+    started = threading.Event()
+    holder = threading.Thread(target=hold_write_lock, args=(tm.path, 2.6, released, started))
+    holder.start()
+    await asyncio.to_thread(started.wait)
+    await asyncio.to_thread(holder.join)
+    await asyncio.sleep(0.5)  # the heartbeat that waited commits right after the release
+    ((lease_until,),) = sql(tm.path, "SELECT lease_until FROM tasks WHERE id = ?", task.id)
+    assert lease_until >= released[0] + 3000
+    assert (await tm.poll(task.id)).attempts == 1
+    await tm.cancel(task.id)
+
+
+# -- one caller's bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["prompt", "owner", "idempotency_key"])
+async def test_a_lone_surrogate_fails_only_its_own_submit(make_manager, field):
+    """A lone surrogate in one caller's prompt, owner or key is a ValidationError naming the
+    field, and the submits made beside it in the same loop turn (one shared commit) succeed."""
+    tm = await make_manager(workers=False)
+    bad = {"prompt": "fine", field: "bad \ud800 text"}
+    results = await asyncio.gather(
+        tm.submit("before it"), tm.submit(**bad), tm.submit("after it"), return_exceptions=True
+    )
+    assert isinstance(results[1], ValidationError) and results[1].field == field
+    assert [t.prompt for t in (results[0], results[2])] == ["before it", "after it"]
+    assert sorted(t.prompt for t in await tm.list()) == ["after it", "before it"]
+
+
+async def test_every_method_refuses_a_lone_surrogate_with_a_validation_error(make_manager):
+    """poll, wait, cancel, pending, list, events and credits refuse a lone surrogate with a
+    ValidationError naming the field, never a raw UnicodeEncodeError."""
+    tm = await make_manager(workers=False, credits=True)
+    bad = "x\udfff"
+    calls = {
+        "task_id": [tm.poll(bad), tm.wait(bad, timeout=1), tm.cancel(bad), tm.events(bad)],
+        "owner": [
+            tm.pending(owner=bad),
+            tm.list(owner=bad),
+            tm.credits.grant(bad, 5),
+            tm.credits.balance(bad),
+        ],
+        "before": [tm.list(before=bad)],
+    }
+    for field, coroutines in calls.items():
+        for coroutine in coroutines:
+            with pytest.raises(ValidationError) as info:
+                await coroutine
+            assert info.value.field == field
+
+
+async def test_a_row_the_database_refuses_fails_alone_in_a_shared_commit(make_manager):
+    """When the database itself refuses one row of a shared commit (here a trigger another
+    connection installed), only that caller gets a StoreError; its neighbours are written."""
+    tm = await make_manager(workers=False)
+    sql(
+        tm.path,
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON tasks WHEN NEW.prompt = 'poison'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END",
+    )
+    results = await asyncio.gather(
+        tm.submit("first"), tm.submit("poison"), tm.submit("third"), return_exceptions=True
+    )
+    assert isinstance(results[1], StoreError) and "refused by a trigger" in str(results[1])
+    assert [t.prompt for t in (results[0], results[2])] == ["first", "third"]
+    assert sorted(t.prompt for t in await tm.list()) == ["first", "third"]
+
+
+# -- image storage faults ---------------------------------------------------------------------
+
+
+async def test_a_full_image_disk_is_retried_with_the_bytes_in_hand(make_manager, tmpfs):
+    """Images that do not fit on a full disk are written again, without another generation,
+    once space is freed within storage_timeout: one paid call, success, no .tmp files."""
+    provider = FakeProvider()
+    tm = await make_manager(provider=provider, images=tmpfs.path / "images", storage_timeout=30)
+    (tmpfs.path / "images").mkdir()
+    tmpfs.fill(leave_bytes=0)
+    task = await tm.submit("waits for space")
+    await wait_for(lambda: provider.calls == 1)
+    await asyncio.sleep(0.5)  # several tries fail with ENOSPC
+    assert (await tm.poll(task.id)).status is TaskStatus.RUNNING
+    for filler in tmpfs.path.glob(".filler-*"):
+        filler.unlink()
+    done = await tm.wait(task.id, timeout=20)
+    assert done.ok and done.attempts == 1 and provider.calls == 1
+    assert list(tmpfs.path.rglob("*.tmp")) == []
+
+
+async def test_a_read_only_image_disk_fails_storage_error_and_refunds(make_manager, tmpfs):
+    """With the image folder on a read-only file system, each task fails storage_error (EROFS)
+    after storage_timeout, is refunded, and was generated exactly once: 5 tasks, 5 paid calls."""
+    provider = FakeProvider()
+    images = tmpfs.path / "images"
+    images.mkdir()
+    tmpfs.remount(ro=True)
+    tm = await make_manager(provider=provider, images=images, storage_timeout=0.5, credits=True)
+    await tm.credits.grant("alice", 5)
+    tasks = [await tm.submit(f"read-only {i}", owner="alice") for i in range(5)]
+    assert await tm.credits.balance("alice") == 0
+    done = [await tm.wait(t.id, timeout=20) for t in tasks]
+    assert {t.status for t in done} == {TaskStatus.FAILED}
+    assert {t.error.code for t in done if t.error} == {"storage_error"}
+    assert all("EROFS" in t.error.message for t in done if t.error)
+    assert [t.attempts for t in done] == [1] * 5 and provider.calls == 5
+    assert await tm.credits.balance("alice") == 5
+
+
+@pytest.mark.parametrize("tmpfs", ["256k"], indirect=True)
+async def test_a_disk_that_stays_full_never_costs_a_second_generation(make_manager, tmpfs):
+    """On a 256 KB disk that fills up, every task either stores its images or fails
+    storage_error (ENOSPC): 12 tasks of 4 large images, 48 paid calls, no .tmp files left."""
+    provider = FakeProvider()
+    images = tmpfs.path / "images"
+    tm = await make_manager(provider=provider, images=images, storage_timeout=0.3)
+    tasks = [await tm.submit(f"a large picture {i}", n=4, size="4K") for i in range(12)]
+    done = [await tm.wait(t.id, timeout=30) for t in tasks]
+    failed = [t for t in done if not t.ok]
+    assert failed and {t.error.code for t in failed if t.error} == {"storage_error"}
+    assert all("ENOSPC" in t.error.message for t in failed if t.error)
+    assert [t.attempts for t in done] == [1] * 12 and provider.calls == 48
+    assert list(tmpfs.path.rglob("*.tmp")) == []
+    for t in done:
+        assert all(im.path.exists() for im in t.images)
+
+
+async def test_an_io_error_storing_images_is_retried_not_regenerated(make_manager):
+    """Two I/O errors (EIO, injected) while an image is written are retried with the bytes in
+    hand: the task succeeds with its one generation."""
+    provider, faults = FakeProvider(), Faults()
+    faults.fail("write_image", OSError(errno.EIO, "Input/output error"), times=2)
+    tm = await make_manager(provider=provider, faults=faults)
+    done = await tm.wait((await tm.submit("survives EIO")).id, timeout=20)
+    assert done.ok and provider.calls == 1 and faults.hits["write_image"] == 3
+
+
+async def test_a_reference_copy_on_a_full_disk_is_a_store_error_and_writes_nothing(make_manager, tmpfs):
+    """submit(images=...) with the image folder full raises StoreError naming the reason; no
+    row and no file is left."""
+    from PIL import Image
+
+    images = tmpfs.path / "images"
+    images.mkdir()
+    tm = await make_manager(workers=False, images=images)
+    tmpfs.fill(leave_bytes=0)
+    reference = Image.frombytes("RGB", (256, 256), bytes(range(256)) * 768)
+    with pytest.raises(StoreError, match="No space left on device"):
+        await tm.submit("with a reference", images=[reference, reference])
+    assert await tm.list() == []
+    assert [p for p in images.rglob("*") if p.is_file()] == []
+
+
+# -- a holder that is provably gone -----------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_killed_holder_on_this_host_is_taken_back_at_once(db_path, spawn):
+    """A manager that opens on the same host takes back the tasks of a SIGKILLed worker at once,
+    although their 60 s lease has not expired, and runs them."""
+    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
+        ids = [(await submitter.submit(f"orphaned {i}")).id for i in range(2)]
+    wait_until(lambda: sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(2,)])
+    child.kill()
+    child.wait()
+    async with TaskManager(db_path, provider=FakeProvider(), lease=60, poll_interval=0.05) as tm:
+        done = [await tm.wait(task_id, timeout=10) for task_id in ids]
+        assert [t.status for t in done] == [TaskStatus.SUCCEEDED] * 2
+        events = await tm.events(ids[0])
+        assert [(e["event"], e["detail"]) for e in events][:2] == [
+            ("claimed", None),
+            ("lease_expired", "holder_gone"),
+        ]
+
+
+@pytest.mark.slow
+async def test_a_stopped_holder_is_alive_and_keeps_its_leases(db_path, spawn):
+    """A SIGSTOPped worker on the same host is alive: another manager does not take its
+    unexpired leases back."""
+    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
+        task = await submitter.submit("held by a stopped process")
+    wait_until(lambda: sql(db_path, "SELECT status FROM tasks") == [("running",)])
+    child.send_signal(signal.SIGSTOP)
+    try:
+        provider = FakeProvider()
+        async with TaskManager(db_path, provider=provider, lease=60, poll_interval=0.05) as tm:
+            await asyncio.sleep(1.0)  # twenty claims, each checking the holders
+            assert (await tm.poll(task.id)).status is TaskStatus.RUNNING and provider.calls == 0
+    finally:
+        child.send_signal(signal.SIGCONT)
+
+
+# -- clean close ------------------------------------------------------------------------------
+
+
+async def test_attempts_handed_back_at_close_do_not_count(make_manager):
+    """A task with max_attempts=1 that three managers claimed and handed back at close still
+    runs and succeeds: handed-back attempts do not count (the fencing attempt number grows)."""
+    ids = None
+    for _ in range(3):
+        provider = FakeProvider(outcomes=["hang"])
+        tm = await make_manager(provider=provider, max_attempts=1)
+        if ids is None:
+            ids = (await tm.submit("handed back thrice")).id
+        await wait_for(lambda provider=provider: provider.active == 1)
+        await tm.aclose()
+        async with TaskManager(tm.path, workers=False) as reader:
+            snapshot = await reader.poll(ids)
+        assert snapshot.status is TaskStatus.QUEUED and snapshot.attempts == 0
+    tm = await make_manager(max_attempts=1)
+    done = await tm.wait(ids, timeout=10)
+    assert done.ok and done.attempts == 1 and [im.path.name for im in done.images] == ["a4-0.png"]
+
+
+# -- an unclosed manager ----------------------------------------------------------------------
+
+UNCLOSED = """
+import asyncio, sys
+from imagetask import TaskManager
+from imagetask.providers import FakeProvider
+
+async def main():
+    tm = TaskManager(sys.argv[1], provider=FakeProvider(latency=60))
+    await tm.open()
+    await tm.submit("never finished")
+    await asyncio.sleep(0.3)  # the attempt is running; the manager is never closed
+    print("leaving", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_an_unclosed_manager_warns_and_does_not_keep_the_process_alive(db_path):
+    """A script that never closes its manager warns with ResourceWarning and still exits."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", UNCLOSED, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "leaving" in done.stdout
+    assert "ResourceWarning" in done.stderr and "was never closed" in done.stderr
