@@ -25,6 +25,17 @@ def _big_png() -> bytes:
     return data
 
 
+def nested(depth: int) -> list[object]:
+    """A list nested ``depth`` levels deep, built without recursion."""
+    value: list[object] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+#: 100,000 levels: json.dumps alone would raise RecursionError.
+DEEP = nested(100_000)
+
 CASES = [
     ("prompt", {"prompt": ""}),
     ("prompt", {"prompt": "   \n\t"}),
@@ -44,6 +55,13 @@ CASES = [
     ("idempotency_key", {"idempotency_key": "k" * 201}),
     ("metadata", {"metadata": {"when": object()}}),
     ("metadata", {"metadata": "not a dict"}),
+    ("metadata", {"metadata": {1: 0}}),
+    ("metadata", {"metadata": {"inner": {("a", "tuple"): 0}}}),
+    ("metadata", {"metadata": {"deep": DEEP}}),
+    ("metadata", {"metadata": {"just_too_deep": nested(32)}}),
+    ("metadata", {"metadata": {"big": "x" * 70_000}}),
+    ("prompt", {"prompt": "a lone \udc80 surrogate"}),
+    ("owner", {"owner": "nul\x00inside"}),
     ("images[0]", {"images": [b"definitely not an image"]}),
     ("images[1]", {"images": [None, None]}),
     ("images[0]", {"images": ["/no/such/file.png"]}),
@@ -132,3 +150,64 @@ async def test_list_and_wait_arguments_are_validated(make_manager):
         await tm.list(limit=0)
     with pytest.raises(ValidationError, match="timeout"):
         await tm.wait("x", timeout=-1)
+
+
+async def test_metadata_as_deep_as_allowed_round_trips(make_manager):
+    """Metadata nested 32 levels deep (the limit) with string keys is stored and read back
+    exactly."""
+    tm = await make_manager(workers=False)
+    metadata = {"k": nested(31), "unicode": "caf\u00e9 \U0001f600"}
+    task = await tm.submit("fine", metadata=metadata)
+    assert (await tm.poll(task.id)).metadata == metadata
+
+
+@pytest.mark.parametrize("amount", [0, True, 1.5, "5", 10**12 + 1, -(10**12) - 1, 2**63, 2**62], ids=repr)
+async def test_credit_grants_outside_the_range_are_validation_errors(make_manager, amount):
+    """A grant must be a non-zero integer within -10**12..10**12; anything else is a
+    ValidationError naming ``amount`` and leaves the ledger untouched."""
+    tm = await make_manager(workers=False, credits=True)
+    with pytest.raises(ValidationError) as info:
+        await tm.credits.grant("alice", amount)
+    assert info.value.field == "amount"
+    assert sql(tm.path, "SELECT count(*) FROM ledger") == [(0,)]
+
+
+async def test_a_balance_never_leaves_its_range(make_manager):
+    """Two grants that would together pass 10**12 are refused at the second one: the balance
+    stays an integer equal to its ledger, never a float or an overflow."""
+    tm = await make_manager(workers=False, credits=True)
+    assert await tm.credits.grant("alice", 10**12) == 10**12
+    with pytest.raises(ValidationError, match="past the limit"):
+        await tm.credits.grant("alice", 1)
+    assert await tm.credits.balance("alice") == 10**12
+    assert sql(tm.path, "SELECT typeof(balance), balance FROM accounts") == [("integer", 10**12)]
+
+
+async def test_owners_follow_one_rule_everywhere(make_manager):
+    """grant, balance, pending and list refuse an owner submit refuses (NUL, empty, too long)."""
+    tm = await make_manager(workers=False, credits=True)
+    for owner in ("nul\x00inside", "", "o" * 201):
+        for call in (
+            tm.credits.grant(owner, 1), tm.credits.balance(owner), tm.pending(owner), tm.list(owner=owner),
+        ):  # fmt: skip
+            with pytest.raises(ValidationError) as info:
+                await call
+            assert info.value.field == "owner"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e20, -1], ids=repr)
+async def test_durations_are_finite_and_bounded(make_manager, value):
+    """prune's older_than and wait's timeout refuse infinite, NaN, negative and absurdly large
+    durations with a ValidationError; manager options refuse them with a ConfigError."""
+    from imagetask import ConfigError, TaskManager
+
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError) as info:
+        await tm.prune(value)
+    assert info.value.field == "older_than"
+    with pytest.raises(ValidationError) as info:
+        await tm.wait("01ARZ3NDEKTSV4RRFFQ69G5FAV", timeout=value)
+    assert info.value.field == "timeout"
+    for option in ("lease", "attempt_timeout", "poll_interval", "retry_delay", "storage_timeout"):
+        with pytest.raises(ConfigError, match=option):
+            TaskManager(tm.path, **{option: value})

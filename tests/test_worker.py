@@ -149,53 +149,27 @@ async def test_claim_ahead_respects_per_owner(make_manager):
         await tm.cancel(task_id)
 
 
-async def test_a_failed_success_write_is_tried_again_not_regenerated(make_manager, monkeypatch):
+async def test_a_failed_success_write_is_tried_again_not_regenerated(make_manager):
     """When the database refuses an attempt's success write for a moment (an I/O error), the
     worker writes it again: the task succeeds with its one generation, not a second paid one."""
-    import sqlite3
-
-    import imagetask._store as store_module
-    import imagetask._worker as worker_module
-
-    monkeypatch.setattr(worker_module, "RECORD_RETRY_DELAY", 0.01)
-    real_succeed, refusals = store_module._succeed, [2]
-
-    def flaky_succeed(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if refusals[0]:
-            refusals[0] -= 1
-            raise sqlite3.OperationalError("disk I/O error")
-        return real_succeed(*args, **kwargs)
-
-    monkeypatch.setattr(store_module, "_succeed", flaky_succeed)
+    faults = Faults()
+    faults.fail("succeed", sqlite3.OperationalError("disk I/O error"), times=2)
     provider = FakeProvider()
-    tm = await make_manager(provider=provider)
+    tm = await make_manager(provider=provider, faults=faults)
     done = await tm.wait((await tm.submit("worth keeping")).id, timeout=10)
     assert done.ok and done.attempts == 1 and len(done.images) == 1
-    assert provider.calls == 1 and refusals == [0]
+    assert provider.calls == 1 and faults.hits["succeed"] == 3
     assert done.images[0].path.exists()
 
 
-async def test_a_success_that_committed_despite_an_error_keeps_its_files(make_manager, monkeypatch):
+async def test_a_success_that_committed_despite_an_error_keeps_its_files(make_manager):
     """If a success write reports an error although it committed, the next try is fenced out;
     the worker sees the committed result is its own files and keeps them (never deletes the
     images a succeeded row points to)."""
-    import imagetask._worker as worker_module
-    from imagetask import StoreError
-    from imagetask._store import Store
-
-    monkeypatch.setattr(worker_module, "RECORD_RETRY_DELAY", 0.01)
-    real_succeed, errors = Store.succeed, [1]
-
-    async def committed_then_error(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        result = await real_succeed(self, *args, **kwargs)
-        if errors[0]:
-            errors[0] -= 1
-            raise StoreError("the commit reported an error after all")
-        return result
-
-    monkeypatch.setattr(Store, "succeed", committed_then_error)
+    faults = Faults()
+    faults.fail("succeed", sqlite3.OperationalError("disk I/O error"), after_commit=True)
     provider = FakeProvider()
-    tm = await make_manager(provider=provider)
+    tm = await make_manager(provider=provider, faults=faults)
     done = await tm.wait((await tm.submit("keep my files")).id, timeout=10)
-    assert done.ok and provider.calls == 1 and errors == [0]
+    assert done.ok and provider.calls == 1 and faults.hits["succeed"] == 2
     assert [im.path.exists() for im in done.images] == [True]
