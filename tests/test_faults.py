@@ -367,3 +367,23 @@ def test_an_unclosed_manager_warns_and_does_not_keep_the_process_alive(db_path):
     assert done.returncode == 0, done.stderr
     assert "leaving" in done.stdout
     assert "ResourceWarning" in done.stderr and "was never closed" in done.stderr
+
+
+# -- damage found while running ---------------------------------------------------------------
+
+
+async def test_damage_found_while_running_is_reported_and_backed_off(make_manager, caplog):
+    """When claims find the database damaged (SQLITE_CORRUPT, injected: the bounded check at
+    open reads only part of a big file), the worker logs how to recover and backs off,
+    doubling its pause, instead of failing every poll interval."""
+    damaged = sqlite3.DatabaseError("database disk image is malformed")
+    damaged.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+    faults = Faults()
+    faults.fail("claim", damaged, times=10_000)
+    caplog.set_level("ERROR", logger="imagetask")
+    await make_manager(faults=faults, poll_interval=0.05)
+    await asyncio.sleep(1.6)
+    # Without backing off: about 32 claims. With it: 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s.
+    assert 3 <= faults.hits["claim"] <= 6
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and all("is damaged" in m and ".recover" in m for m in messages)

@@ -171,5 +171,6 @@ async def test_a_success_that_committed_despite_an_error_keeps_its_files(make_ma
     provider = FakeProvider()
     tm = await make_manager(provider=provider, faults=faults)
     done = await tm.wait((await tm.submit("keep my files")).id, timeout=10)
+    await tm.aclose()  # waits for the attempt: its second try, fenced out, and its decision
     assert done.ok and provider.calls == 1 and faults.hits["succeed"] == 2
     assert [im.path.exists() for im in done.images] == [True]

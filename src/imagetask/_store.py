@@ -32,13 +32,14 @@ import aiosqlite
 import attrs
 
 from . import _config
+from ._dbcheck import check_database
 from ._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
 from ._models import StoredImage, Task, TaskError, now_ms
 
 if TYPE_CHECKING:
     from .testing import Faults
 
-__all__ = ["Claimed", "Store", "SubmitRow"]
+__all__ = ["Claimed", "Store", "SubmitRow", "is_damage"]
 
 log = logging.getLogger("imagetask")
 T = TypeVar("T")
@@ -268,7 +269,9 @@ class Store:
             StoreError: the file is not SQLite, not an imagetask database, or newer
                 than this version of imagetask.
         """
-        _check_header(self.path)
+        # Read-only, before any connection that could write: a foreign or damaged file is
+        # refused untouched (not even switched to WAL). In a thread: a big file takes a while.
+        await asyncio.to_thread(check_database, self.path, MIGRATIONS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer = await self._connect(query_only=False)
@@ -861,24 +864,6 @@ def _daemonize(conn: aiosqlite.Connection) -> None:
 _now = now_ms
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a file that exists but is not SQLite, before SQLite touches it."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        return
-    except IsADirectoryError:
-        raise StoreError(f"{path} is a folder; pass the path of a database file") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from None
-    if head and head != b"SQLite format 3\x00":
-        raise StoreError(
-            f"{path} is not an SQLite database (it may be corrupt or another kind of file); "
-            "move it away or pass another path. imagetask never overwrites it."
-        )
-
-
 _Queued = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -1032,6 +1017,13 @@ def _checkpoint_file(path: Path, durability: str) -> None:
         _checkpoint(conn)
     finally:
         conn.close()
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether an error (a `StoreError` or the sqlite3 error under it) says the database
+    file is damaged: SQLITE_CORRUPT or SQLITE_NOTADB."""
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    return isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", 0) & 0xFF in (11, 26)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

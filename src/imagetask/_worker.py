@@ -29,7 +29,7 @@ from ._exceptions import ProviderError, StoreError
 from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage
 from ._models import StoredImage, TaskError, TaskStatus, now_ms
-from ._store import Claimed, Store
+from ._store import Claimed, Store, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
 __all__ = ["Worker", "backoff", "claim_ahead"]
@@ -179,6 +179,7 @@ class Worker:
         # Leases of holders that are provably gone (a process on this host that died) are
         # taken back at once: on the first claim, and then at most once a poll interval.
         last_holder_check = -float("inf")
+        damaged_pause = 0.0  # the pause after a claim that found the file damaged (doubling)
         while True:
             self._wake.clear()
             # Tasks are claimed ahead of free slots, so a slot that frees starts its next
@@ -202,10 +203,23 @@ class Worker:
                         held=[(tid, a.claimed.attempt) for tid, a in self._running.items()],
                         gone=holder_gone if check_holders else None,
                     )
-                except Exception:
+                except Exception as exc:
+                    if is_damage(exc):
+                        # Damage the check at open did not reach (it is bounded on big files):
+                        # say so once in a while, not every poll interval.
+                        damaged_pause = min(2 * damaged_pause, 60.0) if damaged_pause else self.poll_interval
+                        log.error(
+                            "the database %s is damaged (%s); workers stop claiming and look again in "
+                            "%.0f s. Close imagetask, then restore a backup, or recover it with: "
+                            "sqlite3 %s .recover | sqlite3 recovered.db",
+                            self.store.path, exc, damaged_pause, self.store.path,
+                        )  # fmt: skip
+                        await asyncio.sleep(damaged_pause)
+                        continue
                     log.exception("claiming tasks failed; retrying in %.1f s", self.poll_interval)
                     await asyncio.sleep(self.poll_interval)
                     continue
+                damaged_pause = 0.0
                 for task_id in ended:
                     self.on_terminal(task_id)
                 for c in claimed:
