@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import imagetask
 import imagetask.providers
 
@@ -109,3 +111,18 @@ def test_the_fast_task_builder_matches_init():
     assert attrs.evolve(built, prompt="q").prompt == "q"
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         built.prompt = "changed"  # type: ignore[misc]
+
+
+def test_the_testing_module_exports_the_fault_hook():
+    """imagetask.testing exports Faults and its operation names; an unknown operation or a bad
+    count is refused when planned, not ignored."""
+    import imagetask.testing as testing
+
+    assert testing.__all__ == ["OPERATIONS", "Faults"]
+    assert {"submit", "claim", "heartbeat", "succeed", "write_image"} <= testing.OPERATIONS
+    faults = testing.Faults()
+    with pytest.raises(ValueError, match="operation"):
+        faults.fail("commit", RuntimeError("x"))
+    with pytest.raises(ValueError, match="times"):
+        faults.fail("claim", RuntimeError("x"), times=0)
+    assert repr(faults) == "Faults(planned={})"

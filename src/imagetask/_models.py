@@ -70,7 +70,8 @@ class TaskError:
         code: A stable code: ``safety_blocked``, ``no_image``, ``bad_image``,
             ``rate_limited``, ``timeout``, ``server_error``, ``connection_error``,
             ``invalid_request``, ``auth_failed``, ``model_not_found``,
-            ``interrupted``, ``cancelled``.
+            ``storage_error`` (the images could not be stored: read-only folder, full
+            disk, I/O error), ``interrupted``, ``cancelled``, ``internal_error``.
         message: The provider's own reason, or ours, in words.
         retryable: Whether the failure was of a kind that retries (it failed anyway
             because the attempts ran out).

@@ -73,6 +73,11 @@ def backoff(attempt: int, base: float, retry_after: float | None) -> float:
     return delay
 
 
+#: Why an attempt that is storing its images stops trying: its claim is gone (a shutdown
+#: does not stop it: attempts already storing finish first).
+_GIVE_UP = frozenset({"lost", "cancelled"})
+
+
 @attrs.define
 class _Attempt:
     claimed: Claimed
@@ -332,7 +337,7 @@ class Worker:
             except InvalidImage as exc:
                 error = TaskError("bad_image", f"the provider returned bytes that are not an image: {exc}")
             except OSError as exc:
-                if attempt.stop_reason is not None:  # lost or cancelled meanwhile: nothing to record
+                if attempt.stop_reason in _GIVE_UP:  # lost or cancelled meanwhile: nothing to record
                     log.info(
                         "task %s: attempt %d stopped while its images could not be stored", c.id, c.attempt
                     )
@@ -420,7 +425,7 @@ class Worker:
                 return await asyncio.to_thread(self._store_files, c, results)
             except OSError as exc:
                 left = deadline - loop.time()
-                if left <= 0 or attempt.stop_reason is not None:
+                if left <= 0 or attempt.stop_reason in _GIVE_UP:
                     raise
                 log.warning(
                     "task %s: storing the images of attempt %d failed (%s); trying again in %.1f s",
