@@ -387,3 +387,15 @@ async def test_damage_found_while_running_is_reported_and_backed_off(make_manage
     assert 3 <= faults.hits["claim"] <= 6
     messages = [r.getMessage() for r in caplog.records]
     assert messages and all("is damaged" in m and ".recover" in m for m in messages)
+
+
+async def test_a_quick_close_after_submit_never_leaves_a_task_running(make_manager, db_path):
+    """Closing a manager right after a submit (while its dispatcher may be claiming) hands back
+    every attempt it claimed before aclose() returns: after 15 quick cycles no task is left
+    `running` for the next start to wait a lease on."""
+    for i in range(15):
+        tm = await make_manager(provider=FakeProvider(latency=5))
+        await tm.submit(f"closed at once {i}")
+        await asyncio.sleep(0.001 * (i % 4))
+        await tm.aclose()
+        assert sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(0,)]

@@ -199,8 +199,8 @@ class Worker:
                 check_holders = last_claim - last_holder_check >= self.poll_interval
                 if check_holders:
                     last_holder_check = last_claim
-                try:
-                    claimed, ended, next_run = await self.store.claim(
+                claim = asyncio.ensure_future(
+                    self.store.claim(
                         self.id,
                         max(free, 0),
                         self.per_owner,
@@ -208,6 +208,12 @@ class Worker:
                         held=[(tid, a.claimed.attempt) for tid, a in self._running.items()],
                         gone=holder_gone if check_holders else None,
                     )
+                )
+                try:
+                    claimed, ended, next_run = await asyncio.shield(claim)
+                except asyncio.CancelledError:
+                    await self._hand_back(claim)
+                    raise
                 except Exception as exc:
                     if is_damage(exc):
                         # Damage the check at open did not reach (it is bounded on big files):
@@ -253,6 +259,25 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def _hand_back(self, claim: asyncio.Future[tuple[list[Claimed], list[str], int | None]]) -> None:
+        """The worker is stopping while a claim is in flight: wait for it (a commit cannot be
+        recalled) and hand back at once whatever it took, so a quick close never leaves a
+        task ``running`` for the next start to wait a lease on."""
+        try:
+            claimed, ended, _ = await claim
+        except Exception:
+            return  # nothing was claimed
+        for task_id in ended:
+            self.on_terminal(task_id)
+        for c in claimed:
+            try:
+                if await self.store.release(c.id, c.attempt, self.id):
+                    log.info("task %s: attempt %d claimed while closing, handed back", c.id, c.attempt)
+            except Exception:
+                log.exception(
+                    "task %s: handing back attempt %d failed; its lease will expire", c.id, c.attempt
+                )
 
     # -- heartbeat --
 
