@@ -19,6 +19,8 @@ def test_top_level_exports():
         "ProviderError",
         "PruneReport",
         "StoreError",
+        "SyncCredits",
+        "SyncTaskManager",
         "Task",
         "TaskError",
         "TaskManager",

@@ -3,6 +3,9 @@
 async with TaskManager(provider=FakeProvider()) as tm:
     task = await tm.submit("a lighthouse at dusk", n=2)
     task = await tm.wait(task.id)
+
+with SyncTaskManager(provider=FakeProvider()) as tm:   # the same, blocking
+    task = tm.wait(tm.submit("a lighthouse at dusk").id)
 """
 
 from ._exceptions import ConfigError as ConfigError
@@ -21,6 +24,8 @@ from ._models import StoredImage as StoredImage
 from ._models import Task as Task
 from ._models import TaskError as TaskError
 from ._models import TaskStatus as TaskStatus
+from ._sync import SyncCredits as SyncCredits
+from ._sync import SyncTaskManager as SyncTaskManager
 
 __version__ = "0.1.0"
 
@@ -33,6 +38,8 @@ __all__ = [
     "ProviderError",
     "PruneReport",
     "StoreError",
+    "SyncCredits",
+    "SyncTaskManager",
     "Task",
     "TaskError",
     "TaskManager",

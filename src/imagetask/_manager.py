@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -247,14 +247,22 @@ class TaskManager:
         log.info("opened %s (workers=%s)", self.path, self.workers)
         return self
 
-    async def aclose(self) -> None:
-        """Stop the workers (running attempts go back to the queue) and close the database."""
+    async def aclose(self, *, cancel_running: bool = True) -> None:
+        """Stop the workers and close the database. Queued tasks stay queued for the next start.
+
+        Args:
+            cancel_running: True (the default): attempts still generating are stopped and
+                handed back at once, to run again at the next start (a handed-back attempt
+                does not count against ``max_attempts``). False: wait for the attempts
+                already generating to finish (and hand back only those not yet started).
+                Attempts already storing their images finish first either way.
+        """
         if self._state is not _State.OPEN:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
         if self._worker is not None:
-            await self._worker.stop()
+            await self._worker.stop(drain=not cancel_running)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -280,6 +288,15 @@ class TaskManager:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def __enter__(self) -> None:
+        raise TypeError(
+            "TaskManager is asynchronous: use `async with TaskManager(...) as tm:`, or "
+            "`with SyncTaskManager(...) as tm:` in code without asyncio"
+        )
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ always raises
+        pass
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) is _State.OPEN:
@@ -618,7 +635,9 @@ class TaskManager:
                 if not waiters:
                     del self._waiters[task_id]
 
-    async def as_completed(self, ids: Iterable[str], timeout: float | None = None) -> AsyncIterator[Task]:
+    async def as_completed(
+        self, ids: Iterable[str], timeout: float | None = None
+    ) -> AsyncGenerator[Task, None]:
         """Yield each task as it reaches a terminal state (already-finished ones first).
 
         Raises:

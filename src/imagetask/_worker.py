@@ -84,6 +84,8 @@ class _Attempt:
     task: asyncio.Task[None] | None = None
     #: "generating" while cancellable; "storing" once files are being written.
     phase: str = "generating"
+    #: It holds a generation slot (False while a task claimed ahead waits for one).
+    started: bool = False
     #: Why we cancelled it: "cancelled", "lost" or "shutdown".
     stop_reason: str | None = None
 
@@ -162,16 +164,32 @@ class Worker:
         if attempt.phase == "generating" and attempt.task is not None:
             attempt.task.cancel()
 
-    async def stop(self) -> None:
-        """Stop claiming, give running attempts back to the queue, and wait for them."""
-        for loop in self._loops:
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop claiming, then give running attempts back to the queue at once and wait for
+        them; with ``drain``, let the attempts already generating finish instead (leases
+        still renewed), and give back only those claimed ahead and still waiting for a slot.
+        Either way, attempts already storing their images finish first."""
+        loops, self._loops = self._loops, []
+        if not loops:
+            return
+        dispatcher, heartbeat = loops
+        for loop in (dispatcher, heartbeat) if not drain else (dispatcher,):
             loop.cancel()
-        for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
-        self._loops = []
-        for task_id in list(self._running):
-            self.stop_local(task_id, "shutdown")
+        if drain:
+            for attempt in list(self._running.values()):
+                if not attempt.started:
+                    self._stop(attempt, "shutdown")
+            await self._wait_running()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        for attempt in list(self._running.values()):
+            self._stop(attempt, "shutdown")
+        await self._wait_running()
+
+    async def _wait_running(self) -> None:
         tasks = [a.task for a in self._running.values() if a.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -333,6 +351,7 @@ class Worker:
         results: list[ImageResult] = []
         try:
             async with self._slots, asyncio.timeout(self.attempt_timeout):
+                attempt.started = True
                 results = await self._generate_all(c)
         except TimeoutError:
             error = TaskError(
