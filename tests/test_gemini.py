@@ -360,3 +360,23 @@ def test_transport_errors_of_httpx_and_httpx2():
     for module in (httpx, httpx2):
         assert classify_transport_error(module.ReadTimeout("slow")).code == "timeout"
         assert classify_transport_error(module.RemoteProtocolError("dropped")).code == "connection_error"
+
+
+async def test_fake_provider_stands_in_for_gemini(make_manager):
+    """FakeProvider(models=GEMINI_MODELS) accepts Gemini's model ids and refuses what Gemini
+    would (the same aspect ratios, sizes, reference limits and prices), offline."""
+    from imagetask import ValidationError
+    from imagetask.providers import GEMINI_MODELS, FakeProvider
+
+    provider = FakeProvider(models=GEMINI_MODELS)
+    assert provider.default_model == "gemini-2.5-flash-image"
+    tm = await make_manager(provider=provider)
+    task = await tm.submit("production code, offline", model="gemini-3-pro-image-preview", size="4K", n=2)
+    assert task.cost == GEMINI_MODELS["gemini-3-pro-image-preview"].price_for("4K") * 2
+    done = await tm.wait(task.id, timeout=10)
+    assert done.ok and done.model == "gemini-3-pro-image-preview" and len(done.images) == 2
+    with pytest.raises(ValidationError) as info:
+        await tm.submit("flash has one size", model="gemini-2.5-flash-image", size="4K")
+    assert info.value.field == "size"
+    with pytest.raises(ValidationError, match="unknown model 'fake'"):
+        await tm.submit("not a gemini id", model="fake")

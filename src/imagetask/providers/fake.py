@@ -36,13 +36,18 @@ class FakeProvider:
     """A provider that draws a deterministic picture of the prompt with Pillow.
 
     It serves the model ``"fake"`` at 1 credit per image and needs no network and no
-    key. The same prompt (and image index) always gives the same picture.
+    key. The same prompt (and image index) always gives the same picture. To run code
+    written for Gemini offline, pass ``models=GEMINI_MODELS``: it then serves Gemini's
+    model table (the same ids, aspect ratios, sizes, reference limits and prices), so the
+    same requests validate and cost the same.
 
     Args:
         latency: Seconds each call takes before answering.
         outcomes: Scripted outcomes consumed one per call, in call order; when they run
             out every call succeeds. Each is a name from ``OUTCOMES`` (``"transient"``,
             ``"hang"``, ``"refusal"``, ...) or a `ProviderError` to raise.
+        models: The model table to serve instead of ``"fake"`` (e.g. ``GEMINI_MODELS``);
+            the first model is the default.
 
     Attributes:
         calls: How many times ``generate`` was called.
@@ -52,9 +57,22 @@ class FakeProvider:
 
     name = "fake"
 
-    def __init__(self, latency: float = 0.0, outcomes: Iterable[str | ProviderError] = ()) -> None:
-        if latency < 0:
-            raise ValueError("latency: must be >= 0 seconds")
+    def __init__(
+        self,
+        latency: float = 0.0,
+        outcomes: Iterable[str | ProviderError] = (),
+        models: Mapping[str, ModelInfo] | None = None,
+    ) -> None:
+        if (
+            isinstance(latency, bool)
+            or not isinstance(latency, int | float)
+            or not 0 <= latency < float("inf")
+        ):
+            raise ValueError(f"latency: must be a finite number of seconds >= 0, got {latency!r}")
+        if models is not None and (not isinstance(models, Mapping) or not models):
+            raise ValueError(
+                "models: must be a non-empty mapping of model id to ModelInfo (e.g. GEMINI_MODELS)"
+            )
         self.latency = latency
         self._outcomes: deque[str | ProviderError] = deque()
         self.script(*outcomes)
@@ -62,28 +80,33 @@ class FakeProvider:
         self.requests: list[ImageRequest] = []
         self.active = 0
         self.max_active = 0
-        self._models = {
-            "fake": ModelInfo(
-                "fake",
-                aspect_ratios=GEMINI_ASPECT_RATIOS,
-                sizes=("1K", "2K", "4K"),
-                max_reference_images=14,
-                price=1,
-            )
-        }
+        self._models: dict[str, ModelInfo] = (
+            dict(models)
+            if models is not None
+            else {
+                "fake": ModelInfo(
+                    "fake",
+                    aspect_ratios=GEMINI_ASPECT_RATIOS,
+                    sizes=("1K", "2K", "4K"),
+                    max_reference_images=14,
+                    price=1,
+                )
+            }
+        )
+        self._default = next(iter(self._models))
 
     def __repr__(self) -> str:
         return f"FakeProvider(latency={self.latency!r}, scripted={len(self._outcomes)})"
 
     @property
     def models(self) -> Mapping[str, ModelInfo]:
-        """The one model served, ``"fake"``."""
+        """The models served: ``"fake"``, or the table given as ``models``."""
         return self._models
 
     @property
     def default_model(self) -> str:
-        """``"fake"``."""
-        return "fake"
+        """``"fake"``, or the first model of the table given as ``models``."""
+        return self._default
 
     def script(self, *outcomes: str | ProviderError) -> None:
         """Queue outcomes for the next calls, in order (see ``OUTCOMES``)."""
