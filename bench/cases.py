@@ -550,8 +550,8 @@ def _record_commits(sink: Callable[[str, float], None]) -> None:
 
     original = store_module._batch_transaction
 
-    def batch(conn: sqlite3.Connection, ops: Any, *rest: Any) -> Any:
-        outcomes = original(conn, ops, *rest)  # returns after COMMIT
+    def batch(conn: sqlite3.Connection, ops: Any, *rest: Any, **options: Any) -> Any:
+        outcomes = original(conn, ops, *rest, **options)  # returns after COMMIT
         now = time.perf_counter()
         for (fn, args), (ok, value) in zip(ops, outcomes, strict=True):
             if fn is store_module._succeed and ok and value:

@@ -9,13 +9,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imagetask import TaskManager
+from imagetask import TaskEvent, TaskManager
 from imagetask.providers import FakeProvider
 
 HERE = Path(__file__).parent
@@ -135,9 +135,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
 RETAKEN_THEN_SUCCEEDED = [("claimed", 1), ("lease_expired", 1), ("claimed", 2), ("succeeded", 2)]
 
 
-def trail(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """A task's events (from ``events()``) as (event, attempt) pairs."""
-    return [(e["event"], e["attempt"]) for e in events]
+def trail(events: Sequence[TaskEvent]) -> list[tuple[str, int]]:
+    """A task's events (from ``events()``) as (kind, attempt) pairs."""
+    return [(e.kind, e.attempt) for e in events]
 
 
 ATTEMPT_ENDS = ("succeeded", "failed", "retry", "released", "lease_expired", "cancelled")

@@ -290,7 +290,7 @@ async def test_a_killed_holder_on_this_host_is_taken_back_at_once(db_path, spawn
         done = [await tm.wait(task_id, timeout=10) for task_id in ids]
         assert [t.status for t in done] == [TaskStatus.SUCCEEDED] * 2
         events = await tm.events(ids[0])
-        assert [(e["event"], e["detail"]) for e in events][:2] == [
+        assert [(e.kind, e.detail) for e in events][:2] == [
             ("claimed", None),
             ("lease_expired", "holder_gone"),
         ]

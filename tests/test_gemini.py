@@ -228,7 +228,7 @@ async def test_server_errors_are_retried(make_manager, server, gemini, reply):
     tm, done = await run_one(make_manager, gemini())
     assert done.ok and done.attempts == 2 and len(server.requests) == 2
     events = await tm.events(done.id)
-    assert events[1]["event"] == "retry" and events[1]["detail"].startswith("server_error")
+    assert events[1].kind == "retry" and events[1].detail.startswith("server_error")
 
 
 async def test_server_errors_exhaust_attempts(make_manager, server, gemini):
@@ -251,7 +251,7 @@ async def test_slow_answer_times_out_and_is_retried(make_manager, server, gemini
     server.add(image_reply(delay=3))
     tm, done = await run_one(make_manager, gemini(timeout=0.5))
     assert done.ok and done.attempts == 2
-    assert (await tm.events(done.id))[1]["detail"].startswith("timeout")
+    assert (await tm.events(done.id))[1].detail.startswith("timeout")
 
 
 async def test_dropped_connection_is_a_retryable_connection_error(make_manager, server, gemini):
@@ -259,7 +259,7 @@ async def test_dropped_connection_is_a_retryable_connection_error(make_manager, 
     server.add(Reply(drop=True))
     tm, done = await run_one(make_manager, gemini())
     assert done.ok and done.attempts == 2
-    assert (await tm.events(done.id))[1]["detail"].startswith("connection_error")
+    assert (await tm.events(done.id))[1].detail.startswith("connection_error")
 
 
 async def test_refused_connection_is_a_connection_error(make_manager):

@@ -349,7 +349,7 @@ async def test_transient_error_retries_then_succeeds(make_manager):
     tm = await make_manager(provider=FakeProvider(outcomes=["transient", "rate_limited"]))
     done = await tm.wait((await tm.submit("retry me")).id, timeout=10)
     assert done.ok and done.attempts == 3
-    events = [e["event"] for e in await tm.events(done.id)]
+    events = [e.kind for e in await tm.events(done.id)]
     assert events == ["claimed", "retry", "claimed", "retry", "claimed", "succeeded"]
 
 
@@ -385,7 +385,7 @@ async def test_hung_attempt_times_out_and_retries(make_manager):
     done = await tm.wait((await tm.submit("hang once")).id, timeout=10)
     assert done.ok and done.attempts == 2
     events = await tm.events(done.id)
-    assert "timeout" in events[1]["detail"]
+    assert "timeout" in events[1].detail
 
 
 async def test_rate_limit_honours_retry_after(make_manager):
@@ -394,9 +394,9 @@ async def test_rate_limit_honours_retry_after(make_manager):
     tm = await make_manager(provider=FakeProvider(outcomes=[err]))
     done = await tm.wait((await tm.submit("slow down")).id, timeout=10)
     events = await tm.events(done.id)
-    retry_at = next(e["at"] for e in events if e["event"] == "retry")
-    second_claim = [e["at"] for e in events if e["event"] == "claimed"][1]
-    assert second_claim - retry_at >= 500
+    retry_at = next(e.at for e in events if e.kind == "retry")
+    second_claim = [e.at for e in events if e.kind == "claimed"][1]
+    assert (second_claim - retry_at).total_seconds() >= 0.5
 
 
 async def test_one_failing_image_fails_the_whole_task(make_manager):

@@ -23,6 +23,7 @@ def test_top_level_exports():
         "SyncTaskManager",
         "Task",
         "TaskError",
+        "TaskEvent",
         "TaskManager",
         "TaskNotFound",
         "TaskStatus",

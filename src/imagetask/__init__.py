@@ -23,6 +23,7 @@ from ._models import GenerationRequest as GenerationRequest
 from ._models import StoredImage as StoredImage
 from ._models import Task as Task
 from ._models import TaskError as TaskError
+from ._models import TaskEvent as TaskEvent
 from ._models import TaskStatus as TaskStatus
 from ._sync import SyncCredits as SyncCredits
 from ._sync import SyncTaskManager as SyncTaskManager
@@ -42,6 +43,7 @@ __all__ = [
     "SyncTaskManager",
     "Task",
     "TaskError",
+    "TaskEvent",
     "TaskManager",
     "TaskNotFound",
     "TaskStatus",

@@ -26,6 +26,7 @@ from ._models import (
     ImageInput,
     StoredImage,
     Task,
+    TaskEvent,
     TaskStatus,
     _build_task,
     _json_object,
@@ -593,10 +594,14 @@ class TaskManager:
             _check_id(before, "before")
         return await self._require_open().list_tasks(owner, status_value, limit, before)
 
-    async def events(self, task_id: str) -> builtins.list[dict[str, Any]]:
-        """The task's event log, oldest first: every transition with its attempt and worker."""
+    async def events(self, task_id: str) -> tuple[TaskEvent, ...]:
+        """The task's event log, oldest first: every transition with its attempt and worker.
+
+        Raises:
+            TaskNotFound: no task has this id.
+        """
         await self.poll(task_id)
-        return await self._store.events(task_id)
+        return tuple(await self._store.events(task_id))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Wait until the task is terminal and return it.

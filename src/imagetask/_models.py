@@ -31,6 +31,7 @@ __all__ = [
     "StoredImage",
     "Task",
     "TaskError",
+    "TaskEvent",
     "TaskStatus",
     "new_task_id",
 ]
@@ -222,6 +223,52 @@ class Task:
 _STATUSES = {s.value: s for s in TaskStatus}
 
 
+@attrs.frozen
+class TaskEvent:
+    """One transition of a task, as its event log recorded it (``await tm.events(id)``).
+
+    Attributes:
+        task_id: The task.
+        at: When the transition committed (UTC).
+        kind: ``claimed``, ``retry``, ``lease_expired``, ``released``, ``succeeded``,
+            ``failed`` or ``cancelled``.
+        attempt: The attempt number it belongs to (the fencing token: it only grows).
+        status: The task's status right after it.
+        worker: The worker that made it (``host/boot/pid/start/token``), or None (a cancel).
+        detail: Why, where there is more to say: the error code and message of a retry or a
+            failure, ``holder_gone`` for a lease taken back from a dead process, the reason
+            of a cancel.
+    """
+
+    task_id: str
+    at: datetime
+    kind: str
+    attempt: int
+    status: TaskStatus
+    worker: str | None = None
+    detail: str | None = None
+
+    @classmethod
+    def _from_row(cls, row: Mapping[str, Any]) -> TaskEvent:
+        """Build an event from a ``task_events`` row, by column name."""
+        return cls(
+            task_id=row["task_id"],
+            at=datetime.fromtimestamp(row["at"] / 1000, tz=UTC),
+            kind=row["event"],
+            attempt=row["attempt"],
+            status=_STATUSES[row["status"]],
+            worker=row["worker"],
+            detail=row["detail"],
+        )
+
+    def _repr_html_(self) -> str:
+        detail = f" &middot; {html.escape(self.detail)}" if self.detail else ""
+        return (
+            f"<code>{self.at:%Y-%m-%d %H:%M:%S.%f}</code> <b>{html.escape(self.kind)}</b> "
+            f"attempt {self.attempt} &rarr; {html.escape(self.status.value)}{detail}"
+        )
+
+
 def _task_builder() -> Callable[..., Task]:
     """A function taking every field of `Task`, in order, that builds it by setting its slots
     directly. attrs' generated ``__init__`` of a frozen class costs several µs a call, and
@@ -241,7 +288,7 @@ def _task_builder() -> Callable[..., Task]:
 _build_task = _task_builder()
 
 
-for _cls in (Task, TaskError, StoredImage, TaskStatus):
+for _cls in (Task, TaskError, TaskEvent, StoredImage, TaskStatus):
     _cls.__module__ = "imagetask"
 
 

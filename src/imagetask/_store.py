@@ -34,7 +34,7 @@ import attrs
 from . import _config
 from ._dbcheck import check_database
 from ._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
-from ._models import StoredImage, Task, TaskError, now_ms
+from ._models import StoredImage, Task, TaskError, TaskEvent, now_ms
 
 if TYPE_CHECKING:
     from .testing import Faults
@@ -778,7 +778,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
-    async def events(self, task_id: str) -> list[dict[str, Any]]:
+    async def events(self, task_id: str) -> list[TaskEvent]:
         """The event log of one task, oldest first."""
         return await self._read(_events, task_id)
 
@@ -1549,10 +1549,9 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-def _events(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
-    return [
-        dict(r) for r in conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
-    ]
+def _events(conn: sqlite3.Connection, task_id: str) -> list[TaskEvent]:
+    rows = conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
+    return [TaskEvent._from_row(r) for r in rows]
 
 
 def _prune_batch(conn: sqlite3.Connection, before_ms: int, size: int) -> tuple[int, list[str]]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _config
 from ._exceptions import ConfigError
 from ._manager import PruneReport, TaskManager
-from ._models import GenerationRequest, ImageInput, Task, TaskStatus
+from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus
 
 if TYPE_CHECKING:
     from .providers.base import Provider
@@ -235,7 +235,7 @@ class SyncTaskManager:
         """Same as `TaskManager.list`, but blocking."""
         return self._call(self._async.list(owner, status, limit, before))
 
-    def events(self, task_id: str) -> builtins.list[dict[str, Any]]:
+    def events(self, task_id: str) -> tuple[TaskEvent, ...]:
         """Same as `TaskManager.events`, but blocking."""
         return self._call(self._async.events(task_id))
 
