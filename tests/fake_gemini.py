@@ -1,6 +1,6 @@
 """A fake Gemini REST server on 127.0.0.1 for tests: real HTTP, scriptable per request.
 
-It speaks ``POST /{version}/models/{model}:generateContent`` as GEMINI.md records it, accepts
+It speaks ``POST /{version}/models/{model}:generateContent`` as Google documents it, accepts
 both ``mimeType`` and ``mime_type`` in requests, and answers from a script: one `Reply` per
 request, in order (then a default image answer).
 """

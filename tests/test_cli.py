@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ def test_demo_runs_offline_and_shows_each_state(tmp_path):
         states = [line.split()[2] for line in lines if f" {task_id} " in line]
         assert states == ["queued", "running", "succeeded"]
     assert "6 of 6 succeeded" in out
+    assert (tmp_path / "sheet.png").exists() and "contact sheet" in out
     assert str(tmp_path / "images") in out
     assert len(list((tmp_path / "images").rglob("a1-0.png"))) == 6
 
@@ -85,3 +87,176 @@ def test_a_read_only_image_folder_shows_storage_error(tmp_path, tmpfs):
     failed = [line for line in proc.stdout.splitlines() if " failed " in line]
     assert len(failed) == 1 and "[storage_error: " in failed[0] and "EROFS" in failed[0]
     assert "0 of 1 succeeded" in proc.stdout
+
+
+# -- the full command, run as a user would --------------------------------------------------
+
+
+def cli(
+    home, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`imagetask --home HOME ARGS...` in a new process (no API key unless ``env`` sets one)."""
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "imagetask._cli", "--home", str(home), *args],
+        capture_output=True, text=True, timeout=timeout, env=environ,
+    )  # fmt: skip
+
+
+def test_generate_offline_prints_json_with_task_field_names(tmp_path):
+    """`generate --provider fake --json` runs the work and prints the task: Task's field names,
+    ISO 8601 UTC times, images with path, mime, size and hash."""
+    import json
+
+    done = cli(
+        tmp_path, "generate", "a red boat", "--n", "2", "--provider", "fake", "--latency", "0.1", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    (task,) = json.loads(done.stdout)
+    assert task["status"] == "succeeded" and task["model"] == "gemini-2.5-flash-image"
+    assert task["created_at"].endswith("Z") and task["finished_at"].endswith("Z")
+    assert [sorted(im) for im in task["images"]] == [
+        ["height", "mime", "path", "sha256", "size", "width"]
+    ] * 2
+    assert all(Path(im["path"]).exists() for im in task["images"])
+
+
+def test_work_commands_without_a_key_say_how_to_set_one(tmp_path):
+    """`generate` with no API key and no --provider exits 2 saying how to set a key."""
+    done = cli(tmp_path, "generate", "needs a key")
+    assert done.returncode == 2
+    assert "GEMINI_API_KEY" in done.stderr and "--provider fake" in done.stderr
+
+
+def test_submit_list_show_events_wait_and_cancel(tmp_path):
+    """--no-wait prints the id; ls, show and events read it; wait with a provider runs it;
+    cancel ends another; waiting on a cancelled task exits 1."""
+    import json
+
+    first = cli(tmp_path, "generate", "later", "--no-wait").stdout.strip()
+    second = cli(tmp_path, "generate", "never", "--no-wait").stdout.strip()
+    pending = json.loads(cli(tmp_path, "ls", "--pending", "--json").stdout)
+    assert [t["id"] for t in pending] == [second, first] and {t["status"] for t in pending} == {"queued"}
+    assert "status:      queued" in cli(tmp_path, "show", first).stdout
+    cancelled = cli(tmp_path, "cancel", second)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    waited = cli(tmp_path, "wait", first, "--provider", "fake", "--latency", "0")
+    assert waited.returncode == 0, waited.stderr
+    assert Path(waited.stdout.strip()).exists()
+    kinds = [e["kind"] for e in json.loads(cli(tmp_path, "events", first, "--json").stdout)]
+    assert kinds == ["claimed", "succeeded"]
+    assert cli(tmp_path, "wait", second).returncode == 1
+    assert cli(tmp_path, "show", "01ARZ3NDEKTSV4RRFFQ69G5FAV").returncode == 3
+
+
+def test_wait_times_out_with_exit_1(tmp_path):
+    """`wait --timeout` on a task nobody runs gives up after that long and exits 1."""
+    task_id = cli(tmp_path, "generate", "nobody runs me", "--no-wait").stdout.strip()
+    done = cli(tmp_path, "wait", task_id, "--timeout", "0.3s")
+    assert done.returncode == 1 and "did not finish" in done.stderr
+
+
+def test_credits_prune_and_sheet(tmp_path):
+    """credits grant/balance print the balance; a bad amount exits 2; prune --dry-run deletes
+    nothing; sheet writes a PNG of the latest images."""
+    import json
+
+    from PIL import Image
+
+    assert cli(tmp_path, "credits", "grant", "alice", "5").stdout.strip() == "alice: 5 credit(s)"
+    assert json.loads(cli(tmp_path, "credits", "balance", "alice", "--json").stdout)["balance"] == 5
+    assert cli(tmp_path, "credits", "grant", "alice", "0").returncode == 2
+    cli(tmp_path, "generate", "for the sheet", "--provider", "fake", "--latency", "0")
+    dry = cli(tmp_path, "prune", "--older-than", "0s", "--dry-run")
+    assert "would delete 1" in dry.stdout
+    assert "succeeded" in cli(tmp_path, "ls").stdout
+    out = tmp_path / "sheet.png"
+    made = cli(tmp_path, "sheet", "-o", str(out))
+    assert made.returncode == 0 and "1 image" in made.stdout
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width >= 256
+
+
+def test_doctor_reports_health_and_never_prints_the_key(tmp_path):
+    """doctor shows the schema version, integrity, counts and whether a key is set, naming the
+    variable but never printing the key."""
+    import json
+
+    cli(tmp_path, "generate", "for the doctor", "--no-wait")
+    secret = "AIza-not-a-real-key-0123456789"
+    done = cli(tmp_path, "doctor", "--json", env={"GEMINI_API_KEY": secret})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["schema_version"] == 2 and report["integrity"] == "ok"
+    assert report["tasks"]["queued"] == 1 and report["api_key"] == "GEMINI_API_KEY"
+    human = cli(tmp_path, "doctor", env={"GEMINI_API_KEY": secret})
+    assert secret not in done.stdout + done.stderr + human.stdout + human.stderr
+
+
+def test_read_commands_do_not_import_google_genai(tmp_path):
+    """`ls` and `show` never import google-genai (start-up time matters in a shell)."""
+    code = (
+        "import sys\n"
+        "from imagetask._cli import main\n"
+        f"main(['--home', {str(tmp_path)!r}, 'ls'])\n"
+        "assert not any(m.startswith('google.genai') for m in sys.modules), 'google-genai imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_watching_not_the_task(tmp_path):
+    """Ctrl-C during `generate` exits 130, prints the command that resumes watching, and
+    leaves the task queued (handed back) for that command to finish."""
+    import os
+    import signal
+    import time
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagetask._cli", "--home", str(tmp_path), "generate", "interrupted",
+         "--provider", "fake", "--latency", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while " running " not in (cli(tmp_path, "ls").stdout) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "imagetask wait " in err
+    task_id = err.split("imagetask wait ")[1].split()[0]
+    assert "status:      queued" in cli(tmp_path, "show", task_id).stdout
+    assert cli(tmp_path, "wait", task_id, "--provider", "fake", "--latency", "0").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [1, 2])
+def test_worker_stops_gracefully_on_sigterm(tmp_path, signals):
+    """`imagetask worker`: one SIGTERM lets the running attempt finish (the task succeeds) and
+    exits 0; a second SIGTERM hands it back at once (the task is queued again), exit 0."""
+    import os
+    import signal
+    import time
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    task_id = cli(tmp_path, "generate", "for the worker", "--no-wait").stdout.strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagetask._cli", "--home", str(tmp_path), "worker", "--provider", "fake",
+         "--latency", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while "status:      running" not in cli(tmp_path, "show", task_id).stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    status = cli(tmp_path, "show", task_id).stdout
+    assert ("status:      succeeded" if signals == 1 else "status:      queued") in status

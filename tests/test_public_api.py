@@ -14,6 +14,7 @@ def test_top_level_exports():
         "ConfigError",
         "Credits",
         "GenerationRequest",
+        "Health",
         "ImageTaskError",
         "InsufficientCredits",
         "ProviderError",
@@ -30,6 +31,7 @@ def test_top_level_exports():
         "ValidationError",
         "WaitTimeout",
         "__version__",
+        "default_home",
     ]
     assert imagetask.__all__ == sorted(imagetask.__all__)
     for name in imagetask.__all__:

@@ -8,6 +8,7 @@ with SyncTaskManager(provider=FakeProvider()) as tm:   # the same, blocking
     task = tm.wait(tm.submit("a lighthouse at dusk").id)
 """
 
+from ._config import default_home as default_home
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ImageTaskError as ImageTaskError
 from ._exceptions import InsufficientCredits as InsufficientCredits
@@ -17,6 +18,7 @@ from ._exceptions import TaskNotFound as TaskNotFound
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WaitTimeout as WaitTimeout
 from ._manager import Credits as Credits
+from ._manager import Health as Health
 from ._manager import PruneReport as PruneReport
 from ._manager import TaskManager as TaskManager
 from ._models import GenerationRequest as GenerationRequest
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "Credits",
     "GenerationRequest",
+    "Health",
     "ImageTaskError",
     "InsufficientCredits",
     "ProviderError",
@@ -50,6 +53,7 @@ __all__ = [
     "ValidationError",
     "WaitTimeout",
     "__version__",
+    "default_home",
 ]
 
 Credits.__module__ = "imagetask"

@@ -48,7 +48,9 @@ ORPHAN_GRACE = 3600.0
 
 
 def default_home() -> Path:
-    """The data folder: ``$IMAGETASK_HOME``, else the platform's user data dir."""
+    """The default data folder: ``$IMAGETASK_HOME``, else the platform's user data folder
+    (``~/.local/share/imagetask`` on Linux). It holds the database ``tasks.db`` and the
+    image folder ``images/``."""
     env = os.environ.get(HOME_ENV)
     if env:
         return Path(env).expanduser()

@@ -43,7 +43,7 @@ from .providers.base import Provider
 if TYPE_CHECKING:
     from .testing import Faults
 
-__all__ = ["Credits", "PruneReport", "TaskManager"]
+__all__ = ["Credits", "Health", "PruneReport", "TaskManager"]
 
 log = logging.getLogger("imagetask")
 
@@ -67,6 +67,35 @@ class PruneReport:
     tasks: int
     files: int
     orphans: int
+
+
+@attrs.frozen
+class Health:
+    """What ``health()`` found in the database (``imagetask doctor`` prints it).
+
+    Attributes:
+        path: The database file.
+        images_root: The image folder.
+        schema_version: The schema version recorded in the database.
+        integrity: ``"ok"``, or what SQLite's ``quick_check`` reported.
+        wal_bytes: The size of the write-ahead log file.
+        counts: Tasks by status (every status, zeros included).
+        expired_leases: Running tasks whose lease has expired (their worker stopped); any
+            manager with workers takes them back.
+    """
+
+    path: Path
+    images_root: Path
+    schema_version: int
+    integrity: str
+    wal_bytes: int
+    counts: Mapping[str, int]
+    expired_leases: int
+
+    @property
+    def ok(self) -> bool:
+        """True when the integrity check passed."""
+        return self.integrity == "ok"
 
 
 class Credits:
@@ -197,6 +226,7 @@ class TaskManager:
         self._state = _State.NEW
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         provider = self.provider.name if self.provider is not None else None
@@ -248,7 +278,7 @@ class TaskManager:
         log.info("opened %s (workers=%s)", self.path, self.workers)
         return self
 
-    async def aclose(self, *, cancel_running: bool = True) -> None:
+    async def aclose(self, *, cancel_running: bool = True, grace: float | None = None) -> None:
         """Stop the workers and close the database. Queued tasks stay queued for the next start.
 
         Args:
@@ -256,14 +286,29 @@ class TaskManager:
                 handed back at once, to run again at the next start (a handed-back attempt
                 does not count against ``max_attempts``). False: wait for the attempts
                 already generating to finish (and hand back only those not yet started).
-                Attempts already storing their images finish first either way.
+                Attempts already storing their images finish first either way. While a
+                close that waits is under way, ``aclose(cancel_running=True)`` hands the
+                rest back at once (a second Ctrl-C), and both return when it is closed.
+            grace: With ``cancel_running=False``: the longest wait, in seconds, before the
+                attempts still generating are handed back (None: no limit).
         """
+        if grace is not None:
+            _check_arg_seconds("grace", grace)
+        if self._closing is not None:  # a close is under way
+            if cancel_running and self._worker is not None:
+                self._worker.hurry()
+            await asyncio.shield(self._closing)
+            return
         if self._state is not _State.OPEN:
             self._state = _State.CLOSED
             return
+        self._closing = asyncio.ensure_future(self._close(cancel_running, grace))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, cancel_running: bool, grace: float | None) -> None:
         self._state = _State.CLOSED
         if self._worker is not None:
-            await self._worker.stop(drain=not cancel_running)
+            await self._worker.stop(drain=not cancel_running, grace=grace)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -757,6 +802,21 @@ class TaskManager:
                 log.exception("checking the database for changes failed")
                 interval = self.poll_interval
 
+    async def health(self) -> Health:
+        """Check the database: schema version, integrity (a full ``quick_check``, which reads
+        every page: seconds on a big file), WAL size, tasks by status, expired leases."""
+        found = await self._require_open().health()
+        counts = {status.value: found["counts"].get(status.value, 0) for status in TaskStatus}
+        return Health(
+            path=self.path,
+            images_root=self.images_root,
+            schema_version=found["schema_version"],
+            integrity=found["integrity"],
+            wal_bytes=found["wal_bytes"],
+            counts=counts,
+            expired_leases=found["expired_leases"],
+        )
+
     # -- cancel, prune --
 
     async def cancel(self, task_id: str) -> Task:
@@ -795,6 +855,7 @@ class TaskManager:
 
 TaskManager.__module__ = "imagetask"
 PruneReport.__module__ = "imagetask"
+Health.__module__ = "imagetask"
 
 
 def _default_provider() -> Provider | None:

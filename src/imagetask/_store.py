@@ -782,6 +782,16 @@ class Store:
         """The event log of one task, oldest first."""
         return await self._read(_events, task_id)
 
+    async def health(self) -> dict[str, Any]:
+        """What `TaskManager.health` reports: schema version, integrity, WAL size, counts."""
+        found = await self._read(_health, _now())
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            found["wal_bytes"] = wal.stat().st_size
+        except FileNotFoundError:
+            found["wal_bytes"] = 0
+        return found
+
     # -- housekeeping --
 
     async def prune(self, before_ms: int) -> tuple[int, list[str]]:
@@ -1552,6 +1562,20 @@ def _data_version(conn: sqlite3.Connection) -> int:
 def _events(conn: sqlite3.Connection, task_id: str) -> list[TaskEvent]:
     rows = conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
     return [TaskEvent._from_row(r) for r in rows]
+
+
+def _health(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
+    checked = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+    return {
+        "schema_version": conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0],
+        "integrity": "ok" if checked == ["ok"] else "; ".join(checked),
+        "counts": dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()),
+        "expired_leases": conn.execute(
+            "SELECT count(*) FROM tasks INDEXED BY tasks_running"
+            " WHERE status = 'running' AND lease_until < ?",
+            (now,),
+        ).fetchone()[0],
+    }
 
 
 def _prune_batch(conn: sqlite3.Connection, before_ms: int, size: int) -> tuple[int, list[str]]:

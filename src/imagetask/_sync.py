@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _config
 from ._exceptions import ConfigError
-from ._manager import PruneReport, TaskManager
+from ._manager import Health, PruneReport, TaskManager
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus
 
 if TYPE_CHECKING:
@@ -259,6 +259,10 @@ class SyncTaskManager:
     def cancel(self, task_id: str) -> Task:
         """Same as `TaskManager.cancel`, but blocking."""
         return self._call(self._async.cancel(task_id))
+
+    def health(self) -> Health:
+        """Same as `TaskManager.health`, but blocking."""
+        return self._call(self._async.health())
 
     def prune(self, older_than: float) -> PruneReport:
         """Same as `TaskManager.prune`, but blocking."""

@@ -128,6 +128,8 @@ class Worker:
         #: At most ``concurrency`` generations at once (guarantee 8).
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
+        #: Set to end a draining stop at once (a second signal to `imagetask worker`).
+        self._hurry = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -164,11 +166,16 @@ class Worker:
         if attempt.phase == "generating" and attempt.task is not None:
             attempt.task.cancel()
 
-    async def stop(self, *, drain: bool = False) -> None:
+    def hurry(self) -> None:
+        """End a draining `stop` now: the attempts still generating are handed back."""
+        self._hurry.set()
+
+    async def stop(self, *, drain: bool = False, grace: float | None = None) -> None:
         """Stop claiming, then give running attempts back to the queue at once and wait for
         them; with ``drain``, let the attempts already generating finish instead (leases
-        still renewed), and give back only those claimed ahead and still waiting for a slot.
-        Either way, attempts already storing their images finish first."""
+        still renewed) for up to ``grace`` seconds (None: as long as they take) or until
+        `hurry` is called, and give back only those claimed ahead and still waiting for a
+        slot, then the rest. Either way, attempts already storing their images finish first."""
         loops, self._loops = self._loops, []
         if not loops:
             return
@@ -181,7 +188,16 @@ class Worker:
             for attempt in list(self._running.values()):
                 if not attempt.started:
                     self._stop(attempt, "shutdown")
-            await self._wait_running()
+            tasks = [a.task for a in self._running.values() if a.task is not None]
+            if tasks:
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                # asyncio.wait, not gather: ending the wait must not cancel the attempts.
+                running = asyncio.ensure_future(asyncio.wait(tasks))
+                try:
+                    await asyncio.wait([hurry, running], timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    hurry.cancel()
+                    running.cancel()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat

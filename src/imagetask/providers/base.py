@@ -11,7 +11,7 @@ from .._exceptions import ProviderError
 
 __all__ = ["ImageRequest", "ImageResult", "ModelInfo", "Provider", "ProviderError", "ReferenceImage"]
 
-#: Aspect ratios the Gemini image models document (GEMINI.md §1).
+#: Aspect ratios the Gemini image models document.
 GEMINI_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 
 

@@ -1,7 +1,7 @@
 """GeminiProvider: Google's Gemini image models ("Nano Banana") through google-genai.
 
 Every way a call can end becomes either one image or a `ProviderError` with a precise code
-(see GEMINI.md for the facts behind each rule). google-genai's own retries stay off:
+(docs/providers.md lists each rule and why). google-genai's own retries stay off:
 retries happen in the task layer, where they are durable and logged. Nothing above this
 module imports google-genai.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,15 @@ class GeminiProvider:
     def default_model(self) -> str:
         """The model for tasks that name none."""
         return self._model
+
+    @staticmethod
+    def key_in_environment() -> str | None:
+        """The name of the environment variable that holds a Gemini API key
+        (``GOOGLE_API_KEY`` first, as google-genai reads them), or None; never the key itself."""
+        for name in _config.API_KEY_ENVS:
+            if os.environ.get(name, "").strip():
+                return name
+        return None
 
     def _key(self) -> str | None:
         return self._api_key or _config.api_key_from_env()
