@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -399,3 +400,97 @@ async def test_a_quick_close_after_submit_never_leaves_a_task_running(make_manag
         await asyncio.sleep(0.001 * (i % 4))
         await tm.aclose()
         assert sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(0,)]
+
+
+# -- found by an adversarial run ------------------------------------------------------------
+
+
+async def test_a_bug_while_storing_fails_the_task_once_never_regenerates(make_manager):
+    """An error that is not a storage fault (a bug, injected: RuntimeError while an image is
+    written) fails the task with internal_error at once: one paid call, not one per lease."""
+    provider, faults = FakeProvider(), Faults()
+    faults.fail("write_image", RuntimeError("a bug"), times=100)
+    tm = await make_manager(provider=provider, faults=faults, lease=1)
+    done = await tm.wait((await tm.submit("meets a bug")).id, timeout=10)
+    assert done.error is not None and done.error.code == "internal_error" and "a bug" in done.error.message
+    assert provider.calls == 1 and done.attempts == 1
+
+
+async def test_closing_while_images_are_retried_keeps_the_lease(make_manager, tmpfs):
+    """aclose() while an attempt retries storing on a full disk keeps renewing its lease: a
+    second manager never takes the task back and re-generates it; the attempt succeeds once
+    space returns."""
+    images = tmpfs.path / "images"
+    images.mkdir()
+    first = FakeProvider()
+    a = await make_manager(provider=first, images=images, lease=1, storage_timeout=20)
+    tmpfs.fill(leave_bytes=0)
+    task = await a.submit("stored during close")
+    await wait_for(lambda: first.calls == 1)
+    closing = asyncio.ensure_future(a.aclose())
+    second = FakeProvider()
+    await make_manager(provider=second, images=images, lease=1)
+    await asyncio.sleep(2.5)  # two and a half leases
+    assert second.calls == 0
+    for filler in tmpfs.path.glob(".filler-*"):
+        filler.unlink()
+    await asyncio.wait_for(closing, 20)
+    ((status, attempt),) = sql(a.path, "SELECT status, attempt FROM tasks WHERE id = ?", task.id)
+    assert (status, attempt) == ("succeeded", 1) and second.calls == 0
+
+
+async def test_refunds_can_never_push_a_balance_past_the_limit(make_manager):
+    """A grant that, with the refunds of the owner's unfinished charged tasks, could pass 10**12
+    is refused; taking credits away is always allowed while the balance stays >= 0."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]), credits=True)
+    await tm.credits.grant("alice", 10**12)
+    task = await tm.submit("charged 8", n=8, owner="alice")
+    with pytest.raises(ValidationError, match="unfinished"):
+        await tm.credits.grant("alice", 8)
+    assert await tm.credits.grant("alice", -1) == 10**12 - 9
+    await tm.cancel(task.id)
+    assert await tm.credits.balance("alice") == 10**12 - 1
+
+
+@pytest.mark.parametrize("where", ["new file", "missing folder", "dangling link"])
+async def test_an_unusable_database_location_is_a_store_error(tmpfs, tmp_path, where):
+    """A database that cannot be created (read-only file system, a folder that cannot be made,
+    a link to nowhere) is a StoreError naming the file, never a raw sqlite3 or OS error."""
+    if where == "dangling link":
+        path = tmp_path / "tasks.db"
+        path.symlink_to(tmp_path / "nowhere" / "tasks.db")
+    else:
+        tmpfs.remount(ro=True)
+        path = tmpfs.path / ("tasks.db" if where == "new file" else "sub/tasks.db")
+    with pytest.raises(StoreError, match=r"tasks\.db"):
+        await TaskManager(path, provider=FakeProvider()).open()
+
+
+async def test_prune_with_a_read_only_image_folder_still_prunes_the_rows(make_manager, tmpfs, caplog):
+    """prune() when image files cannot be deleted (read-only file system) deletes the rows,
+    warns which files stay, and raises nothing."""
+    images = tmpfs.path / "images"
+    tm = await make_manager(images=images)
+    done = await tm.wait((await tm.submit("to prune")).id, timeout=10)
+    await asyncio.sleep(0.01)
+    tmpfs.remount(ro=True)
+    report = await tm.prune(0)
+    assert report.tasks == 1 and report.files == 0 and await tm.list() == []
+    assert done.images[0].path.exists()
+    assert any("could not delete" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+async def test_a_killed_holder_not_yet_reaped_is_gone_too(db_path, spawn):
+    """A SIGKILLed worker that its parent has not reaped yet (a zombie) runs nothing: its leases
+    are taken back at once too."""
+    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
+        task = await submitter.submit("held by a zombie")
+    wait_until(lambda: sql(db_path, "SELECT status FROM tasks") == [("running",)])
+    child.send_signal(signal.SIGKILL)
+    stat = Path(f"/proc/{child.pid}/stat")
+    wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", what="a zombie")
+    async with TaskManager(db_path, provider=FakeProvider(), lease=60, poll_interval=0.05) as tm:
+        assert (await tm.wait(task.id, timeout=10)).ok

@@ -156,7 +156,12 @@ async def test_metadata_as_deep_as_allowed_round_trips(make_manager):
     """Metadata nested 32 levels deep (the limit) with string keys is stored and read back
     exactly."""
     tm = await make_manager(workers=False)
-    metadata = {"k": nested(31), "unicode": "caf\u00e9 \U0001f600"}
+    innermost = nested(31)
+    deepest = innermost
+    while deepest:
+        deepest = deepest[0]  # type: ignore[assignment]
+    deepest.append(1)  # a plain value inside the 32nd level is not a 33rd
+    metadata = {"k": innermost, "unicode": "caf\u00e9 \U0001f600"}
     task = await tm.submit("fine", metadata=metadata)
     assert (await tm.poll(task.id)).metadata == metadata
 
@@ -195,7 +200,7 @@ async def test_owners_follow_one_rule_everywhere(make_manager):
             assert info.value.field == "owner"
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e20, -1], ids=repr)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e20, -1, 2**2000], ids=lambda v: repr(v)[:12])
 async def test_durations_are_finite_and_bounded(make_manager, value):
     """prune's older_than and wait's timeout refuse infinite, NaN, negative and absurdly large
     durations with a ValidationError; manager options refuse them with a ConfigError."""
@@ -211,3 +216,64 @@ async def test_durations_are_finite_and_bounded(make_manager, value):
     for option in ("lease", "attempt_timeout", "poll_interval", "retry_delay", "storage_timeout"):
         with pytest.raises(ConfigError, match=option):
             TaskManager(tm.path, **{option: value})
+
+
+async def test_list_arguments_refuse_a_string_or_none(make_manager):
+    """submit_many and as_completed take lists: None or a bare string is a ValidationError,
+    not a raw TypeError or an iteration over letters."""
+    tm = await make_manager(workers=False)
+    for bad in (None, "ABC"):
+        with pytest.raises(ValidationError) as info:
+            await tm.submit_many(bad)
+        assert info.value.field == "requests"
+        with pytest.raises(ValidationError) as info:
+            async for _ in tm.as_completed(bad):
+                pass
+        assert info.value.field == "ids"
+
+
+async def test_a_lease_too_short_to_renew_is_refused(tmp_path):
+    """A lease under 0.1 s (stored in milliseconds, renewed every third of it) is a ConfigError."""
+    from imagetask import ConfigError, TaskManager
+
+    with pytest.raises(ConfigError, match="lease"):
+        TaskManager(tmp_path / "t.db", lease=0.0004)
+
+
+@pytest.mark.parametrize("bad", ["lone \ud800 surrogate", "nul\x00inside"], ids=["surrogate", "nul"])
+async def test_unusable_paths_are_refused_by_name(make_manager, tmp_path, bad):
+    """A reference image path, a database path or an image folder with a lone surrogate or a NUL
+    is refused naming it (ValidationError for images[i], ConfigError for an option)."""
+    from imagetask import ConfigError, TaskManager
+
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError) as info:
+        await tm.submit("fine", images=[str(tmp_path / f"{bad}.png")])
+    assert info.value.field == "images[0]"
+    assert await tm.list() == []
+    with pytest.raises(ConfigError, match="path"):
+        TaskManager(tmp_path / f"{bad}.db")
+    with pytest.raises(ConfigError, match="images"):
+        TaskManager(tmp_path / "t.db", images=tmp_path / bad)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    """A small PNG that would decode to 144 megapixels is refused from its header."""
+    import zlib
+
+    from imagetask._images import read_reference
+
+    width = height = 12_000
+    # A 1-bit greyscale PNG of 12,000 x 12,000 zeros: about 20 KB on disk.
+    row = b"\x00" + b"\x00" * (width // 8)
+    raw = zlib.compress(row * height, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    assert len(png) < 1_000_000
+    with pytest.raises(ValidationError, match="megapixels") as info:
+        read_reference(png, 0)
+    assert info.value.field == "images[0]"

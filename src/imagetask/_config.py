@@ -31,6 +31,9 @@ MAX_PROMPT_CHARS = 10_000
 MAX_N = 8
 MAX_KEY_CHARS = 200
 MAX_REFERENCE_BYTES = 20 * 1024 * 1024
+#: Largest image accepted (a reference, or a provider's answer), in pixels: checked from the
+#: header before decoding, so a small file that decodes to gigabytes is refused cheaply.
+MAX_IMAGE_PIXELS = 50_000_000
 MAX_METADATA_BYTES = 64 * 1024
 #: Deepest nesting of lists and objects allowed in metadata.
 MAX_METADATA_DEPTH = 32

@@ -31,7 +31,8 @@ def _boot_id() -> str:
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat),
-    ``"-"`` where /proc is missing, None when no such process exists."""
+    ``"-"`` where /proc is missing, None when no such process exists (or it has exited and
+    only waits to be reaped: a zombie runs no code and renews no lease)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -44,6 +45,8 @@ def _start_time(pid: int) -> str | None:
     # The command name (field 2) is in parentheses and may hold spaces or ')': split after
     # the last one. The fields after it start at field 3, so the start time is the 20th.
     fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields and fields[0] in (b"Z", b"X"):  # zombie or dead: exited, not yet reaped
+        return None
     return fields[19].decode() if len(fields) > 19 else "-"
 
 

@@ -12,12 +12,15 @@ A crash in between leaves an orphan that `ImageStore.sweep` finds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import os
 import re
 import stat
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +33,13 @@ from ._exceptions import ValidationError
 from ._models import ImageInput, StoredImage, task_id_ms
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .testing import Faults
 
 __all__ = ["ImageStore", "InvalidImage", "inspect"]
+
+log = logging.getLogger("imagetask")
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 _NAME = re.compile(r"^(?:a(?P<attempt>\d+)|ref)-(?P<index>\d+)\.[a-z]+(?P<tmp>\.tmp)?$")
@@ -60,16 +67,36 @@ def inspect(data: bytes) -> Inspected:
     if not data:
         raise InvalidImage("no bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _opened(data) as im:
             fmt = im.format
-            im.load()  # decodes every pixel: truncated files fail here, not later
             width, height = im.size
+            if width * height > _config.MAX_IMAGE_PIXELS:  # read from the header: before decoding
+                raise InvalidImage(
+                    f"{width}x{height} is more than {_config.MAX_IMAGE_PIXELS // 1_000_000} megapixels"
+                )
+            im.load()  # decodes every pixel: truncated files fail here, not later
+    except InvalidImage:
+        raise
     except Exception as exc:  # Pillow raises many types for bad input
         raise InvalidImage(f"Pillow cannot decode it ({type(exc).__name__}: {exc})") from None
     mime = Image.MIME.get(fmt or "", "")
     if mime not in _EXT:
         raise InvalidImage(f"format {fmt} is not PNG, JPEG or WebP")
     return Inspected(mime, width, height)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """Pillow's image of ``data`` (header read, pixels not yet decoded). Its own
+    decompression-bomb warning is silenced: callers check `MAX_IMAGE_PIXELS` themselves,
+    from the header, and refuse with a clear reason."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    with im:
+        yield im
 
 
 def read_reference(item: ImageInput, position: int) -> bytes:
@@ -131,6 +158,8 @@ def _read_file(path: Path, field: str, limit: int) -> bytes:
         fd = os.open(path, _READ_FLAGS)
     except OSError as exc:
         raise ValidationError(field, f"cannot read {path}: {_reason(exc)}") from None
+    except (ValueError, UnicodeError) as exc:  # a NUL, or a lone surrogate the OS cannot take
+        raise ValidationError(field, f"{str(path)!r} is not a usable path ({exc})") from None
     try:
         # Check again on the open file: the path may have been replaced in between.
         _check_regular(path, os.fstat(fd), field, limit)
@@ -191,13 +220,16 @@ def _is_pil_image(item: object) -> bool:
 
 def _convert_to_png(data: bytes, field: str, why: InvalidImage) -> bytes:
     """Turn a decodable image of another format (GIF, BMP, TIFF) into PNG."""
-    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _opened(data) as im:
+            if im.width * im.height > _config.MAX_IMAGE_PIXELS:
+                raise ValidationError(field, f"not usable: {why}")
             im.load()
             buf = io.BytesIO()
             im.save(buf, format="PNG")
+    except ValidationError:
+        raise
     except Exception:
         raise ValidationError(field, f"not an image: {why}") from None
     return buf.getvalue()
@@ -279,13 +311,21 @@ class ImageStore:
         """Delete files (missing ones are fine) and their emptied task folders."""
         count = 0
         folders = set()
+        failed: list[str] = []
         for path in paths:
             try:
                 path.unlink()
                 count += 1
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # read-only, I/O error: the file stays, an orphan for later
+                failed.append(f"{path.name}: {exc.strerror or exc}")
             folders.add(path.parent)
+        if failed:
+            log.warning(
+                "could not delete %d image file(s) under %s (%s%s); the next prune tries again",
+                len(failed), self.root, "; ".join(failed[:3]), ", ..." if len(failed) > 3 else "",
+            )  # fmt: skip
         for folder in folders:
             self._remove_empty(folder)
         return count

@@ -190,10 +190,12 @@ class TaskManager:
         _check_int("max_attempts", max_attempts, 1)
         for name, value in (
             ("attempt_timeout", attempt_timeout),
-            ("lease", lease),
             ("poll_interval", poll_interval),
         ):
             _check_seconds(name, value, positive=True)
+        # Leases are stored in milliseconds and renewed every lease / 3: below 0.1 s a lease
+        # would run out before its renewal could commit.
+        _check_seconds("lease", lease, positive=True, minimum=0.1)
         _check_seconds("retry_delay", retry_delay, positive=False)
         _check_seconds("storage_timeout", storage_timeout, positive=False)
         if durability not in ("normal", "full"):
@@ -203,6 +205,8 @@ class TaskManager:
                 "path: must be a file; an in-memory database cannot be shared by the "
                 "connections and processes imagetask uses (pass a path, e.g. tmp_path / 'tasks.db')"
             )
+        _check_path("path", path)
+        _check_path("images", images)
         db = Path(path) if path is not None else _config.default_home() / _config.DB_NAME
         self.path = db.expanduser().absolute()
         root = Path(images) if images is not None else self.path.parent / _config.IMAGES_DIR
@@ -441,7 +445,7 @@ class TaskManager:
             InsufficientCredits: an owner cannot pay for its share; nothing is written.
         """
         store = self._require_open()
-        items = [GenerationRequest._coerce(item, i) for i, item in enumerate(requests)]
+        items = [GenerationRequest._coerce(item, i) for i, item in enumerate(_iterable("requests", requests))]
         shapes: dict[Any, Any] = {}
         rows: list[SubmitRow] = []
         try:
@@ -697,7 +701,7 @@ class TaskManager:
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
         store = self._require_open()
-        ids = [_check_id(task_id) for task_id in dict.fromkeys(ids)]
+        ids = [_check_id(task_id) for task_id in dict.fromkeys(_iterable("ids", ids))]
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Register first, then read: a task that ends between the two is not missed. One
@@ -845,7 +849,13 @@ class TaskManager:
         store = self._require_open()
         count, paths = await store.prune(now_ms() - int(older_than * 1000))
         files = await asyncio.to_thread(self._images.delete, [self._images.absolute(p) for p in paths])
-        listing = await asyncio.to_thread(lambda: list(self._images.scan()))
+        try:
+            listing = await asyncio.to_thread(lambda: list(self._images.scan()))
+        except OSError as exc:  # an unreadable image folder: the rows are pruned all the same
+            log.warning(
+                "prune: cannot list the image folder %s (%s); orphans not swept", self.images_root, exc
+            )
+            listing = []
         known, referenced = await store.file_state(sorted({entry[0] for entry in listing}))
         orphans = await asyncio.to_thread(self._images.sweep, known, referenced, listing)
         report = PruneReport(tasks=count, files=files, orphans=orphans)
@@ -883,21 +893,46 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
 
 
-def _seconds_problem(value: object, positive: bool) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def _seconds_problem(value: object, positive: bool, minimum: float = 0.0) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "a finite number of seconds"
+    if isinstance(value, int) and abs(value) > _config.MAX_SECONDS:  # before float(): 2**2000
+        return "a number of seconds up to 1e9 (about 31 years)"
+    if not math.isfinite(value):
         return "a finite number of seconds"
     if value < 0 or (positive and value == 0):
         return "a number of seconds > 0" if positive else "a number of seconds >= 0"
+    if value < minimum:
+        return f"a number of seconds >= {minimum:g}"
     if value > _config.MAX_SECONDS:
         return "a number of seconds up to 1e9 (about 31 years)"
     return None
 
 
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
+def _check_seconds(name: str, value: object, *, positive: bool, minimum: float = 0.0) -> None:
     """Check a manager option given in seconds."""
-    problem = _seconds_problem(value, positive)
+    problem = _seconds_problem(value, positive, minimum)
     if problem:
         raise ConfigError(f"{name}: must be {problem}, got {value!r}")
+
+
+def _check_path(name: str, value: object) -> None:
+    """A path option the file system can take: no NUL, nothing the OS cannot encode."""
+    if value is None:
+        return
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{name}: must be a path (str or os.PathLike), got {type(value).__name__}")
+    text = os.fspath(value)
+    problem = None
+    if (b"\0" if isinstance(text, bytes) else "\0") in text:
+        problem = "contains a NUL character"
+    else:
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError as exc:
+            problem = f"cannot be encoded for the file system ({exc.reason})"
+    if problem:
+        raise ConfigError(f"{name}: {text!r} {problem}; pass another path")
 
 
 def _check_arg_seconds(name: str, value: object) -> None:
@@ -905,6 +940,13 @@ def _check_arg_seconds(name: str, value: object) -> None:
     problem = _seconds_problem(value, positive=False)
     if problem:
         raise ValidationError(name, f"must be {problem}, got {value!r}")
+
+
+def _iterable(field: str, value: Any) -> Iterable[Any]:
+    """A list-like argument: a str (an id, a prompt) is a mistake, not a sequence of letters."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValidationError(field, f"must be a list, got {type(value).__name__}")
+    return value
 
 
 def _check_owner(owner: object) -> None:

@@ -505,7 +505,7 @@ def _check_metadata_shape(metadata: Mapping[Any, Any]) -> None:
             children = [(child, f"{where}[{i}]") for i, child in enumerate(value)]
         else:
             continue
-        if children and depth >= limit:
+        if depth > limit:  # a list or object this deep; plain values do not count as a level
             raise ValidationError("metadata", f"is nested deeper than {limit} levels (at {where})")
         stack.extend((child, path, depth + 1) for child, path in children)
 

@@ -272,7 +272,12 @@ class Store:
         # Read-only, before any connection that could write: a foreign or damaged file is
         # refused untouched (not even switched to WAL). In a thread: a big file takes a while.
         await asyncio.to_thread(check_database, self.path, MIGRATIONS)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder of the database {self.path}: {exc.strerror or exc}"
+            ) from None
         try:
             self._writer = await self._connect(query_only=False)
             await self._run(self._writer, self._migrate)
@@ -287,7 +292,13 @@ class Store:
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
         conn = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         _daemonize(conn)
-        await conn
+        try:
+            await conn
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open the database {self.path}: {exc}; check that its folder exists, is "
+                "writable, and is not a dangling link"
+            ) from None
         try:
             conn.row_factory = sqlite3.Row
             await self._run(conn, self._configure, query_only)
@@ -1506,10 +1517,21 @@ def _grant(conn: sqlite3.Connection, owner: str, amount: int) -> int:
     ).fetchone()
     if row["balance"] < 0:
         raise ValidationError("amount", f"would leave {owner!r} with a negative balance ({row['balance']})")
-    if row["balance"] > _config.MAX_CREDITS:
-        raise ValidationError(
-            "amount", f"would take {owner!r}'s balance to {row['balance']}, past the limit of 10**12"
-        )
+    if amount > 0:
+        # Refunds of the owner's unfinished charged tasks may still come back: count them,
+        # so that no refund can ever take the balance past the limit.
+        held = conn.execute(
+            "SELECT coalesce(sum(cost), 0) FROM tasks INDEXED BY tasks_active"
+            " WHERE owner = ? AND status IN ('queued', 'running')"
+            " AND EXISTS (SELECT 1 FROM ledger WHERE task_id = tasks.id AND kind = 'charge')",
+            (owner,),
+        ).fetchone()[0]
+        if row["balance"] + held > _config.MAX_CREDITS:
+            raise ValidationError(
+                "amount",
+                f"would take {owner!r}'s balance to {row['balance']} (plus {held} charged to "
+                "unfinished tasks), past the limit of 10**12",
+            )
     conn.execute(
         "INSERT INTO ledger (owner, task_id, kind, amount, at) VALUES (?, NULL, 'grant', ?, ?)",
         (owner, amount, now),

@@ -180,10 +180,11 @@ class Worker:
         if not loops:
             return
         dispatcher, heartbeat = loops
-        for loop in (dispatcher, heartbeat) if not drain else (dispatcher,):
-            loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
+        # The heartbeat goes on until every attempt has ended: one still storing its images
+        # (or recording its outcome) keeps its lease, so no other process re-runs it meanwhile.
         if drain:
             for attempt in list(self._running.values()):
                 if not attempt.started:
@@ -198,12 +199,14 @@ class Worker:
                 finally:
                     hurry.cancel()
                     running.cancel()
+        for attempt in list(self._running.values()):
+            self._stop(attempt, "shutdown")
+        try:
+            await self._wait_running()
+        finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        for attempt in list(self._running.values()):
-            self._stop(attempt, "shutdown")
-        await self._wait_running()
 
     async def _wait_running(self) -> None:
         tasks = [a.task for a in self._running.values() if a.task is not None]
@@ -351,8 +354,20 @@ class Worker:
                     log.info("task %s: attempt %d released at shutdown", c.id, c.attempt)
             elif attempt.stop_reason is None:
                 raise
-        except Exception:
+        except StoreError:
+            # The database refused the outcome every time: nothing can be recorded now; the
+            # lease runs out and the task is taken back (the fence refuses this attempt).
+            log.exception("task %s: attempt %d could not record its outcome", c.id, c.attempt)
+        except Exception as exc:
+            # A bug of ours (not the provider's, not the disk's): fail the task rather than
+            # leave it for its lease, which would run it, and pay for it, again.
             log.exception("task %s: attempt %d crashed in imagetask itself", c.id, c.attempt)
+            error = TaskError("internal_error", f"imagetask failed: {type(exc).__name__}: {exc}")
+            try:
+                if await self.store.fail(c.id, c.attempt, self.id, error):
+                    self.on_terminal(c.id)
+            except Exception:
+                log.exception("task %s: recording the failure failed; its lease will expire", c.id)
         finally:
             if attempt.phase == "generating":  # stopped before its generation ended
                 self._release_slot()
