@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import enum
 import logging
 import math
 import os
 import warnings
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -231,6 +232,9 @@ class TaskManager:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        #: The event loop the manager was opened on (galleries refresh there).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._galleries: set[concurrent.futures.Future[None]] = set()
 
     def __repr__(self) -> str:
         provider = self.provider.name if self.provider is not None else None
@@ -256,6 +260,7 @@ class TaskManager:
                 "provider=FakeProvider() to run offline, or pass workers=False for a process "
                 "that only submits and polls"
             )
+        self._loop = asyncio.get_running_loop()
         await self._store.open()
         try:
             if self.workers:
@@ -311,6 +316,8 @@ class TaskManager:
 
     async def _close(self, cancel_running: bool, grace: float | None) -> None:
         self._state = _State.CLOSED
+        for gallery in list(self._galleries):
+            gallery.cancel()
         if self._worker is not None:
             await self._worker.stop(drain=not cancel_running, grace=grace)
         if self._watcher is not None:
@@ -637,8 +644,7 @@ class TaskManager:
                     "status",
                     f"unknown status {status!r}; use one of {', '.join(s.value for s in TaskStatus)}",
                 ) from None
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
+        _check_limit(limit)
         if before is not None:
             _check_id(before, "before")
         return await self._require_open().list_tasks(owner, status_value, limit, before)
@@ -821,6 +827,37 @@ class TaskManager:
             expired_leases=found["expired_leases"],
         )
 
+    def gallery(self, owner: str | None = None, limit: int = 24) -> None:
+        """Show the latest tasks as a live grid in a Jupyter notebook: images as inline
+        thumbnails, pending tasks as animated skeleton cards that turn into their images
+        when they land (updated in place, while the kernel stays free for other cells),
+        failures with their reason. After a kernel restart, open the same database and call
+        it again: in-flight tasks show up and finish there.
+
+        Args:
+            owner: Only this owner's tasks.
+            limit: How many of the newest tasks (1 to 1,000).
+
+        Raises:
+            ConfigError: outside IPython, or IPython is not installed
+                (``pip install 'imagetask[notebook]'``).
+        """
+        if owner is not None:
+            _check_owner(owner)
+        _check_limit(limit)
+        self._require_open()
+        from ._display import start_gallery
+
+        loop = self._loop
+        assert loop is not None
+
+        def schedule(refresh: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.run_coroutine_threadsafe(refresh, loop)
+            self._galleries.add(task)
+            task.add_done_callback(self._galleries.discard)
+
+        start_gallery(lambda: self.list(owner=owner, limit=limit), None, schedule)
+
     # -- cancel, prune --
 
     async def cancel(self, task_id: str) -> Task:
@@ -940,6 +977,11 @@ def _check_arg_seconds(name: str, value: object) -> None:
     problem = _seconds_problem(value, positive=False)
     if problem:
         raise ValidationError(name, f"must be {problem}, got {value!r}")
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
 
 
 def _iterable(field: str, value: Any) -> Iterable[Any]:

@@ -118,9 +118,17 @@ class StoredImage:
         """The file's bytes."""
         return self.path.read_bytes()
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        # Jupyter shows the picture itself rather than the repr.
-        return {self.mime: self.read_bytes(), "text/plain": repr(self)}
+    def _repr_html_(self) -> str:
+        # Jupyter shows a downscaled inline preview, never the whole file nor a file:// link.
+        from ._display import thumbnail_uri
+
+        uri = thumbnail_uri(self)
+        if uri is None:
+            return f"<em>image file missing: {html.escape(str(self.path))}</em>"
+        return (
+            f'<img src="{uri}" title="{html.escape(str(self.path))}" '
+            f'alt="{self.width}x{self.height} {html.escape(self.mime)}">'
+        )
 
 
 @attrs.frozen
@@ -207,20 +215,23 @@ class Task:
         )  # fmt: skip
 
     def _repr_html_(self) -> str:
-        head = (
-            f"<b>{html.escape(self.id)}</b> {html.escape(self.status.value)} "
-            f"&middot; {html.escape(self.model)} &middot; {html.escape(self.prompt[:80])}"
-        )
-        if self.error is not None:
-            head += f"<br><code>{html.escape(self.error.code)}</code> {html.escape(self.error.message)}"
-        imgs = "".join(
-            f'<img src="{html.escape(im.path.as_uri())}" style="max-width:256px;margin:2px">'
-            for im in self.images
-        )
-        return f"<div>{head}<br>{imgs}</div>"
+        # A card: its images as inline thumbnails, a skeleton while pending, or its error.
+        from ._display import grid
+
+        return grid([self])
 
 
 _STATUSES = {s.value: s for s in TaskStatus}
+
+
+class TaskList(list["Task"]):
+    """A list of tasks (what ``list`` and ``pending`` return) that shows itself as a grid of
+    cards in a notebook."""
+
+    def _repr_html_(self) -> str:
+        from ._display import grid
+
+        return grid(self)
 
 
 @attrs.frozen

@@ -34,7 +34,7 @@ import attrs
 from . import _config
 from ._dbcheck import check_database
 from ._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
-from ._models import StoredImage, Task, TaskError, TaskEvent, now_ms
+from ._models import StoredImage, Task, TaskError, TaskEvent, TaskList, now_ms
 
 if TYPE_CHECKING:
     from .testing import Faults
@@ -838,7 +838,7 @@ class Store:
         refs: dict[str, list[StoredImage]] = {}
         for r in image_rows:
             (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
-        return [Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows]
+        return TaskList(Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
 
     def _task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
         """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""

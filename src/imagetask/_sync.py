@@ -264,6 +264,18 @@ class SyncTaskManager:
         """Same as `TaskManager.health`, but blocking."""
         return self._call(self._async.health())
 
+    def gallery(self, owner: str | None = None, limit: int = 24) -> None:
+        """Same as `TaskManager.gallery` (it refreshes on this manager's own loop)."""
+        first = self.list(owner=owner, limit=limit)  # validates, and shows the grid at once
+        from ._display import start_gallery
+
+        def schedule(refresh: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.run_coroutine_threadsafe(refresh, self._loop)
+            self._async._galleries.add(task)
+            task.add_done_callback(self._async._galleries.discard)
+
+        start_gallery(lambda: self._async.list(owner=owner, limit=limit), first, schedule)
+
     def prune(self, older_than: float) -> PruneReport:
         """Same as `TaskManager.prune`, but blocking."""
         return self._call(self._async.prune(older_than))
