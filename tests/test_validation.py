@@ -277,3 +277,13 @@ def test_a_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ValidationError, match="megapixels") as info:
         read_reference(png, 0)
     assert info.value.field == "images[0]"
+
+
+async def test_a_file_that_is_not_an_image_is_named_in_the_error(make_manager, tmp_path):
+    """A reference path that is not an image is refused naming the file, not a memory address."""
+    path = tmp_path / "notes.txt"
+    path.write_text("not a picture")
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError) as info:
+        await tm.submit("fine", images=[path])
+    assert str(path) in str(info.value) and "0x" not in str(info.value)

@@ -42,6 +42,7 @@ __all__ = ["ImageStore", "InvalidImage", "inspect"]
 log = logging.getLogger("imagetask")
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_ADDRESS = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _NAME = re.compile(r"^(?:a(?P<attempt>\d+)|ref)-(?P<index>\d+)\.[a-z]+(?P<tmp>\.tmp)?$")
 
 
@@ -78,7 +79,10 @@ def inspect(data: bytes) -> Inspected:
     except InvalidImage:
         raise
     except Exception as exc:  # Pillow raises many types for bad input
-        raise InvalidImage(f"Pillow cannot decode it ({type(exc).__name__}: {exc})") from None
+        # Pillow names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"):
+        # callers name the real source instead.
+        reason = _ADDRESS.sub("the data", str(exc))
+        raise InvalidImage(f"Pillow cannot decode it ({type(exc).__name__}: {reason})") from None
     mime = Image.MIME.get(fmt or "", "")
     if mime not in _EXT:
         raise InvalidImage(f"format {fmt} is not PNG, JPEG or WebP")
@@ -126,7 +130,8 @@ def read_reference(item: ImageInput, position: int) -> bytes:
     try:
         inspect(data)
     except InvalidImage as exc:
-        data = _convert_to_png(data, field, exc)
+        source = f"{item}" if isinstance(item, str | os.PathLike) else "the bytes given"
+        data = _convert_to_png(data, field, InvalidImage(f"{source}: {exc}"))
     return data
 
 
