@@ -53,3 +53,12 @@ def test_every_test_named_in_the_guarantees_exists():
         if not any(pattern.search(source) for source in where):
             missing.append(f"{module}::{name}" if module else name)
     assert missing == []
+
+
+@pytest.mark.timeout(300)
+def test_the_docs_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict` succeeds: no broken link, no docstring the reference cannot render."""
+    pytest.importorskip("mkdocs")
+    result = run(sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "reference" / "index.html").exists()
