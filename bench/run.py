@@ -66,6 +66,8 @@ REFERENCES: list[tuple[str, str, str]] = [
     ("stdlib inserting 100 rows in one transaction vs one at a time", "stdlib.submit_batch", "stdlib.submit"),
     ("submit vs aiosqlite, the same transaction in one thread hop", "imagetask.submit",
      "aiosqlite.submit_one_hop"),
+    ("`imagetask ls` (a whole command) vs `python -c 'import sqlite3'`", "startup.cli_ls",
+     "startup.python_sqlite"),
 ]  # fmt: skip
 
 
