@@ -260,3 +260,34 @@ def test_worker_stops_gracefully_on_sigterm(tmp_path, signals):
     assert proc.returncode == 0, err
     status = cli(tmp_path, "show", task_id).stdout
     assert ("status:      succeeded" if signals == 1 else "status:      queued") in status
+
+
+def test_generate_with_a_reference_shows_progress_and_an_eta(tmp_path):
+    """`generate --image REF` copies the reference; its progress lines show status, attempt,
+    elapsed time and "no estimate yet" on a fresh database, then an estimate from the tasks
+    that finished before."""
+    import json
+
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(ref)
+    first = cli(
+        tmp_path,
+        "generate",
+        "like this",
+        "--image",
+        str(ref),
+        "--provider",
+        "fake",
+        "--latency",
+        "0.3",
+        "--json",
+    )
+    assert first.returncode == 0, first.stderr
+    (task,) = json.loads(first.stdout)
+    assert len(task["references"]) == 1 and task["status"] == "succeeded"
+    assert "attempt 0" in first.stderr or "attempt 1" in first.stderr
+    assert "eta no estimate yet" in first.stderr
+    second = cli(tmp_path, "generate", "again", "--provider", "fake", "--latency", "0.3")
+    assert "eta ~" in second.stderr

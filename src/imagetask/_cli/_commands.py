@@ -353,6 +353,21 @@ async def _estimates(tm: TaskManager, ids: Sequence[str]) -> dict[str, float | N
     return out
 
 
+def _progress(task: Task, estimate: float | None) -> tuple[str, str]:
+    """(elapsed, ETA) of a task as text: time since it started (or was submitted), and the
+    median run time of earlier tasks like it minus that, or "no estimate yet"."""
+    start = task.started_at or task.created_at
+    end = task.finished_at.timestamp() if task.finished_at else time.time()
+    elapsed = end - start.timestamp() if start else 0.0
+    if task.done:
+        eta = "-"
+    elif estimate is None:
+        eta = "no estimate yet"
+    else:
+        eta = f"~{max(0.0, estimate - (elapsed if task.started_at else 0.0)):.0f} s"
+    return f"{elapsed:.1f} s", eta
+
+
 @contextlib.asynccontextmanager
 async def _live(*, enabled: bool) -> AsyncIterator[Any]:
     """A live table on a terminal (rich); plain lines, one per change, elsewhere."""
@@ -363,7 +378,14 @@ async def _live(*, enabled: bool) -> AsyncIterator[Any]:
             for t in tasks:
                 if seen.get(t.id) != (t.status, t.attempts):
                     seen[t.id] = (t.status, t.attempts)
-                    print(_output.task_line(t), file=sys.stderr, flush=True)
+                    elapsed, eta = _progress(t, estimates.get(t.id))
+                    line = f"{t.id}  {t.status.value:<9}  attempt {t.attempts}  {elapsed}  eta {eta}"
+                    print(
+                        f"{line}  {t.prompt[:40]}"
+                        + (f"  [{t.error.code}: {t.error.message}]" if t.error else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
         yield plain
         return
@@ -375,20 +397,10 @@ async def _live(*, enabled: bool) -> AsyncIterator[Any]:
         grid = Table(box=None, pad_edge=False)
         for column in ("task", "status", "attempt", "elapsed", "eta", "prompt"):
             grid.add_column(column)
-        now = time.time()
         for t in tasks:
-            start = t.started_at or t.created_at
-            end = t.finished_at.timestamp() if t.finished_at else now
-            elapsed = end - start.timestamp() if start else 0.0
-            estimate = estimates.get(t.id)
-            if t.done:
-                eta = "-"
-            elif estimate is None:
-                eta = "no estimate yet"
-            else:
-                eta = f"~{max(0.0, estimate - (elapsed if t.started_at else 0.0)):.0f} s"
+            elapsed, eta = _progress(t, estimates.get(t.id))
             status = t.status.value + (f" ({t.error.code})" if t.error else "")
-            grid.add_row(t.id, status, str(t.attempts), f"{elapsed:.1f} s", eta, t.prompt[:40])
+            grid.add_row(t.id, status, str(t.attempts), elapsed, eta, t.prompt[:40])
         return grid
 
     with Live(console=Console(stderr=True), refresh_per_second=8, transient=False) as live:
