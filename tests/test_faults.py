@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,15 +277,22 @@ async def test_a_reference_copy_on_a_full_disk_is_a_store_error_and_writes_nothi
 # -- a holder that is provably gone -----------------------------------------------------------
 
 
+async def start_holder(db_path, spawn, prompts: list[str]) -> tuple[Any, list[str]]:
+    """A worker process (60 s lease, 30 s generations) running tasks with these prompts."""
+    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
+        ids = [(await submitter.submit(prompt)).id for prompt in prompts]
+    count = len(prompts)
+    wait_until(lambda: sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(count,)])
+    return child, ids
+
+
 @pytest.mark.slow
 async def test_a_killed_holder_on_this_host_is_taken_back_at_once(db_path, spawn):
     """A manager that opens on the same host takes back the tasks of a SIGKILLed worker at once,
     although their 60 s lease has not expired, and runs them."""
-    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
-        ids = [(await submitter.submit(f"orphaned {i}")).id for i in range(2)]
-    wait_until(lambda: sql(db_path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(2,)])
+    child, ids = await start_holder(db_path, spawn, ["orphaned 0", "orphaned 1"])
     child.kill()
     child.wait()
     async with TaskManager(db_path, provider=FakeProvider(), lease=60, poll_interval=0.05) as tm:
@@ -301,17 +309,13 @@ async def test_a_killed_holder_on_this_host_is_taken_back_at_once(db_path, spawn
 async def test_a_stopped_holder_is_alive_and_keeps_its_leases(db_path, spawn):
     """A SIGSTOPped worker on the same host is alive: another manager does not take its
     unexpired leases back."""
-    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
-        task = await submitter.submit("held by a stopped process")
-    wait_until(lambda: sql(db_path, "SELECT status FROM tasks") == [("running",)])
+    child, (task_id,) = await start_holder(db_path, spawn, ["held by a stopped process"])
     child.send_signal(signal.SIGSTOP)
     try:
         provider = FakeProvider()
         async with TaskManager(db_path, provider=provider, lease=60, poll_interval=0.05) as tm:
             await asyncio.sleep(1.0)  # twenty claims, each checking the holders
-            assert (await tm.poll(task.id)).status is TaskStatus.RUNNING and provider.calls == 0
+            assert (await tm.poll(task_id)).status is TaskStatus.RUNNING and provider.calls == 0
     finally:
         child.send_signal(signal.SIGCONT)
 
@@ -484,13 +488,9 @@ async def test_prune_with_a_read_only_image_folder_still_prunes_the_rows(make_ma
 async def test_a_killed_holder_not_yet_reaped_is_gone_too(db_path, spawn):
     """A SIGKILLed worker that its parent has not reaped yet (a zombie) runs nothing: its leases
     are taken back at once too."""
-    child = spawn("work", str(db_path), "--lease", "60", "--latency", "30")
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    async with TaskManager(db_path, provider=FakeProvider(), workers=False) as submitter:
-        task = await submitter.submit("held by a zombie")
-    wait_until(lambda: sql(db_path, "SELECT status FROM tasks") == [("running",)])
+    child, (task_id,) = await start_holder(db_path, spawn, ["held by a zombie"])
     child.send_signal(signal.SIGKILL)
     stat = Path(f"/proc/{child.pid}/stat")
     wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", what="a zombie")
     async with TaskManager(db_path, provider=FakeProvider(), lease=60, poll_interval=0.05) as tm:
-        assert (await tm.wait(task.id, timeout=10)).ok
+        assert (await tm.wait(task_id, timeout=10)).ok
