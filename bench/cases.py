@@ -389,14 +389,40 @@ def _pending_db(tmp: Path, finished: int) -> Path:
     return db
 
 
-def _it_pending(tmp: Path, quick: bool, finished: int) -> dict[str, float]:
+def _it_pending(tmp: Path, quick: bool, finished: int, read: str = "pending") -> dict[str, float]:
     db = _pending_db(tmp, finished)
 
     async def run() -> dict[str, float]:
         async with _manager(db) as tm:
-            return await atimed_loop(n_ops(quick, 3000), lambda i: tm.pending("alice"))
+            op = {
+                "pending": lambda i: tm.pending("alice"),
+                "pending_all": lambda i: tm.pending(),
+                # The finished rows of the cache all succeeded: none has failed.
+                "list_failed": lambda i: tm.list(status="failed", limit=50),
+            }[read]
+            return await atimed_loop(n_ops(quick, 3000), op)
 
     return asyncio.run(run())
+
+
+@case("imagetask.pending_all_1k", "pending() of every owner: 10 pending among 1,000 finished rows")
+def it_pending_all_small(tmp: Path, quick: bool) -> dict[str, float]:
+    return _it_pending(tmp, quick, 1000, "pending_all")
+
+
+@case("imagetask.pending_all_big", "pending() of every owner among 1,000,000 finished rows (10,000 quick)")
+def it_pending_all_big(tmp: Path, quick: bool) -> dict[str, float]:
+    return _it_pending(tmp, quick, big_rows(quick), "pending_all")
+
+
+@case("imagetask.list_failed_1k", "list(status='failed'): none among 1,000 finished rows")
+def it_list_failed_small(tmp: Path, quick: bool) -> dict[str, float]:
+    return _it_pending(tmp, quick, 1000, "list_failed")
+
+
+@case("imagetask.list_failed_big", "list(status='failed'): none among 1,000,000 finished rows (10,000 quick)")
+def it_list_failed_big(tmp: Path, quick: bool) -> dict[str, float]:
+    return _it_pending(tmp, quick, big_rows(quick), "list_failed")
 
 
 @case("imagetask.pending_1k", "pending('alice'): 10 pending among 1,000 finished rows")

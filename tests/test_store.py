@@ -308,17 +308,38 @@ async def test_point_read_falls_back_to_the_threaded_reader_when_busy(tmp_path):
             tm._store._inline = real
 
 
-async def test_pending_uses_the_partial_index(tmp_path):
-    """pending(owner) reads the partial index of active tasks, so finished rows never cost it."""
+@pytest.mark.parametrize(
+    ("shape", "index", "sorts"),
+    [
+        ("pending(owner)", "tasks_active", False),
+        ("pending()", "tasks_status", True),  # sorts the few active rows only
+        ("list()", "sqlite_autoindex_tasks_1", False),
+        ("list(owner)", "tasks_owner", False),
+        ("list(status)", "tasks_status", False),
+        ("list(owner, status)", "tasks_owner", False),
+        ("list(status, before)", "tasks_status", False),
+    ],
+)
+async def test_the_hot_reads_walk_an_index_never_the_table(tmp_path, shape, index, sorts):
+    """pending() and list() in every shape the API offers read through an index in id order
+    (finished rows never cost pending; a page stops after `limit` rows), never a table scan."""
+    from imagetask._store import list_sql, pending_sql
+
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False):
         pass
-    plan = sql(
-        tmp_path / "t.db",
-        "EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE owner = ? AND status IN ('queued', 'running')"
-        " ORDER BY id DESC",
-        "alice",
-    )
-    assert any("tasks_active" in str(row) for row in plan), plan
+    text, args = {
+        "pending(owner)": pending_sql("alice"),
+        "pending()": pending_sql(None),
+        "list()": list_sql(None, None, 50, None),
+        "list(owner)": list_sql("alice", None, 50, None),
+        "list(status)": list_sql(None, "failed", 50, None),
+        "list(owner, status)": list_sql("alice", "failed", 50, None),
+        "list(status, before)": list_sql(None, "failed", 50, "01M8"),
+    }[shape]
+    plan = [str(r) for r in sqlite3.connect(tmp_path / "t.db").execute("EXPLAIN QUERY PLAN " + text, args)]
+    assert any(f"INDEX {index}" in line for line in plan), plan
+    assert not any("SCAN tasks" in line and "INDEX" not in line for line in plan), plan
+    assert any("TEMP B-TREE" in line for line in plan) == sorts, plan
 
 
 async def test_batched_writes_isolate_a_failing_operation(tmp_path):

@@ -148,9 +148,14 @@ _V1 = [
 # ``max_attempts - (attempt - released)``.
 _V2 = ["ALTER TABLE tasks ADD COLUMN released INTEGER NOT NULL DEFAULT 0"]
 
+# pending() of every owner and list(status=...) read tasks of one status, newest first: without
+# this index they read the whole table (half a second at 1,000,000 rows).
+_V3 = ["CREATE INDEX tasks_status ON tasks (status, id)"]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "tasks, images, events, accounts, ledger", _V1),
     (2, "tasks.released: attempts handed back at shutdown", _V2),
+    (3, "tasks_status index: reads by status, newest first", _V3),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -722,33 +727,15 @@ class Store:
 
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
-        if owner is None:
-            sql = f"{_SELECT_TASKS} WHERE status IN ('queued', 'running') ORDER BY id DESC"
-            args: tuple[Any, ...] = ()
-        else:
-            sql = f"{_SELECT_TASKS} WHERE owner = ? AND status IN ('queued', 'running') ORDER BY id DESC"
-            args = (owner,)
+        sql, args = pending_sql(owner)
         return self._tasks(await self._read(_select_tasks, sql, args))
 
     async def list_tasks(
         self, owner: str | None, status: str | None, limit: int, before: str | None
     ) -> list[Task]:
         """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("owner", owner), ("status", status)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if before is not None:
-            where.append("id < ?")
-            args.append(before)
-        sql = _SELECT_TASKS
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
-        return self._tasks(await self._read(_select_tasks, sql, tuple(args)))
+        sql, args = list_sql(owner, status, limit, before)
+        return self._tasks(await self._read(_select_tasks, sql, args))
 
     async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
         """The status of each of ``ids`` that exists, read in one snapshot."""
@@ -1071,6 +1058,39 @@ _GET_ONE = (
     " FROM tasks t LEFT JOIN task_images i ON i.task_id = t.id"
     " WHERE t.id = ? ORDER BY i.role, i.idx"
 )
+
+
+def pending_sql(owner: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The statement of `Store.pending`: the active rows only, through a partial index (with
+    an owner) or the status index (without), so finished rows never cost it."""
+    if owner is None:
+        where = "INDEXED BY tasks_status WHERE status IN ('queued', 'running')"
+        return f"{_SELECT_TASKS} {where} ORDER BY id DESC", ()
+    where = "INDEXED BY tasks_active WHERE owner = ? AND status IN ('queued', 'running')"
+    return f"{_SELECT_TASKS} {where} ORDER BY id DESC", (owner,)
+
+
+def list_sql(
+    owner: str | None, status: str | None, limit: int, before: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The statement of `Store.list_tasks`: each shape walks an index in id order and stops
+    after ``limit`` rows (the owner's index, the status index, or the primary key)."""
+    where: list[str] = []
+    args: list[Any] = []
+    index = "tasks_owner" if owner is not None else "tasks_status" if status is not None else None
+    for column, value in (("owner", owner), ("status", status)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if before is not None:
+        where.append("id < ?")
+        args.append(before)
+    sql = _SELECT_TASKS + (f" INDEXED BY {index}" if index else "")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    return sql, tuple(args)
 
 
 def _get_one(conn: sqlite3.Connection, task_id: str) -> list[tuple[Any, ...]]:
