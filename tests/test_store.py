@@ -277,7 +277,7 @@ def test_task_ids_follow_the_ulid_layout(monkeypatch):
 
 
 def test_stored_image_opens_with_pillow(tmp_path):
-    """StoredImage.open() gives a PIL image of the file."""
+    """StoredImage.open() gives a PIL image of the file; a notebook shows an inline preview."""
     from PIL import Image
 
     path = tmp_path / "x.png"
@@ -285,7 +285,7 @@ def test_stored_image_opens_with_pillow(tmp_path):
     im = StoredImage(path, "image/png", 3, 2, "0", path.stat().st_size)
     with im.open() as opened:
         assert opened.size == (3, 2)
-    assert "image/png" in im._repr_mimebundle_()
+    assert "data:image/jpeg;base64," in im._repr_html_()  # a preview in a notebook, not the file
 
 
 async def test_point_read_falls_back_to_the_threaded_reader_when_busy(tmp_path):
