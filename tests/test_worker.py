@@ -174,3 +174,20 @@ async def test_a_success_that_committed_despite_an_error_keeps_its_files(make_ma
     await tm.aclose()  # waits for the attempt: its second try, fenced out, and its decision
     assert done.ok and provider.calls == 1 and faults.hits["succeed"] == 2
     assert [im.path.exists() for im in done.images] == [True]
+
+
+async def test_submits_of_an_owner_at_its_cap_wake_no_claim(make_manager):
+    """With one owner whose per_owner cap is full (the notebook shape), further submits wake no
+    claim transaction that could only find nothing; an attempt that ends claims the next."""
+    faults, provider = Faults(), FakeProvider(outcomes=["hang", "hang"])
+    tm = await make_manager(provider=provider, faults=faults, concurrency=2, per_owner=2, poll_interval=30)
+    first = [await tm.submit(f"fills the cap {i}") for i in range(2)]
+    await wait_for(lambda: provider.active == 2)
+    before = faults.hits["claim"]
+    later = [await tm.submit(f"waits its turn {i}") for i in range(50)]
+    await asyncio.sleep(0.1)
+    assert faults.hits["claim"] - before <= 2  # not one per submit
+    await tm.cancel(first[0].id)  # a slot frees: the next task is claimed without a submit
+    await wait_for(lambda: provider.calls == 3)
+    for task in [*first, *later]:
+        await tm.cancel(task.id)

@@ -490,7 +490,8 @@ class TaskManager:
                 tasks.append(await self._after_submit(row, result))
         log.info("submitted %d task(s) in one transaction", len(tasks))
         if self._worker is not None:
-            self._worker.wake()
+            owners = {row.owner for row in rows}
+            self._worker.wake(owners.pop() if len(owners) == 1 else None)
         if cancelled:  # written all the same: keep it, and let the cancellation go on
             raise asyncio.CancelledError()
         return tasks
@@ -579,7 +580,7 @@ class TaskManager:
         log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
         task = self._queued_task(row, datetime.fromtimestamp(submitted.at / 1000, tz=UTC))
         if self._worker is not None:
-            self._worker.wake()
+            self._worker.wake(row.owner)
         return task
 
     @staticmethod

@@ -123,6 +123,8 @@ class Worker:
         #: host/boot/pid/start/token: the lease holder, told apart when provably gone.
         self.id = new_worker_id()
         self._running: dict[str, _Attempt] = {}
+        #: This process's attempts per owner (a lower bound of the owner's running count).
+        self._owner_running: dict[str, int] = {}
         #: Claimed attempts that have not finished generating (waiting for a slot included).
         self._generating = 0
         #: At most ``concurrency`` generations at once (guarantee 8).
@@ -139,8 +141,16 @@ class Worker:
             asyncio.create_task(self._heartbeat(), name="imagetask-heartbeat"),
         ]
 
-    def wake(self) -> None:
-        """Tell the dispatcher there may be new work."""
+    def wake(self, owner: str | None = None) -> None:
+        """Tell the dispatcher there may be new work (of ``owner``, when one is named).
+
+        A task of an owner who already has ``per_owner`` attempts running here cannot be
+        claimed now by anyone (the limit spans every process): no claim is woken for it, and
+        the next attempt of that owner to end wakes one. In the notebook shape (one owner,
+        per_owner = concurrency) that saves a claim transaction per submit.
+        """
+        if owner is not None and self._owner_running.get(owner, 0) >= self.per_owner:
+            return
         self._wake.set()
 
     def _release_slot(self) -> None:
@@ -283,6 +293,7 @@ class Worker:
                         self._stop(old, "lost")
                     attempt = _Attempt(c)
                     self._running[c.id] = attempt
+                    self._owner_running[c.owner] = self._owner_running.get(c.owner, 0) + 1
                     self._generating += 1
                     attempt.task = asyncio.create_task(self._run(attempt), name=f"imagetask-{c.id}")
                 if free > 0 and len(claimed) == free:
@@ -373,6 +384,11 @@ class Worker:
                 self._release_slot()
             if self._running.get(c.id) is attempt:  # not a newer attempt of the same task
                 del self._running[c.id]
+            left = self._owner_running.get(c.owner, 1) - 1
+            if left > 0:
+                self._owner_running[c.owner] = left
+            else:
+                self._owner_running.pop(c.owner, None)
             self._wake.set()
 
     async def _attempt(self, attempt: _Attempt) -> None:
