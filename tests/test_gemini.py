@@ -380,3 +380,16 @@ async def test_fake_provider_stands_in_for_gemini(make_manager):
     assert info.value.field == "size"
     with pytest.raises(ValidationError, match="unknown model 'fake'"):
         await tm.submit("not a gemini id", model="fake")
+
+
+async def test_fake_provider_keeps_a_bounded_history():
+    """FakeProvider keeps its latest 1,000 requests, not every one: a long offline run stays flat."""
+    from imagetask.providers import FakeProvider
+    from imagetask.providers.base import ImageRequest
+
+    provider = FakeProvider(outcomes=["permanent"] * 1500)
+    for i in range(1500):
+        with pytest.raises(Exception, match="400"):
+            await provider.generate(ImageRequest(prompt="p", model="fake", task_id=f"t{i}"))
+    assert provider.calls == 1500 and len(provider.requests) == 1000
+    assert provider.requests[0].task_id == "t500" and provider.requests[-1].task_id == "t1499"

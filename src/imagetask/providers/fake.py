@@ -29,6 +29,9 @@ OUTCOMES = {
     "bad_image": "return bytes that are not an image",
 }
 
+#: How many of the latest requests `FakeProvider.requests` keeps.
+HISTORY = 1000
+
 _BASE_PIXELS = 128  # the 1K, 1:1 picture is 128 x 128: cheap to draw, encode and validate
 
 
@@ -51,7 +54,7 @@ class FakeProvider:
 
     Attributes:
         calls: How many times ``generate`` was called.
-        requests: Every request received, in order.
+        requests: The latest requests received, in order (at most 1,000).
         max_active: The most calls that were in flight at once.
     """
 
@@ -77,7 +80,8 @@ class FakeProvider:
         self._outcomes: deque[str | ProviderError] = deque()
         self.script(*outcomes)
         self.calls = 0
-        self.requests: list[ImageRequest] = []
+        #: The latest requests (at most `HISTORY`): a long offline run stays flat in memory.
+        self.requests: deque[ImageRequest] = deque(maxlen=HISTORY)
         self.active = 0
         self.max_active = 0
         self._models: dict[str, ModelInfo] = (
