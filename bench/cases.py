@@ -37,7 +37,7 @@ from common import (
 )
 
 from imagetask import GenerationRequest, TaskManager
-from imagetask._store import _GET_ONE
+from imagetask._store.reads import _GET_ONE
 from imagetask.providers import FakeProvider, ImageRequest, ImageResult
 
 CASES: dict[str, tuple[str, Callable[[Path, bool], Any]]] = {}
@@ -572,7 +572,8 @@ def e2e_makespan(tmp: Path, quick: bool) -> dict[str, float]:
 
 def _record_commits(sink: Callable[[str, float], None]) -> None:
     """Instrument the store: call ``sink(task_id, perf_counter)`` right after a success commits."""
-    import imagetask._store as store_module
+    import imagetask._store.sqlite as store_module
+    from imagetask._store.transitions import _succeed
 
     original = store_module._batch_transaction
 
@@ -580,7 +581,7 @@ def _record_commits(sink: Callable[[str, float], None]) -> None:
         outcomes = original(conn, ops, *rest, **options)  # returns after COMMIT
         now = time.perf_counter()
         for (fn, args), (ok, value) in zip(ops, outcomes, strict=True):
-            if fn is store_module._succeed and ok and value:
+            if fn is _succeed and ok and value:
                 sink(args[0], now)
         return outcomes
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from imagetask._cli import main
+from imagetask._store import SCHEMA_VERSION
 
 
 def run_demo(home, *, tasks: int, latency: float, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -190,7 +191,7 @@ def test_doctor_reports_health_and_never_prints_the_key(tmp_path):
     done = cli(tmp_path, "doctor", "--json", env={"GEMINI_API_KEY": secret})
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["schema_version"] == 2 and report["integrity"] == "ok"
+    assert report["schema_version"] == SCHEMA_VERSION and report["integrity"] == "ok"
     assert report["tasks"]["queued"] == 1 and report["api_key"] == "GEMINI_API_KEY"
     human = cli(tmp_path, "doctor", env={"GEMINI_API_KEY": secret})
     assert secret not in done.stdout + done.stderr + human.stdout + human.stderr

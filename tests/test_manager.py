@@ -710,14 +710,14 @@ async def test_default_path_comes_from_imagetask_home(tmp_path, monkeypatch):
 
 
 async def test_tasks_show_themselves_in_jupyter(make_manager):
-    """Task renders HTML with its status and images (prompt escaped); StoredImage renders its bytes."""
+    """Task renders HTML with its status and images (prompt escaped); StoredImage renders an
+    inline preview."""
     tm = await make_manager()
     done = await tm.wait((await tm.submit("<b>bold</b> lighthouse", n=2)).id, timeout=10)
     html_text = done._repr_html_()
     assert "succeeded" in html_text and html_text.count("<img ") == 2
     assert "&lt;b&gt;bold" in html_text and "<b>bold</b>" not in html_text
-    bundle = done.images[0]._repr_mimebundle_()
-    assert bundle["image/png"] == done.images[0].path.read_bytes()
+    assert done.images[0]._repr_html_().startswith('<img src="data:image/jpeg;base64,')
     failed_tm = await make_manager(provider=FakeProvider(outcomes=["refusal"]))
     failed = await failed_tm.wait((await failed_tm.submit("no")).id, timeout=10)
     assert "safety_blocked" in failed._repr_html_()

@@ -369,7 +369,7 @@ async def test_batched_writes_isolate_a_failing_operation(tmp_path):
 async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
     """The claim transaction reads the queue and the leases through their partial indexes,
     never by sorting every queued row."""
-    import imagetask._store as store_module
+    import imagetask._store.transitions as store_module
 
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False):
         pass

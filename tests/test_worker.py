@@ -188,6 +188,6 @@ async def test_submits_of_an_owner_at_its_cap_wake_no_claim(make_manager):
     await asyncio.sleep(0.1)
     assert faults.hits["claim"] - before <= 2  # not one per submit
     await tm.cancel(first[0].id)  # a slot frees: the next task is claimed without a submit
-    await wait_for(lambda: provider.calls == 3)
+    await wait_for(lambda: provider.calls == 3, timeout=30)
     for task in [*first, *later]:
         await tm.cancel(task.id)

@@ -1,0 +1,34 @@
+"""The store: the only code that knows SQL. Its parts, one module each:
+
+- ``schema``: tables and indexes as numbered migrations, and how they run;
+- ``records``: what the store and the worker pass each other;
+- ``transitions``: every write, a pure function run inside a transaction;
+- ``reads``: every read statement;
+- ``commit``: batching writes into transactions, answering callers, checkpoints;
+- ``sqlite``: the SQLite store that composes them (connections, group commit, loop-thread
+  commits).
+"""
+
+from .commit import is_damage as is_damage
+from .reads import list_sql as list_sql
+from .reads import pending_sql as pending_sql
+from .records import BUSY as BUSY
+from .records import Claimed as Claimed
+from .records import SubmitRow as SubmitRow
+from .records import Submitted as Submitted
+from .schema import MIGRATIONS as MIGRATIONS
+from .schema import SCHEMA_VERSION as SCHEMA_VERSION
+from .sqlite import Store as Store
+
+__all__ = [
+    "BUSY",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Claimed",
+    "Store",
+    "SubmitRow",
+    "Submitted",
+    "is_damage",
+    "list_sql",
+    "pending_sql",
+]

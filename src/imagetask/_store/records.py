@@ -1,0 +1,70 @@
+"""The records the store and the worker pass each other (a submit's row, a claim, its answer)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .._models import StoredImage
+
+__all__ = ["BUSY", "Claimed", "SubmitRow", "Submitted"]
+
+
+@attrs.define
+class SubmitRow:
+    """Everything a submit writes for one task (validated, priced, references copied)."""
+
+    id: str
+    owner: str
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    max_attempts: int
+    cost: int
+    charge: bool
+    idempotency_key: str | None
+    #: Hash of the request, kept only with an idempotency key (to compare re-submits).
+    fingerprint: str | None
+    metadata_json: str
+    #: The stored copies of the reference images.
+    references: tuple[StoredImage, ...] = ()
+    #: ``params`` as stored (sorted-key JSON), when the caller has it already.
+    params_json: str | None = None
+
+
+@attrs.frozen
+class Claimed:
+    """A task a worker just claimed, with what it needs to run one attempt."""
+
+    id: str
+    owner: str
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    references: tuple[StoredImage, ...]
+    #: How many earlier attempts were handed back at a clean close (they do not count).
+    released: int = 0
+    #: How many earlier attempts ended in a retry, by error code (for per-code retry limits).
+    retries: Mapping[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Submitted:
+    """The outcome of one submit: the task id, whether this call created it, and when."""
+
+    id: str
+    created: bool
+    at: int
+
+
+class _Busy(enum.Enum):
+    BUSY = "busy"
+
+
+#: What `Store.get_now` returns when the read would have to wait for a lock.
+BUSY = _Busy.BUSY

@@ -1,0 +1,677 @@
+"""The SQLite store: its connections, group commit, loop-thread commits and checkpoints, and the
+store's methods, each one transaction handed to that machinery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiosqlite
+
+from .._dbcheck import check_database
+from .._exceptions import ImageTaskError, StoreError
+from .._models import StoredImage, Task, TaskError, TaskEvent, TaskList, now_ms
+from .commit import (
+    _CHECKPOINT_PAGES,
+    _INLINE_MAX_ROWS,
+    _PAGES_PER_WRITE,
+    _SAFETY_CHECKPOINT_PAGES,
+    _batch_transaction,
+    _checkpoint_file,
+    _checkpoint_quietly,
+    _coalesce,
+    _daemonize,
+    _fail_all,
+    _is_busy,
+    _Queued,
+    _read_transaction,
+    _settle_outcomes,
+)
+from .reads import (
+    _ACTIVE,
+    _GET_ONE,
+    _N_TASK_COLUMNS,
+    _balance,
+    _data_version,
+    _events,
+    _file_state,
+    _get_one,
+    _health,
+    _select_tasks,
+    _statuses,
+    list_sql,
+    pending_sql,
+)
+from .records import BUSY, Claimed, SubmitRow, Submitted, _Busy
+from .schema import MIGRATIONS, migrate
+from .transitions import (
+    _cancel,
+    _claim,
+    _fail,
+    _grant,
+    _heartbeat,
+    _image_row,
+    _prune_batch,
+    _release,
+    _retry,
+    _submit_rows,
+    _succeed,
+)
+
+if TYPE_CHECKING:
+    from ..testing import Faults
+
+__all__ = ["Store"]
+
+log = logging.getLogger("imagetask")
+T = TypeVar("T")
+_now = now_ms
+
+
+class Store:
+    """The SQLite store of one database file.
+
+    Args:
+        path: The database file (created if missing).
+        images_root: Folder the relative image paths in the database are under.
+        durability: ``"normal"`` (synchronous=NORMAL: survives a process crash) or
+            ``"full"`` (synchronous=FULL: also survives power loss).
+        faults: Faults to inject, for tests (see `imagetask.testing`).
+    """
+
+    def __init__(
+        self, path: Path, images_root: Path, durability: str = "normal", faults: Faults | None = None
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ValueError("durability: must be 'normal' or 'full'")
+        self.path = path
+        self.images_root = images_root
+        self._root_prefix = os.path.join(str(images_root), "")
+        self.durability = durability
+        #: The test hook: faults injected into this store's transactions (None in production).
+        self.faults = faults
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        #: A read-only connection used on the event loop's own thread for point reads.
+        self._inline: sqlite3.Connection | None = None
+        #: A write connection on the event loop's own thread for small writes while the
+        #: threaded writer is idle: no thread hop. Never waits for a lock, never checkpoints
+        #: (see `_write_small`). None with durability="full" (an fsync per commit).
+        self._fast: sqlite3.Connection | None = None
+        self._fast_commits = 0
+        self._wal_pages = 0
+        #: The bulk of a checkpoint is done; the writer copies the rest after its next commit.
+        self._finish_checkpoint = False
+        #: Small writes waiting for the end of this turn of the event loop.
+        self._small: list[_Queued] = []
+        self._small_rows = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        #: A commit is in flight (a caller's own, or the committer task's).
+        self._busy = False
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        """Connect, check the file, and run pending migrations.
+
+        Raises:
+            StoreError: the file is not SQLite, not an imagetask database, or newer
+                than this version of imagetask.
+        """
+        # Read-only, before any connection that could write: a foreign or damaged file is
+        # refused untouched (not even switched to WAL). In a thread: a big file takes a while.
+        await asyncio.to_thread(check_database, self.path, MIGRATIONS)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder of the database {self.path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            self._writer = await self._connect(query_only=False)
+            await self._run(self._writer, self._migrate)
+            self._reader = await self._connect(query_only=True)
+            self._inline = self._connect_inline()
+            if self.durability == "normal":
+                self._fast = self._connect_fast()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
+        conn = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        _daemonize(conn)
+        try:
+            await conn
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open the database {self.path}: {exc}; check that its folder exists, is "
+                "writable, and is not a dangling link"
+            ) from None
+        try:
+            conn.row_factory = sqlite3.Row
+            await self._run(conn, self._configure, query_only)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection, query_only: bool) -> None:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if query_only:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            # The store checkpoints itself, mostly off the writer (see `_run_checkpoint`);
+            # SQLite's own checkpoint in the committing writer stays only as a safety net.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_SAFETY_CHECKPOINT_PAGES}")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        migrate(conn, self.path)
+
+    def _connect_inline(self) -> sqlite3.Connection:
+        """The point-read connection, used only on the thread that opened the store.
+
+        It never waits for a lock (busy_timeout 0): in WAL mode a read takes no lock a
+        writer holds, so it answers in microseconds; in the rare moments it would have to
+        wait (a WAL reset or recovery), the read goes to the threaded reader instead, so the
+        event loop is never blocked on another process.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def _connect_fast(self) -> sqlite3.Connection:
+        """The small-write connection, used only on the thread that opened the store.
+
+        ``busy_timeout`` 0: when another connection holds the write lock, the write goes to
+        the threaded writer (which may wait) instead of blocking the event loop. Automatic
+        checkpoints are off here (one would copy pages and fsync on the loop's thread); the
+        store runs its own (see `_run_checkpoint`).
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row  # the transaction functions read columns by name
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Finish queued writes, then close the connections (safe to call twice)."""
+        self._flush_small()
+        if self._committer is not None:
+            try:
+                await self._committer
+            except Exception:
+                pass  # its callers got the error
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
+        for attr in ("_inline", "_fast"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                conn.close()
+        for attr in ("_reader", "_writer"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                await conn.close()
+
+    # -- plumbing --
+
+    async def _run(self, conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread, in one hop.
+
+        aiosqlite has no public way to run a callable on its thread; ``_execute`` is the
+        one private call we depend on (pinned in pyproject.toml).
+        """
+        try:
+            return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
+        except ImageTaskError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in a write transaction and return its result.
+
+        Group commit: writes that are queued together (concurrent submits, the finishes of
+        attempts that end at once, claims, heartbeats) run in one ``BEGIN IMMEDIATE`` ...
+        ``COMMIT`` on the writer's thread, in one hop, each inside its own savepoint. An
+        operation that raises is rolled back alone and its caller gets the error; every
+        caller is answered only after the commit that holds its changes.
+        """
+        if self._writer is None:
+            raise StoreError("the store is closed")
+        if not self._busy:
+            # The writer is idle: commit this operation at once, in this coroutine (one hop,
+            # no task switch). Its batch is itself alone, so a cancellation of this caller can
+            # strand no one else; writes that arrive meanwhile queue for the committer task.
+            self._busy = True
+            finish, self._finish_checkpoint = self._finish_checkpoint, False
+            try:
+                ((ok, value),) = await self._run(
+                    self._writer, _batch_transaction, [(fn, args)], finish, self.faults
+                )
+            finally:
+                self._busy = False
+                if self._queue:
+                    self._start_committer()
+            self._count_wal(_PAGES_PER_WRITE)
+            if not ok:
+                raise (
+                    StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
+                )
+            result: T = value
+            return result
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, args, fut))
+        return await fut  # type: ignore[no-any-return]
+
+    async def _write_small(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
+        """Like `_write`, for a write of a few rows, committed on the event loop's thread.
+
+        Small writes made in the same turn of the event loop are committed together, at
+        the end of that turn, by the fast connection: no thread hop (a WAL commit with
+        synchronous=NORMAL writes pages but does not fsync). They go to the threaded
+        writer's group commit instead when it is busy, when they add up to more than
+        ``_INLINE_MAX_ROWS`` rows (the loop would be held too long), or when another
+        connection holds the lock (the threaded writer may wait for it; the loop must not).
+        """
+        if self._fast is None:
+            return await self._write(fn, *args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._small.append((fn, args, fut))
+        self._small_rows += rows
+        if len(self._small) == 1:
+            loop.call_soon(self._flush_small)
+        return await fut  # type: ignore[no-any-return]
+
+    def _flush_small(self) -> None:
+        batch, self._small = self._small, []
+        rows, self._small_rows = self._small_rows, 0
+        if not batch:
+            return
+        if self._fast is None or self._busy or rows > _INLINE_MAX_ROWS:
+            self._hand_to_writer(batch)
+            return
+        ops, waiters = _coalesce(batch)
+        try:
+            outcomes = _batch_transaction(self._fast, ops, faults=self.faults)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):  # another connection holds the lock: wait for it on the thread
+                self._hand_to_writer(batch)
+            else:
+                _fail_all(batch, StoreError(f"{self.path}: {exc}"))
+            return
+        except BaseException as exc:
+            _fail_all(batch, StoreError(f"{self.path}: {exc}") if isinstance(exc, sqlite3.Error) else exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _settle_outcomes(outcomes, waiters, self.path)
+        self._fast_commits += 1
+        # Roughly the pages this commit appended to the WAL: each touched b-tree leaf, once.
+        self._count_wal(_PAGES_PER_WRITE + rows // 4)
+        if self._finish_checkpoint and not self._busy:
+            self._finish_checkpoint = False
+            self._checkpoint = asyncio.create_task(self._finish_checkpoint_now(), name="imagetask-checkpoint")
+
+    def _count_wal(self, pages: int) -> None:
+        """Add an estimate of the pages a commit appended to the WAL; past about 1,000, start
+        a checkpoint (unless one is under way)."""
+        self._wal_pages += pages
+        if self._wal_pages >= _CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
+            self._wal_pages = 0
+            self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="imagetask-checkpoint")
+
+    def _hand_to_writer(self, batch: list[_Queued]) -> None:
+        if self._writer is None:
+            _fail_all(batch, StoreError("the store is closed"))
+            return
+        self._queue.extend(batch)
+        if not self._busy:
+            self._start_committer()
+
+    async def _run_checkpoint(self) -> None:
+        """Copy the WAL back into the database without holding up writes for long.
+
+        First the bulk, on a short-lived connection in a worker thread, while writes go on
+        (a PASSIVE checkpoint takes no lock a writer needs): about 50 ms for 1,000 pages
+        here, mostly two fsyncs. Then the writer copies the few pages that arrived meanwhile
+        (a few ms), right after its next commit, or at once if it is idle: with every frame
+        copied, the next write starts the WAL over from its beginning, so the file stops
+        growing. (SQLite's own automatic checkpoint would do all of it inside a commit.)
+        """
+        try:
+            await asyncio.to_thread(_checkpoint_file, self.path, self.durability)
+        except Exception as exc:
+            log.warning("checkpointing %s failed: %s", self.path, exc)
+            return
+        if self._busy:
+            self._finish_checkpoint = True  # the committer does it after its next batch
+        else:
+            await self._finish_checkpoint_now()
+
+    async def _finish_checkpoint_now(self) -> None:
+        if self._writer is None or self._busy:
+            self._finish_checkpoint = True
+            return
+        self._busy = True
+        try:
+            await self._run(self._writer, _checkpoint_quietly)
+        finally:
+            self._busy = False
+            if self._queue:
+                self._start_committer()
+
+    def _start_committer(self) -> None:
+        self._busy = True
+        self._committer = asyncio.create_task(self._commit_all(), name="imagetask-commit")
+
+    async def _commit_all(self) -> None:
+        try:
+            await self._commit_queued()
+        finally:
+            self._busy = False
+
+    async def _commit_queued(self) -> None:
+        assert self._writer is not None
+        while self._queue:
+            batch, self._queue = self._queue, []
+            ops, waiters = _coalesce(batch)
+            finish, self._finish_checkpoint = self._finish_checkpoint, False
+            try:
+                outcomes = await self._run(self._writer, _batch_transaction, ops, finish, self.faults)
+            except BaseException as exc:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            _settle_outcomes(outcomes, waiters, self.path)
+            self._count_wal(_PAGES_PER_WRITE * len(batch))
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
+        if self._reader is None:
+            raise StoreError("the store is closed")
+        return await self._run(self._reader, _read_transaction, fn, *args)
+
+    # -- submit --
+
+    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
+        """Insert tasks in one transaction, a savepoint each.
+
+        With ``atomic`` the first error rolls everything back and is raised; otherwise
+        each row succeeds or fails on its own and its error is returned in its place.
+        ``created_at`` is the time inside the transaction (`Submitted.at`).
+        """
+        refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
+        pairs = list(zip(rows, refs, strict=True))
+        if len(rows) <= _INLINE_MAX_ROWS:
+            return await self._write_small(len(rows), _submit_rows, pairs, atomic)
+        return await self._write(_submit_rows, pairs, atomic)
+
+    # -- worker transitions --
+
+    async def claim(
+        self,
+        worker: str,
+        limit: int,
+        per_owner: int,
+        lease: float,
+        *,
+        held: Sequence[tuple[str, int]] = (),
+        gone: Callable[[str], bool] | None = None,
+    ) -> tuple[list[Claimed], list[str], int | None]:
+        """Take back expired leases, then claim up to ``limit`` runnable tasks.
+
+        Args:
+            worker: The claiming worker's id.
+            limit: Most tasks to claim.
+            per_owner: Most running tasks one owner may have (across every process).
+            lease: Seconds the new leases last, from the moment the transaction runs.
+            held: (id, attempt) of the attempts this worker is running: an expired lease
+                among them is renewed, not taken back (a live worker that stalled, say a
+                blocked loop or a SIGSTOP, keeps its own work).
+            gone: Tells whether the holder of a running task (a worker id) is provably
+                gone; those leases are taken back at once, expired or not. None: only
+                expired leases are taken back.
+
+        Returns:
+            (claimed tasks, ids that became terminal while reaping, the earliest
+            ``run_after`` still queued in ms, or None).
+        """
+        raw, ended, next_run = await self._write(
+            _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone
+        )
+        claimed = [
+            Claimed(
+                id=row["id"],
+                owner=row["owner"],
+                prompt=row["prompt"],
+                model=row["model"],
+                params=json.loads(row["params"]),
+                attempt=row["attempt"],
+                max_attempts=row["max_attempts"],
+                released=row["released"],
+                references=tuple(self._image(r) for r in refs),
+                retries=retries,
+            )
+            for row, refs, retries in raw
+        ]
+        return claimed, ended, next_run
+
+    async def heartbeat(self, worker: str, held: Sequence[tuple[str, int]], lease: float) -> set[str]:
+        """Renew the leases of ``held`` (id, attempt) pairs; return the ids still held."""
+        if not held:
+            return set()
+        return await self._write(_heartbeat, worker, held, int(lease * 1000))
+
+    async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
+        """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
+        rows = [_image_row(task_id, "output", attempt, self._rel(im), im) for im in images]
+        return await self._write(_succeed, task_id, attempt, worker, rows)
+
+    async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
+        """Put a failed attempt back in the queue after ``delay`` seconds."""
+        return await self._write(_retry, task_id, attempt, worker, error, int(delay * 1000))
+
+    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
+        """Fail a task for good (refunding any charge); False if the attempt lost its claim."""
+        return await self._write(_fail, task_id, attempt, worker, error)
+
+    async def release(self, task_id: str, attempt: int, worker: str) -> bool:
+        """Give a running task back to the queue at once (graceful shutdown); the attempt
+        does not count against ``max_attempts``."""
+        return await self._write(_release, task_id, attempt, worker)
+
+    async def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel a queued or running task (refunding any charge); False if it had ended."""
+        return await self._write_small(1, _cancel, task_id, reason)
+
+    # -- credits --
+
+    async def grant(self, owner: str, amount: int) -> int:
+        """Add ``amount`` credits (negative to take away); return the new balance."""
+        return await self._write_small(1, _grant, owner, amount)
+
+    async def balance(self, owner: str) -> int:
+        """The owner's balance (0 for an unknown owner)."""
+        return await self._read(_balance, owner)
+
+    # -- reads --
+
+    async def get(self, task_id: str) -> Task | None:
+        """One task by id, or None: one statement, served on the loop's thread when possible."""
+        task = self.get_now(task_id)
+        if task is BUSY:  # let the threaded reader wait for the lock
+            rows = await self._read(_get_one, task_id)
+            return self._task_from_join(rows) if rows else None
+        return task
+
+    def get_now(self, task_id: str) -> Task | _Busy | None:
+        """`get` on the loop's thread, without waiting: ``BUSY`` if SQLite says it would
+        have to wait (then call `get`)."""
+        if self._inline is None:
+            raise StoreError("the store is closed")
+        try:
+            rows = self._inline.execute(_GET_ONE, (task_id,)).fetchall()
+        except sqlite3.OperationalError:  # busy or locked
+            return BUSY
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return self._task_from_join(rows) if rows else None
+
+    async def pending(self, owner: str | None) -> list[Task]:
+        """Queued and running tasks, newest first."""
+        sql, args = pending_sql(owner)
+        return self._tasks(await self._read(_select_tasks, sql, args))
+
+    async def list_tasks(
+        self, owner: str | None, status: str | None, limit: int, before: str | None
+    ) -> list[Task]:
+        """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
+        sql, args = list_sql(owner, status, limit, before)
+        return self._tasks(await self._read(_select_tasks, sql, args))
+
+    async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of ``ids`` that exists, read in one snapshot."""
+        return await self._read(_statuses, list(ids))
+
+    async def terminal_among(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are in a terminal state (or gone)."""
+        ids = list(ids)
+        found = await self.statuses(ids)
+        return {i for i in ids if found.get(i) not in _ACTIVE}
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on the point-read connection: it changes when
+        another connection commits. A pragma read takes no lock, so it runs inline."""
+        if self._inline is None:
+            raise StoreError("the store is closed")
+        try:
+            return int(self._inline.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    async def own_versions(self) -> tuple[int, ...]:
+        """``PRAGMA data_version`` on each of this store's write connections.
+
+        A connection's data_version moves only when *another* connection commits. With two
+        writers here (the threaded one, and the fast one on the loop's thread), a commit
+        from another process (or another manager) moves both; this store's own commits
+        each move only the other one. So if either value is unchanged since an earlier
+        call, no foreign commit happened in between.
+        """
+        if self._writer is None:
+            raise StoreError("the store is closed")
+        threaded = await self._run(self._writer, _data_version)
+        if self._fast is None:
+            return (threaded,)
+        try:
+            return (threaded, _data_version(self._fast))
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    async def events(self, task_id: str) -> list[TaskEvent]:
+        """The event log of one task, oldest first."""
+        return await self._read(_events, task_id)
+
+    async def health(self) -> dict[str, Any]:
+        """What `TaskManager.health` reports: schema version, integrity, WAL size, counts."""
+        found = await self._read(_health, _now())
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            found["wal_bytes"] = wal.stat().st_size
+        except FileNotFoundError:
+            found["wal_bytes"] = 0
+        return found
+
+    # -- housekeeping --
+
+    async def prune(self, before_ms: int) -> tuple[int, list[str]]:
+        """Delete terminal tasks that finished before ``before_ms``, in batches.
+
+        Returns:
+            (tasks deleted, relative paths of their images, references included).
+        """
+        count, paths = 0, []
+        while True:
+            deleted, batch = await self._write(_prune_batch, before_ms, 500)
+            count += deleted
+            paths.extend(batch)
+            if deleted < 500:
+                return count, paths
+
+    async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
+        """For the image sweep: (id -> (status, attempt)) and every referenced path."""
+        return await self._read(_file_state, list(task_ids))
+
+    # -- row decoding --
+
+    def _rel(self, image: StoredImage) -> str:
+        path = str(image.path)
+        prefix = self._root_prefix
+        if path.startswith(prefix):  # always, for files this store wrote: skip pathlib's parsing
+            return path[len(prefix) :].replace(os.sep, "/")
+        return image.path.relative_to(self.images_root).as_posix()
+
+    def _tasks(self, result: tuple[list[sqlite3.Row], list[sqlite3.Row]]) -> list[Task]:
+        rows, image_rows = result
+        outputs: dict[str, list[StoredImage]] = {}
+        refs: dict[str, list[StoredImage]] = {}
+        for r in image_rows:
+            (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
+        return TaskList(Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
+
+    def _task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
+        """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""
+        first = rows[0]
+        outputs: list[StoredImage] = []
+        refs: list[StoredImage] = []
+        if first[_N_TASK_COLUMNS] is not None:
+            root = self.images_root
+            for r in rows:
+                (role, idx, path, mime, width, height, sha256, size, provenance) = r[_N_TASK_COLUMNS:]
+                image = StoredImage(
+                    root / path, mime, width, height, sha256, size, idx,
+                    json.loads(provenance) if provenance != "{}" else {},
+                )  # fmt: skip
+                (outputs if role == "output" else refs).append(image)
+        return Task._from_row(first, outputs, refs)
+
+    def _image(self, r: sqlite3.Row) -> StoredImage:
+        return StoredImage(
+            path=self.images_root / r["path"],
+            mime=r["mime"],
+            width=r["width"],
+            height=r["height"],
+            sha256=r["sha256"],
+            size=r["size"],
+            index=r["idx"],
+            provenance=json.loads(r["provenance"]),
+        )
