@@ -375,7 +375,7 @@ async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
         pass
     text = getattr(store_module, query)
     args = {
-        "_CLAIM": {"worker": "w", "lease_until": 0, "now": 0, "per_owner": 4},
+        "_CLAIM": {"worker": "w", "lease_until": 0, "now": 0, "per_owner": 4, "provider": ""},
         "_NEXT_RUN": (),
         "_EXPIRED": (0,),
     }[query]

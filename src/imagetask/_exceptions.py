@@ -76,8 +76,8 @@ class WaitTimeout(ImageTaskError, TimeoutError):
 
     def __init__(self, task_id: str, timeout: float) -> None:
         super().__init__(
-            f"task {task_id} did not finish within {timeout:g} s; it is still running, "
-            "wait again or poll it later"
+            f"task {task_id} did not finish within {timeout:g} s; it is still queued or running "
+            "(a worker must run it): wait again or poll it later"
         )
         self.task_id = task_id
         self.timeout = timeout

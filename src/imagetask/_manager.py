@@ -554,6 +554,7 @@ class TaskManager:
             fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
             metadata_json=checked.metadata_json,
             params_json=checked.params_json,
+            provider=provider.name,
         )
 
     def _require_provider(self) -> Provider:

@@ -254,6 +254,7 @@ class Worker:
                         self.lease,
                         held=[(tid, a.claimed.attempt) for tid, a in self._running.items()],
                         gone=holder_gone if check_holders else None,
+                        provider=self.provider.name,
                     )
                 )
                 try:

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pending", action="store_true", help="only queued and running tasks")
     p.add_argument("--owner")
     p.add_argument("--status", choices=[s.value for s in TaskStatus])
-    p.add_argument("--limit", type=_positive, default=20)
+    p.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=commands.ls)
 
@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cancel)
 
     p = sub.add_parser("prune", help="delete finished tasks older than a duration, and orphan files")
-    p.add_argument("--older-than", type=_seconds, required=True, help="e.g. 7d, 12h, 30m")
+    p.add_argument(
+        "--older-than",
+        type=lambda text: commands.parse_duration(text, unit_required=True),
+        required=True,
+        help="e.g. 7d, 12h, 30m (a unit is required)",
+    )
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.set_defaults(func=commands.prune)
 
@@ -167,7 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(asyncio.run(args.func(args)))
     except commands.Interrupted as exc:
-        print(f"\nstopped watching; the task(s) go on. Resume with:\n  {exc.resume}", file=sys.stderr)
+        print(
+            "\nstopped watching. Attempts this process was running went back to the queue (they "
+            "do not count against max_attempts); a worker process, or this command, finishes "
+            f"them:\n  {exc.resume}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("interrupted; queued tasks stay in the database and resume next time", file=sys.stderr)

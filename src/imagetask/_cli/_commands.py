@@ -67,7 +67,11 @@ class UsageError(Exception):
 
 
 def home(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser() if args.home else default_home()
+    if args.home is None:
+        return default_home()
+    if not args.home.strip():
+        raise UsageError("--home: is empty; give a folder, or leave --home out for the default")
+    return Path(args.home).expanduser()
 
 
 def database(args: argparse.Namespace) -> Path:
@@ -95,11 +99,14 @@ def reader(args: argparse.Namespace) -> TaskManager:
     return TaskManager(database(args), provider=FakeProvider(models=GEMINI_MODELS), workers=False)
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` or ``2w`` as seconds (for argparse)."""
+def parse_duration(text: str, *, unit_required: bool = False) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` or ``2w`` as seconds (for argparse); with
+    ``unit_required`` a bare number is refused (``prune --older-than 7`` is not 7 days)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     value = text.strip().lower()
     scale = units.get(value[-1:])
+    if scale is None and unit_required:
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit; say 90s, 15m, 12h, 7d or 2w")
     number = value[:-1] if scale is not None else value
     try:
         seconds = float(number) * (scale or 1)
@@ -116,6 +123,8 @@ def parse_duration(text: str) -> float:
 
 
 async def ls(args: argparse.Namespace) -> int:
+    if args.pending and args.status:
+        raise UsageError("ls: --pending lists queued and running tasks; use it or --status, not both")
     async with reader(args) as tm:
         if args.pending:
             tasks = (await tm.pending(args.owner))[: args.limit]
@@ -153,10 +162,12 @@ async def events(args: argparse.Namespace) -> int:
 
 
 async def credits(args: argparse.Namespace) -> int:
+    if args.action == "grant" and args.amount is None:
+        raise UsageError("credits grant: give an AMOUNT (negative to take credits away)")
+    if args.action == "balance" and args.amount is not None:
+        raise UsageError("credits balance: takes only an OWNER (did you mean `credits grant`?)")
     async with reader(args) as tm:
         if args.action == "grant":
-            if args.amount is None:
-                raise UsageError("credits grant: give an AMOUNT (negative to take credits away)")
             balance = await tm.credits.grant(args.owner, args.amount)
         else:
             balance = await tm.credits.balance(args.owner)
@@ -169,9 +180,14 @@ async def credits(args: argparse.Namespace) -> int:
 
 async def cancel(args: argparse.Namespace) -> int:
     async with reader(args) as tm:
+        for task_id in args.ids:  # every id must exist before any is cancelled
+            await tm.poll(task_id)
         for task_id in args.ids:
+            before = await tm.poll(task_id)
             task = await tm.cancel(task_id)
             print(_output.task_line(task))
+            if before.done:
+                print(f"{task_id}: had already {before.status.value}; not cancelled", file=sys.stderr)
     return EXIT_OK
 
 
@@ -179,16 +195,20 @@ async def prune(args: argparse.Namespace) -> int:
     async with reader(args) as tm:
         if args.dry_run:
             cutoff = time.time() - args.older_than
-            count, before = 0, None
+            count, files, before = 0, 0, None
             while True:
                 page = await tm.list(limit=1000, before=before)
-                count += sum(
-                    1 for t in page if t.done and t.finished_at and t.finished_at.timestamp() < cutoff
-                )
+                for t in page:
+                    if t.done and t.finished_at and t.finished_at.timestamp() < cutoff:
+                        count += 1
+                        files += len(t.images) + len(t.references)
                 if len(page) < 1000:
                     break
                 before = page[-1].id
-            print(f"would delete {count} finished task(s) and their images (nothing deleted)")
+            print(
+                f"would delete {count} finished task(s) and {files} image file(s) (nothing deleted; "
+                "a real run also sweeps orphan files no task points to)"
+            )
             return EXIT_OK
         report = await tm.prune(args.older_than)
     print(f"deleted {report.tasks} task(s), {report.files} image file(s), {report.orphans} orphan file(s)")
@@ -196,9 +216,13 @@ async def prune(args: argparse.Namespace) -> int:
 
 
 async def sheet(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UsageError(f"-o: the folder {out.parent} does not exist")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UsageError(f"-o: {out.name} should end in .png, .jpg or .webp")
     async with reader(args) as tm:
         tasks = await tm.list(owner=args.owner, status=TaskStatus.SUCCEEDED, limit=args.last)
-    out = Path(args.output)
     count = await asyncio.to_thread(write_sheet, tasks, out)
     if args.json:
         _output.dump_json({"path": str(out.absolute()), "images": count})
@@ -286,8 +310,15 @@ async def generate(args: argparse.Namespace) -> int:
             else:
                 print(task.id)
             return EXIT_OK
-        done = await watch(tm, [task.id], json_output=args.json, timeout=None)
+        done = await watch(tm, [task.id], json_output=args.json, timeout=None, resume_flags=_flags(args))
     return _report(done, args.json)
+
+
+def _flags(args: argparse.Namespace) -> str:
+    """The work options to repeat in a resume command (`--provider fake --latency 1`)."""
+    if getattr(args, "provider", None) == "fake":
+        return f" --provider fake --latency {args.latency:g}"
+    return " --provider gemini" if getattr(args, "provider", None) == "gemini" else ""
 
 
 async def wait(args: argparse.Namespace) -> int:
@@ -297,7 +328,9 @@ async def wait(args: argparse.Namespace) -> int:
     async with TaskManager(database(args), workers=workers, **options) as tm:
         for task_id in args.ids:
             await tm.poll(task_id)  # unknown ids fail before any waiting
-        done = await watch(tm, args.ids, json_output=args.json, timeout=args.timeout)
+        done = await watch(
+            tm, args.ids, json_output=args.json, timeout=args.timeout, resume_flags=_flags(args)
+        )
     return _report(done, args.json)
 
 
@@ -312,7 +345,7 @@ def _report(done: Sequence[Task], json_output: bool) -> int:
 
 
 async def watch(
-    tm: TaskManager, ids: Sequence[str], *, json_output: bool, timeout: float | None
+    tm: TaskManager, ids: Sequence[str], *, json_output: bool, timeout: float | None, resume_flags: str = ""
 ) -> list[Task]:
     """Show each task's status, attempt, elapsed time and ETA until all end; return them.
 
@@ -320,7 +353,7 @@ async def watch(
         Interrupted: on Ctrl-C (the tasks go on).
         WaitTimeout: ``timeout`` passed.
     """
-    resume = f"imagetask wait {' '.join(ids)}"
+    resume = f"imagetask wait {' '.join(ids)}" + resume_flags
     estimates = await _estimates(tm, ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
@@ -364,7 +397,8 @@ def _progress(task: Task, estimate: float | None) -> tuple[str, str]:
     elif estimate is None:
         eta = "no estimate yet"
     else:
-        eta = f"~{max(0.0, estimate - (elapsed if task.started_at else 0.0)):.0f} s"
+        left = estimate - (elapsed if task.started_at else 0.0)
+        eta = f"~{max(1, round(left))} s" if left > 0 else "any moment (past the usual time)"
     return f"{elapsed:.1f} s", eta
 
 
@@ -395,8 +429,9 @@ async def _live(*, enabled: bool) -> AsyncIterator[Any]:
 
     def table(tasks: Sequence[Task], estimates: dict[str, float | None]) -> Table:
         grid = Table(box=None, pad_edge=False)
-        for column in ("task", "status", "attempt", "elapsed", "eta", "prompt"):
-            grid.add_column(column)
+        grid.add_column("task", no_wrap=True, min_width=26)  # the id `imagetask wait` needs
+        for column in ("status", "attempt", "elapsed", "eta", "prompt"):
+            grid.add_column(column, overflow="ellipsis", no_wrap=True)
         for t in tasks:
             elapsed, eta = _progress(t, estimates.get(t.id))
             status = t.status.value + (f" ({t.error.code})" if t.error else "")

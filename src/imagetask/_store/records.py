@@ -33,6 +33,8 @@ class SubmitRow:
     references: tuple[StoredImage, ...] = ()
     #: ``params`` as stored (sorted-key JSON), when the caller has it already.
     params_json: str | None = None
+    #: The name of the provider that validated it: only workers of that provider run it.
+    provider: str = ""
 
 
 @attrs.frozen

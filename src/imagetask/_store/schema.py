@@ -119,10 +119,16 @@ _V2 = ["ALTER TABLE tasks ADD COLUMN released INTEGER NOT NULL DEFAULT 0"]
 # this index they read the whole table (half a second at 1,000,000 rows).
 _V3 = ["CREATE INDEX tasks_status ON tasks (status, id)"]
 
+# A task is run only by workers of the provider that validated it: a worker on FakeProvider
+# never answers a task meant for Gemini with a fake picture, and a task submitted for the
+# offline provider is never sent (and billed) to Gemini. '' (tasks from before): any worker.
+_V4 = ["ALTER TABLE tasks ADD COLUMN provider TEXT NOT NULL DEFAULT ''"]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "tasks, images, events, accounts, ledger", _V1),
     (2, "tasks.released: attempts handed back at shutdown", _V2),
     (3, "tasks_status index: reads by status, newest first", _V3),
+    (4, "tasks.provider: only that provider's workers run a task", _V4),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -446,6 +446,7 @@ class Store:
         *,
         held: Sequence[tuple[str, int]] = (),
         gone: Callable[[str], bool] | None = None,
+        provider: str = "",
     ) -> tuple[list[Claimed], list[str], int | None]:
         """Take back expired leases, then claim up to ``limit`` runnable tasks.
 
@@ -460,13 +461,15 @@ class Store:
             gone: Tells whether the holder of a running task (a worker id) is provably
                 gone; those leases are taken back at once, expired or not. None: only
                 expired leases are taken back.
+            provider: The worker's provider name: only tasks submitted for it (or from
+                before tasks named one) are claimed.
 
         Returns:
             (claimed tasks, ids that became terminal while reaping, the earliest
             ``run_after`` still queued in ms, or None).
         """
         raw, ended, next_run = await self._write(
-            _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone
+            _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone, provider
         )
         claimed = [
             Claimed(

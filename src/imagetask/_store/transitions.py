@@ -128,8 +128,8 @@ def _insert_plain(
 
 _INSERT_TASK = (
     "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost, refs,"
-    " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at, provider)"
+    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -151,7 +151,7 @@ def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
         row.id, row.owner, row.prompt, row.model, row.params_json or _params_json(row.params),
         row.max_attempts, row.cost, len(row.references), row.idempotency_key, row.fingerprint,
         row.metadata_json,
-        now, now, now,
+        now, now, now, row.provider,
     )  # fmt: skip
 
 
@@ -216,7 +216,7 @@ UPDATE tasks
  WHERE status = 'queued'
    AND id = (
        SELECT t.id FROM tasks t INDEXED BY tasks_queue
-        WHERE t.status = 'queued' AND t.run_after <= :now
+        WHERE t.status = 'queued' AND t.run_after <= :now AND t.provider IN ('', :provider)
           AND (SELECT count(*) FROM tasks r INDEXED BY tasks_running
                 WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
         ORDER BY t.run_after, t.id
@@ -245,11 +245,15 @@ def _claim(
     lease_ms: int,
     held: frozenset[tuple[str, int]],
     gone: Callable[[str], bool] | None,
+    provider: str = "",
 ) -> tuple[list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]], list[str], int | None]:
     now = _now()  # inside the transaction: waiting for the lock never shortens a lease
     ended = _reap(conn, now, worker, lease_ms, held, gone)
     claimed: list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]] = []
-    args = {"worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner}
+    args = {
+        "worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner,
+        "provider": provider,
+    }  # fmt: skip
     # One task per statement, so each claim sees the running count the previous one left.
     while len(claimed) < limit:
         row = conn.execute(_CLAIM, args).fetchone()
