@@ -478,9 +478,6 @@ def check_text(field: str, value: object, limit: int, *, strip: bool) -> str:
     return text
 
 
-_check_text = check_text
-
-
 def _check_metadata(metadata: object) -> str:
     """The caller's metadata as JSON, or a ValidationError: a JSON object with string keys,
     nested at most `MAX_METADATA_DEPTH` deep, at most `MAX_METADATA_BYTES` encoded."""
@@ -538,11 +535,11 @@ def check_request(
     Raises:
         ValidationError: naming the first bad field.
     """
-    prompt = _check_text("prompt", req.prompt, _config.MAX_PROMPT_CHARS, strip=True)
-    owner = _check_text("owner", req.owner, _config.MAX_KEY_CHARS, strip=False)
+    prompt = check_text("prompt", req.prompt, _config.MAX_PROMPT_CHARS, strip=True)
+    owner = check_text("owner", req.owner, _config.MAX_KEY_CHARS, strip=False)
     key = req.idempotency_key
     if key is not None:
-        key = _check_text("idempotency_key", key, _config.MAX_KEY_CHARS, strip=False)
+        key = check_text("idempotency_key", key, _config.MAX_KEY_CHARS, strip=False)
     n = req.n
     # The type is part of the key: True == 1, but n=True is refused.
     shape = (req.model, type(n), n, req.aspect_ratio, req.size, len(references))
