@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def write_sheet(tasks: Sequence[Task], out: Path, columns: int = 4) -> int:
     Raises:
         OSError: ``out`` cannot be written.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     images = [(task, im) for task in tasks for im in task.images]
     count = max(1, len(images))
@@ -39,16 +40,15 @@ def write_sheet(tasks: Sequence[Task], out: Path, columns: int = 4) -> int:
         y = _PAD + (i // columns) * (_CELL + _LABEL + _PAD)
         try:
             with Image.open(stored.path) as picture:
-                picture.thumbnail((_CELL, _CELL))
-                thumb = picture.convert("RGB")
+                thumb = ImageOps.contain(picture.convert("RGB"), (_CELL, _CELL))  # up or down
         except OSError:  # the file was removed or damaged since: say so in its cell
             pen.rectangle((x, y, x + _CELL, y + _CELL), outline=(200, 80, 80))
             pen.text((x + 4, y + 4), "image missing", fill=(200, 80, 80), font=font)
         else:
             sheet.paste(thumb, (x + (_CELL - thumb.width) // 2, y + (_CELL - thumb.height) // 2))
-        label = f"{task.id[-8:]} #{stored.index}  {task.prompt}"
-        pen.text((x, y + _CELL + 4), label[:40], fill=(230, 230, 230), font=font)
-        pen.text((x, y + _CELL + 18), label[40:80], fill=(170, 170, 170), font=font)
+        lines = textwrap.wrap(f"{task.id[-8:]} #{stored.index}  {task.prompt}", width=40)[:2]
+        for row, (text, shade) in enumerate(zip(lines, ((230, 230, 230), (170, 170, 170)), strict=False)):
+            pen.text((x, y + _CELL + 4 + 14 * row), text, fill=shade, font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")
     return len(images)
