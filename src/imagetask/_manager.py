@@ -37,7 +37,7 @@ from ._models import (
     new_task_ids,
     now_ms,
 )
-from ._store import BUSY, Store, SubmitRow, Submitted
+from ._store import BUSY, Store, SubmitRow, Submitted, TaskStore
 from ._worker import Worker
 from .providers.base import Provider
 
@@ -225,7 +225,8 @@ class TaskManager:
         self.poll_interval = float(poll_interval)
         self.storage_timeout = float(storage_timeout)
         self.credits = Credits(self)
-        self._store = Store(self.path, self.images_root, durability, faults)
+        # The manager and its workers see the store only through its contract.
+        self._store: TaskStore = Store(self.path, self.images_root, durability, faults)
         self._images = ImageStore(self.images_root, sync_dirs=durability == "full", faults=faults)
         self._worker: Worker | None = None
         self._state = _State.NEW
@@ -363,7 +364,7 @@ class TaskManager:
                 stacklevel=1,
             )
 
-    def _require_open(self) -> Store:
+    def _require_open(self) -> TaskStore:
         if self._state is _State.NEW:
             raise ConfigError("the TaskManager is not open; use `async with TaskManager(...) as tm:`")
         if self._state is _State.CLOSED:

@@ -29,7 +29,7 @@ from ._exceptions import ProviderError, StoreError
 from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage
 from ._models import StoredImage, TaskError, TaskStatus, now_ms
-from ._store import Claimed, Store, is_damage
+from ._store import Claimed, TaskStore, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
 __all__ = ["Worker", "backoff", "claim_ahead"]
@@ -95,7 +95,7 @@ class Worker:
 
     def __init__(
         self,
-        store: Store,
+        store: TaskStore,
         images: ImageStore,
         provider: Provider,
         *,

@@ -6,10 +6,13 @@
 - ``reads``: every read statement;
 - ``commit``: batching writes into transactions, answering callers, checkpoints;
 - ``sqlite``: the SQLite store that composes them (connections, group commit, loop-thread
-  commits).
+  commits);
+- ``contract``: `TaskStore`, every method the manager and the workers may call, and what each
+  promises (the SQLite store implements it; a PostgreSQL store will).
 """
 
 from .commit import is_damage as is_damage
+from .contract import TaskStore as TaskStore
 from .reads import list_sql as list_sql
 from .reads import pending_sql as pending_sql
 from .records import BUSY as BUSY
@@ -28,6 +31,7 @@ __all__ = [
     "Store",
     "SubmitRow",
     "Submitted",
+    "TaskStore",
     "is_damage",
     "list_sql",
     "pending_sql",

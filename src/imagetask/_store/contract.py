@@ -1,0 +1,150 @@
+"""The store contract: every method the manager and the workers may call, and what each promises.
+
+`Store` (SQLite) implements it; a PostgreSQL store will implement it too and run the same
+contract tests (``tests/test_store.py::TestStoreContract``, parametrised over the stores).
+Every write is one transaction; every transition of a task is one guarded update that
+succeeds only for the expected status, attempt (the fencing token) and worker; times are
+taken inside the transaction that writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._exceptions import ImageTaskError
+from .._models import StoredImage, Task, TaskError, TaskEvent
+from .records import Claimed, SubmitRow, Submitted, _Busy
+
+if TYPE_CHECKING:
+    from ..testing import Faults
+
+__all__ = ["TaskStore"]
+
+
+class TaskStore(Protocol):
+    """What a task store offers. Methods raise `StoreError` when the database refuses."""
+
+    path: Path
+    images_root: Path
+    #: The test hook (see `imagetask.testing.Faults`); None in production.
+    faults: Faults | None
+
+    async def open(self) -> None:
+        """Check the database untouched, then connect and run pending migrations.
+
+        Raises `StoreError` for a foreign, damaged or newer database, writing nothing."""
+
+    async def close(self) -> None:
+        """Commit and answer the writes already queued, then disconnect (safe twice)."""
+
+    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
+        """Insert tasks (and their charges and reference rows) in one transaction. An
+        idempotency key already used by the owner returns the first task (``created`` false)
+        or a `ValidationError` for a different request; a short balance is
+        `InsufficientCredits`. ``atomic``: the first error rolls back all and is raised;
+        otherwise each row's error stands in its place and only that row is not written."""
+        ...
+
+    async def claim(
+        self,
+        worker: str,
+        limit: int,
+        per_owner: int,
+        lease: float,
+        *,
+        held: Sequence[tuple[str, int]] = (),
+        gone: Callable[[str], bool] | None = None,
+        provider: str = "",
+    ) -> tuple[list[Claimed], list[str], int | None]:
+        """In one transaction: take back expired leases (and those of provably gone
+        holders) except the caller's own ``held`` attempts, which are renewed; then claim up
+        to ``limit`` runnable tasks of ``provider``, oldest first, never past ``per_owner``
+        running for one owner. Returns (claimed, ids that ended while taken back, the earliest
+        ``run_after`` still queued)."""
+        ...
+
+    async def heartbeat(self, worker: str, held: Sequence[tuple[str, int]], lease: float) -> set[str]:
+        """Renew the leases of ``held`` (id, attempt) that this worker still holds; a full
+        lease from the commit. Returns the ids still held."""
+        ...
+
+    async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
+        """Fenced: the attempt succeeds with its images; False if it no longer holds the task."""
+        ...
+
+    async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
+        """Fenced: back to the queue, runnable ``delay`` seconds after the commit."""
+        ...
+
+    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
+        """Fenced: failed for good, and refunded at most once."""
+        ...
+
+    async def release(self, task_id: str, attempt: int, worker: str) -> bool:
+        """Fenced: handed back at once; the attempt does not count against max_attempts."""
+        ...
+
+    async def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel a queued or running task, refunded at most once; False if it had ended."""
+        ...
+
+    async def grant(self, owner: str, amount: int) -> int:
+        """Add ``amount`` credits (negative takes away); the new balance, within 0..10**12."""
+        ...
+
+    async def balance(self, owner: str) -> int:
+        """The owner's balance: the sum of its ledger (0 for an unknown owner)."""
+        ...
+
+    async def get(self, task_id: str) -> Task | None:
+        """One task by id (one consistent read), or None."""
+        ...
+
+    def get_now(self, task_id: str) -> Task | _Busy | None:
+        """`get` without waiting, on the caller's thread: ``BUSY`` when it would wait."""
+        ...
+
+    async def pending(self, owner: str | None) -> list[Task]:
+        """Queued and running tasks, newest first, through an index of active rows only."""
+        ...
+
+    async def list_tasks(
+        self, owner: str | None, status: str | None, limit: int, before: str | None
+    ) -> list[Task]:
+        """One page of tasks, newest first, ids below ``before``; an index in id order."""
+        ...
+
+    async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
+        """The status of each existing id, in one snapshot."""
+        ...
+
+    async def terminal_among(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are terminal (or gone)."""
+        ...
+
+    def data_version(self) -> int:
+        """A token that changes when another connection commits (cheap, never waits)."""
+        ...
+
+    async def own_versions(self) -> tuple[int, ...]:
+        """Tokens that tell this store's own commits from others' (see the watcher)."""
+        ...
+
+    async def events(self, task_id: str) -> list[TaskEvent]:
+        """The task's transitions, in commit order."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """Schema version, integrity, WAL size, counts by status, expired leases."""
+        ...
+
+    async def prune(self, before_ms: int) -> tuple[int, list[str]]:
+        """Delete terminal tasks finished before ``before_ms`` (never the ledger); returns
+        (tasks deleted, the relative paths of their image files)."""
+        ...
+
+    async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
+        """For the orphan sweep: id -> (status, attempt), and every path a row points to."""
+        ...
