@@ -14,6 +14,7 @@ from imagetask import StoreError, TaskManager, TaskStatus
 from imagetask._models import StoredImage, TaskError, new_task_id, task_id_ms
 from imagetask._store import SCHEMA_VERSION, Store, SubmitRow
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 from conftest import RETAKEN_THEN_SUCCEEDED, sql, trail
 
@@ -169,14 +170,16 @@ async def test_full_durability_fsyncs_every_commit_on_the_writer_thread(tmp_path
     synced: list[str] = []
     real_fsync_dir = images_module._fsync_dir
     monkeypatch.setattr(images_module, "_fsync_dir", lambda d: (synced.append(str(d)), real_fsync_dir(d)))
-    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), durability="full") as tm:
-        assert tm._store._fast is None
+    faults = Faults()
+    async with TaskManager(
+        tmp_path / "t.db", provider=FakeProvider(), durability="full", faults=faults
+    ) as tm:
         writer_sync = await tm._store._run(
             tm._store._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]
         )
         assert writer_sync == 2  # FULL
         done = await tm.wait((await tm.submit("durable")).id, timeout=10)
-        assert done.ok and tm._store._fast_commits == 0
+        assert done.ok and faults.commits["loop"] == 0 and faults.commits["writer"] >= 2
     assert any(done.id in d for d in synced)
 
 
@@ -465,24 +468,27 @@ async def test_concurrent_small_submits_commit_together_in_order(tmp_path):
     every caller gets its own task, and the ids follow the call order."""
     import asyncio
 
-    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
-        before = tm._store._fast_commits
+    faults = Faults()  # the store's documented counters
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, faults=faults) as tm:
+        before = faults.commits["loop"]
         tasks = await asyncio.gather(*(tm.submit(f"p{i}") for i in range(10)))
         assert [t.prompt for t in tasks] == [f"p{i}" for i in range(10)]
         assert [t.id for t in tasks] == sorted(t.id for t in tasks)
-        assert tm._store._fast_commits == before + 1
+        assert faults.commits["loop"] == before + 1 and faults.commits["writer"] == 0
         assert len(await tm.list()) == 10
 
 
 async def test_only_submits_of_up_to_128_rows_commit_on_the_loop_thread(tmp_path):
     """A submit_many of 128 rows commits on the loop's thread; one of 129 goes to the writer's
     thread (the loop is never held for a big batch); both are written whole."""
-    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
-        before = tm._store._fast_commits
+    faults = Faults()
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, faults=faults) as tm:
+        before = dict(faults.commits)
         await tm.submit_many([{"prompt": f"a{i}"} for i in range(128)])
-        assert tm._store._fast_commits == before + 1
+        assert faults.commits["loop"] == before.get("loop", 0) + 1
         await tm.submit_many([{"prompt": f"b{i}"} for i in range(129)])
-        assert tm._store._fast_commits == before + 1
+        assert faults.commits["loop"] == before.get("loop", 0) + 1
+        assert faults.commits["writer"] == before.get("writer", 0) + 1
         assert len(await tm.list(limit=500)) == 257
 
 

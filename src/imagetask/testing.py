@@ -68,12 +68,15 @@ class Faults:
 
     Attributes:
         hits: How many times each operation ran (faulted runs included).
+        commits: How many transactions committed, by where: ``"loop"`` (small writes on
+            the event loop's own connection) or ``"writer"`` (the writer's thread).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._planned: dict[str, list[_Planned]] = collections.defaultdict(list)
         self.hits: collections.Counter[str] = collections.Counter()
+        self.commits: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
         with self._lock:
@@ -141,6 +144,11 @@ class Faults:
         """After ``operation``'s statements, before its commit: a planned kill happens here."""
         if self._take(operation, after_commit=False, kill=True) is not None:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def committed(self, where: str) -> None:
+        """A transaction committed ``where`` (``"loop"`` or ``"writer"``)."""
+        with self._lock:
+            self.commits[where] += 1
 
     def after_commit(self, operation: str) -> BaseException | None:
         """Once ``operation`` committed: the error to report to its caller, if one is planned."""

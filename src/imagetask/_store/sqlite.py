@@ -278,6 +278,8 @@ class Store:
                 if self._queue:
                     self._start_committer()
             self._count_wal(_PAGES_PER_WRITE)
+            if self.faults is not None:
+                self.faults.committed("writer")
             if not ok:
                 raise (
                     StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
@@ -332,6 +334,8 @@ class Store:
             return
         _settle_outcomes(outcomes, waiters, self.path)
         self._fast_commits += 1
+        if self.faults is not None:
+            self.faults.committed("loop")
         # Roughly the pages this commit appended to the WAL: each touched b-tree leaf, once.
         self._count_wal(_PAGES_PER_WRITE + rows // 4)
         if self._finish_checkpoint and not self._busy:
@@ -413,6 +417,8 @@ class Store:
                 continue
             _settle_outcomes(outcomes, waiters, self.path)
             self._count_wal(_PAGES_PER_WRITE * len(batch))
+            if self.faults is not None:
+                self.faults.committed("writer")
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
