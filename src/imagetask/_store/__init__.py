@@ -5,6 +5,8 @@
 - ``transitions``: every write, a pure function run inside a transaction;
 - ``reads``: every read statement;
 - ``commit``: batching writes into transactions, answering callers, checkpoints;
+- ``connections``: how each connection is opened and set up;
+- ``rows``: turning rows into `Task` and `StoredImage` records;
 - ``sqlite``: the SQLite store that composes them (connections, group commit, loop-thread
   commits);
 - ``contract``: `TaskStore`, every method the manager and the workers may call, and what each

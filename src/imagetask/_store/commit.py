@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import aiosqlite
 
 from .._exceptions import ImageTaskError, StoreError
 from .transitions import _OPERATIONS, _submit_rows
@@ -199,13 +196,3 @@ def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
         return fn(conn, *args)
     finally:
         conn.execute("COMMIT")
-
-
-def _daemonize(conn: aiosqlite.Connection) -> None:
-    """Make a connection's thread a daemon before it starts, so a manager that is never
-    closed does not keep the process alive at exit (Python waits for every other thread).
-    Ending a daemon thread mid-transaction is safe: SQLite rolls it back, as after a crash.
-    aiosqlite keeps its thread private (``_thread``; before 0.21 the connection was the
-    thread itself): this is the second private name we rely on, pinned in pyproject.toml."""
-    thread: threading.Thread = getattr(conn, "_thread", None) or conn  # type: ignore[assignment]
-    thread.daemon = True

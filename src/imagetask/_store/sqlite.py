@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,27 +16,25 @@ import aiosqlite
 
 from .._dbcheck import check_database
 from .._exceptions import ImageTaskError, StoreError
-from .._models import StoredImage, Task, TaskError, TaskEvent, TaskList, now_ms
+from .._models import StoredImage, Task, TaskError, TaskEvent, now_ms
 from .commit import (
     _CHECKPOINT_PAGES,
     _INLINE_MAX_ROWS,
     _PAGES_PER_WRITE,
-    _SAFETY_CHECKPOINT_PAGES,
     _batch_transaction,
     _checkpoint_file,
     _checkpoint_quietly,
     _coalesce,
-    _daemonize,
     _fail_all,
     _is_busy,
     _Queued,
     _read_transaction,
     _settle_outcomes,
 )
+from .connections import configure, connect_fast, connect_inline, daemonize
 from .reads import (
     _ACTIVE,
     _GET_ONE,
-    _N_TASK_COLUMNS,
     _balance,
     _data_version,
     _events,
@@ -50,6 +47,7 @@ from .reads import (
     pending_sql,
 )
 from .records import BUSY, Claimed, SubmitRow, Submitted, _Busy
+from .rows import Rows
 from .schema import MIGRATIONS, migrate
 from .transitions import (
     _cancel,
@@ -93,7 +91,7 @@ class Store:
             raise ValueError("durability: must be 'normal' or 'full'")
         self.path = path
         self.images_root = images_root
-        self._root_prefix = os.path.join(str(images_root), "")
+        self._rows = Rows(images_root)
         self.durability = durability
         #: The test hook: faults injected into this store's transactions (None in production).
         self.faults = faults
@@ -140,16 +138,16 @@ class Store:
             self._writer = await self._connect(query_only=False)
             await self._run(self._writer, self._migrate)
             self._reader = await self._connect(query_only=True)
-            self._inline = self._connect_inline()
+            self._inline = connect_inline(self.path)
             if self.durability == "normal":
-                self._fast = self._connect_fast()
+                self._fast = connect_fast(self.path)
         except BaseException:
             await self.close()
             raise
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
         conn = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
-        _daemonize(conn)
+        daemonize(conn)
         try:
             await conn
         except sqlite3.Error as exc:
@@ -159,61 +157,14 @@ class Store:
             ) from None
         try:
             conn.row_factory = sqlite3.Row
-            await self._run(conn, self._configure, query_only)
+            await self._run(conn, configure, self.path, self.durability, query_only)
         except BaseException:
             await conn.close()
             raise
         return conn
 
-    def _configure(self, conn: sqlite3.Connection, query_only: bool) -> None:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode!r})")
-        conn.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        if query_only:
-            conn.execute("PRAGMA query_only = ON")
-        else:
-            # The store checkpoints itself, mostly off the writer (see `_run_checkpoint`);
-            # SQLite's own checkpoint in the committing writer stays only as a safety net.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {_SAFETY_CHECKPOINT_PAGES}")
-
     def _migrate(self, conn: sqlite3.Connection) -> None:
         migrate(conn, self.path)
-
-    def _connect_inline(self) -> sqlite3.Connection:
-        """The point-read connection, used only on the thread that opened the store.
-
-        It never waits for a lock (busy_timeout 0): in WAL mode a read takes no lock a
-        writer holds, so it answers in microseconds; in the rare moments it would have to
-        wait (a WAL reset or recovery), the read goes to the threaded reader instead, so the
-        event loop is never blocked on another process.
-        """
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 0")
-        conn.execute("PRAGMA query_only = ON")
-        return conn
-
-    def _connect_fast(self) -> sqlite3.Connection:
-        """The small-write connection, used only on the thread that opened the store.
-
-        ``busy_timeout`` 0: when another connection holds the write lock, the write goes to
-        the threaded writer (which may wait) instead of blocking the event loop. Automatic
-        checkpoints are off here (one would copy pages and fsync on the loop's thread); the
-        store runs its own (see `_run_checkpoint`).
-        """
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row  # the transaction functions read columns by name
-        try:
-            conn.execute("PRAGMA busy_timeout = 0")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     async def close(self) -> None:
         """Finish queued writes, then close the connections (safe to call twice)."""
@@ -435,7 +386,10 @@ class Store:
         each row succeeds or fails on its own and its error is returned in its place.
         ``created_at`` is the time inside the transaction (`Submitted.at`).
         """
-        refs = [[_image_row(r.id, "reference", 0, self._rel(im), im) for im in r.references] for r in rows]
+        refs = [
+            [_image_row(r.id, "reference", 0, self._rows.relative(im), im) for im in r.references]
+            for r in rows
+        ]
         pairs = list(zip(rows, refs, strict=True))
         if len(rows) <= _INLINE_MAX_ROWS:
             return await self._write_small(len(rows), _submit_rows, pairs, atomic)
@@ -487,7 +441,7 @@ class Store:
                 attempt=row["attempt"],
                 max_attempts=row["max_attempts"],
                 released=row["released"],
-                references=tuple(self._image(r) for r in refs),
+                references=tuple(self._rows.image(r) for r in refs),
                 retries=retries,
             )
             for row, refs, retries in raw
@@ -502,7 +456,7 @@ class Store:
 
     async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
         """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
-        rows = [_image_row(task_id, "output", attempt, self._rel(im), im) for im in images]
+        rows = [_image_row(task_id, "output", attempt, self._rows.relative(im), im) for im in images]
         return await self._write(_succeed, task_id, attempt, worker, rows)
 
     async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
@@ -539,7 +493,7 @@ class Store:
         task = self.get_now(task_id)
         if task is BUSY:  # let the threaded reader wait for the lock
             rows = await self._read(_get_one, task_id)
-            return self._task_from_join(rows) if rows else None
+            return self._rows.task_from_join(rows) if rows else None
         return task
 
     def get_now(self, task_id: str) -> Task | _Busy | None:
@@ -553,19 +507,19 @@ class Store:
             return BUSY
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
-        return self._task_from_join(rows) if rows else None
+        return self._rows.task_from_join(rows) if rows else None
 
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
         sql, args = pending_sql(owner)
-        return self._tasks(await self._read(_select_tasks, sql, args))
+        return self._rows.tasks(await self._read(_select_tasks, sql, args))
 
     async def list_tasks(
         self, owner: str | None, status: str | None, limit: int, before: str | None
     ) -> list[Task]:
         """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
         sql, args = list_sql(owner, status, limit, before)
-        return self._tasks(await self._read(_select_tasks, sql, args))
+        return self._rows.tasks(await self._read(_select_tasks, sql, args))
 
     async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
         """The status of each of ``ids`` that exists, read in one snapshot."""
@@ -639,48 +593,3 @@ class Store:
     async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
         """For the image sweep: (id -> (status, attempt)) and every referenced path."""
         return await self._read(_file_state, list(task_ids))
-
-    # -- row decoding --
-
-    def _rel(self, image: StoredImage) -> str:
-        path = str(image.path)
-        prefix = self._root_prefix
-        if path.startswith(prefix):  # always, for files this store wrote: skip pathlib's parsing
-            return path[len(prefix) :].replace(os.sep, "/")
-        return image.path.relative_to(self.images_root).as_posix()
-
-    def _tasks(self, result: tuple[list[sqlite3.Row], list[sqlite3.Row]]) -> list[Task]:
-        rows, image_rows = result
-        outputs: dict[str, list[StoredImage]] = {}
-        refs: dict[str, list[StoredImage]] = {}
-        for r in image_rows:
-            (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self._image(r))
-        return TaskList(Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
-
-    def _task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
-        """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""
-        first = rows[0]
-        outputs: list[StoredImage] = []
-        refs: list[StoredImage] = []
-        if first[_N_TASK_COLUMNS] is not None:
-            root = self.images_root
-            for r in rows:
-                (role, idx, path, mime, width, height, sha256, size, provenance) = r[_N_TASK_COLUMNS:]
-                image = StoredImage(
-                    root / path, mime, width, height, sha256, size, idx,
-                    json.loads(provenance) if provenance != "{}" else {},
-                )  # fmt: skip
-                (outputs if role == "output" else refs).append(image)
-        return Task._from_row(first, outputs, refs)
-
-    def _image(self, r: sqlite3.Row) -> StoredImage:
-        return StoredImage(
-            path=self.images_root / r["path"],
-            mime=r["mime"],
-            width=r["width"],
-            height=r["height"],
-            sha256=r["sha256"],
-            size=r["size"],
-            index=r["idx"],
-            provenance=json.loads(r["provenance"]),
-        )
