@@ -142,6 +142,7 @@ def test_submit_list_show_events_wait_and_cancel(tmp_path):
     pending = json.loads(cli(tmp_path, "ls", "--pending", "--json").stdout)
     assert [t["id"] for t in pending] == [second, first] and {t["status"] for t in pending} == {"queued"}
     assert "status:      queued" in cli(tmp_path, "show", first).stdout
+    assert "no transitions yet" in cli(tmp_path, "events", first).stderr
     cancelled = cli(tmp_path, "cancel", second)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     waited = cli(tmp_path, "wait", first, "--provider", "fake", "--latency", "0")

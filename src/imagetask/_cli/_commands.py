@@ -155,9 +155,11 @@ async def events(args: argparse.Namespace) -> int:
     if args.json:
         _output.dump_json([_output.event_json(e) for e in found])
         return EXIT_OK
+    if not found:  # the submit is the task row itself, not an event
+        print(f"no transitions yet: the task is queued, waiting for a worker ({args.id})", file=sys.stderr)
     for e in found:
         detail = f"  {e.detail}" if e.detail else ""
-        print(f"{_output._time(e.at)}  {e.kind:<13} attempt {e.attempt}  -> {e.status.value:<9}{detail}")
+        print(f"{_output._time(e.at)}  {e.kind:<13} attempt {e.attempt}  -> {e.status.value}{detail}")
     return EXIT_OK
 
 
