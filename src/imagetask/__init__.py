@@ -17,9 +17,6 @@ from ._exceptions import StoreError as StoreError
 from ._exceptions import TaskNotFound as TaskNotFound
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WaitTimeout as WaitTimeout
-from ._manager import Credits as Credits
-from ._manager import Health as Health
-from ._manager import PruneReport as PruneReport
 from ._manager import TaskManager as TaskManager
 from ._models import GenerationRequest as GenerationRequest
 from ._models import StoredImage as StoredImage
@@ -27,6 +24,9 @@ from ._models import Task as Task
 from ._models import TaskError as TaskError
 from ._models import TaskEvent as TaskEvent
 from ._models import TaskStatus as TaskStatus
+from ._records import Credits as Credits
+from ._records import Health as Health
+from ._records import PruneReport as PruneReport
 from ._sync import SyncCredits as SyncCredits
 from ._sync import SyncTaskManager as SyncTaskManager
 

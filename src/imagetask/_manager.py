@@ -8,7 +8,6 @@ import concurrent.futures
 import contextlib
 import enum
 import logging
-import math
 import os
 import warnings
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping, Sequence
@@ -20,6 +19,17 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from . import _config
+from ._checks import (
+    _as_image_list,
+    _check_arg_seconds,
+    _check_id,
+    _check_int,
+    _check_limit,
+    _check_owner,
+    _check_path,
+    _check_seconds,
+    _iterable,
+)
 from ._exceptions import ConfigError, ImageTaskError, StoreError, TaskNotFound, ValidationError, WaitTimeout
 from ._images import ImageStore, read_reference
 from ._models import (
@@ -32,11 +42,11 @@ from ._models import (
     _build_task,
     _json_object,
     check_request,
-    check_text,
     new_task_id,
     new_task_ids,
     now_ms,
 )
+from ._records import Credits, Health, PruneReport
 from ._store import BUSY, Store, SubmitRow, Submitted, TaskStore
 from ._worker import Worker
 from .providers.base import Provider
@@ -44,7 +54,7 @@ from .providers.base import Provider
 if TYPE_CHECKING:
     from .testing import Faults
 
-__all__ = ["Credits", "Health", "PruneReport", "TaskManager"]
+__all__ = ["TaskManager"]
 
 log = logging.getLogger("imagetask")
 
@@ -53,82 +63,6 @@ class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
     CLOSED = "closed"
-
-
-@attrs.frozen
-class PruneReport:
-    """What ``prune`` removed.
-
-    Attributes:
-        tasks: Finished tasks deleted (with their images and events).
-        files: Image files deleted for those tasks.
-        orphans: Files no row pointed to (left by crashes or lost attempts) deleted.
-    """
-
-    tasks: int
-    files: int
-    orphans: int
-
-
-@attrs.frozen
-class Health:
-    """What ``health()`` found in the database (``imagetask doctor`` prints it).
-
-    Attributes:
-        path: The database file.
-        images_root: The image folder.
-        schema_version: The schema version recorded in the database.
-        integrity: ``"ok"``, or what SQLite's ``quick_check`` reported.
-        wal_bytes: The size of the write-ahead log file.
-        counts: Tasks by status (every status, zeros included).
-        expired_leases: Running tasks whose lease has expired (their worker stopped); any
-            manager with workers takes them back.
-    """
-
-    path: Path
-    images_root: Path
-    schema_version: int
-    integrity: str
-    wal_bytes: int
-    counts: Mapping[str, int]
-    expired_leases: int
-
-    @property
-    def ok(self) -> bool:
-        """True when the integrity check passed."""
-        return self.integrity == "ok"
-
-
-class Credits:
-    """Per-owner credit balances, kept as an append-only ledger (``tm.credits``)."""
-
-    def __init__(self, manager: TaskManager) -> None:
-        self._manager = manager
-
-    async def grant(self, owner: str, amount: int) -> int:
-        """Add ``amount`` credits to ``owner`` (negative to take some away).
-
-        Returns:
-            The new balance.
-
-        Raises:
-            ValidationError: for a bad owner or amount, or a balance that would go negative.
-        """
-        _check_owner(owner)
-        limit = _config.MAX_CREDITS
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0 or abs(amount) > limit:
-            raise ValidationError(
-                "amount", f"must be a non-zero integer from -10**12 to 10**12, got {amount!r}"
-            )
-        store = self._manager._require_open()
-        balance = await store.grant(owner, amount)
-        log.info("credits: %+d for %s, balance %d", amount, owner, balance)
-        return balance
-
-    async def balance(self, owner: str) -> int:
-        """The owner's balance (0 if it was never granted anything)."""
-        _check_owner(owner)
-        return await self._manager._require_open().balance(owner)
 
 
 class TaskManager:
@@ -904,8 +838,6 @@ class TaskManager:
 
 
 TaskManager.__module__ = "imagetask"
-PruneReport.__module__ = "imagetask"
-Health.__module__ = "imagetask"
 
 
 def _default_provider() -> Provider | None:
@@ -914,97 +846,6 @@ def _default_provider() -> Provider | None:
     from .providers.gemini import GeminiProvider
 
     return GeminiProvider()
-
-
-def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[ImageInput, ...]:
-    """``images=`` takes one image or a sequence of them."""
-    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or hasattr(images, "getpixel"):
-        return (images,)  # type: ignore[return-value]
-    try:
-        return tuple(images)
-    except TypeError:
-        raise ValidationError(
-            "images", f"expected a path, bytes, a PIL image or a list of them, got {type(images).__name__}"
-        ) from None
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-
-
-def _seconds_problem(value: object, positive: bool, minimum: float = 0.0) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "a finite number of seconds"
-    if isinstance(value, int) and abs(value) > _config.MAX_SECONDS:  # before float(): 2**2000
-        return "a number of seconds up to 1e9 (about 31 years)"
-    if not math.isfinite(value):
-        return "a finite number of seconds"
-    if value < 0 or (positive and value == 0):
-        return "a number of seconds > 0" if positive else "a number of seconds >= 0"
-    if value < minimum:
-        return f"a number of seconds >= {minimum:g}"
-    if value > _config.MAX_SECONDS:
-        return "a number of seconds up to 1e9 (about 31 years)"
-    return None
-
-
-def _check_seconds(name: str, value: object, *, positive: bool, minimum: float = 0.0) -> None:
-    """Check a manager option given in seconds."""
-    problem = _seconds_problem(value, positive, minimum)
-    if problem:
-        raise ConfigError(f"{name}: must be {problem}, got {value!r}")
-
-
-def _check_path(name: str, value: object) -> None:
-    """A path option the file system can take: no NUL, nothing the OS cannot encode."""
-    if value is None:
-        return
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigError(f"{name}: must be a path (str or os.PathLike), got {type(value).__name__}")
-    text = os.fspath(value)
-    problem = None
-    if (b"\0" if isinstance(text, bytes) else "\0") in text:
-        problem = "contains a NUL character"
-    else:
-        try:
-            os.fsencode(text)
-        except UnicodeEncodeError as exc:
-            problem = f"cannot be encoded for the file system ({exc.reason})"
-    if problem:
-        raise ConfigError(f"{name}: {text!r} {problem}; pass another path")
-
-
-def _check_arg_seconds(name: str, value: object) -> None:
-    """Check a method argument given in seconds."""
-    problem = _seconds_problem(value, positive=False)
-    if problem:
-        raise ValidationError(name, f"must be {problem}, got {value!r}")
-
-
-def _check_limit(limit: object) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-        raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
-
-
-def _iterable(field: str, value: Any) -> Iterable[Any]:
-    """A list-like argument: a str (an id, a prompt) is a mistake, not a sequence of letters."""
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ValidationError(field, f"must be a list, got {type(value).__name__}")
-    return value
-
-
-def _check_owner(owner: object) -> None:
-    """The same rules as ``submit``'s owner, for every method that takes one."""
-    check_text("owner", owner, _config.MAX_KEY_CHARS, strip=False)
-
-
-def _check_id(task_id: object, field: str = "task_id") -> str:
-    if not isinstance(task_id, str):
-        raise ValidationError(field, f"must be a string, got {type(task_id).__name__}")
-    if not task_id.isascii() or "\x00" in task_id:  # no task id can be: and SQLite could not take it
-        raise ValidationError(field, f"{task_id!r} is not a task id (26 ASCII letters and digits)")
-    return task_id
 
 
 async def _to_the_end(fut: asyncio.Future[Any]) -> bool:

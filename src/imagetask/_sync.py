@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _config
 from ._exceptions import ConfigError
-from ._manager import Health, PruneReport, TaskManager
+from ._manager import TaskManager
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus
+from ._records import Health, PruneReport
 
 if TYPE_CHECKING:
     from .providers.base import Provider

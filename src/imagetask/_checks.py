@@ -1,0 +1,104 @@
+"""Checks of the manager's options and its methods' arguments: each refusal names the field
+(a `ConfigError` for an option, a `ValidationError` for an argument)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import _config
+from ._exceptions import ConfigError, ValidationError
+from ._models import ImageInput, check_text
+
+
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[ImageInput, ...]:
+    """``images=`` takes one image or a sequence of them."""
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or hasattr(images, "getpixel"):
+        return (images,)  # type: ignore[return-value]
+    try:
+        return tuple(images)
+    except TypeError:
+        raise ValidationError(
+            "images", f"expected a path, bytes, a PIL image or a list of them, got {type(images).__name__}"
+        ) from None
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _seconds_problem(value: object, positive: bool, minimum: float = 0.0) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "a finite number of seconds"
+    if isinstance(value, int) and abs(value) > _config.MAX_SECONDS:  # before float(): 2**2000
+        return "a number of seconds up to 1e9 (about 31 years)"
+    if not math.isfinite(value):
+        return "a finite number of seconds"
+    if value < 0 or (positive and value == 0):
+        return "a number of seconds > 0" if positive else "a number of seconds >= 0"
+    if value < minimum:
+        return f"a number of seconds >= {minimum:g}"
+    if value > _config.MAX_SECONDS:
+        return "a number of seconds up to 1e9 (about 31 years)"
+    return None
+
+
+def _check_seconds(name: str, value: object, *, positive: bool, minimum: float = 0.0) -> None:
+    """Check a manager option given in seconds."""
+    problem = _seconds_problem(value, positive, minimum)
+    if problem:
+        raise ConfigError(f"{name}: must be {problem}, got {value!r}")
+
+
+def _check_path(name: str, value: object) -> None:
+    """A path option the file system can take: no NUL, nothing the OS cannot encode."""
+    if value is None:
+        return
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{name}: must be a path (str or os.PathLike), got {type(value).__name__}")
+    text = os.fspath(value)
+    problem = None
+    if (b"\0" if isinstance(text, bytes) else "\0") in text:
+        problem = "contains a NUL character"
+    else:
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError as exc:
+            problem = f"cannot be encoded for the file system ({exc.reason})"
+    if problem:
+        raise ConfigError(f"{name}: {text!r} {problem}; pass another path")
+
+
+def _check_arg_seconds(name: str, value: object) -> None:
+    """Check a method argument given in seconds."""
+    problem = _seconds_problem(value, positive=False)
+    if problem:
+        raise ValidationError(name, f"must be {problem}, got {value!r}")
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ValidationError("limit", f"must be an integer from 1 to 1000, got {limit!r}")
+
+
+def _iterable(field: str, value: Any) -> Iterable[Any]:
+    """A list-like argument: a str (an id, a prompt) is a mistake, not a sequence of letters."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValidationError(field, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _check_owner(owner: object) -> None:
+    """The same rules as ``submit``'s owner, for every method that takes one."""
+    check_text("owner", owner, _config.MAX_KEY_CHARS, strip=False)
+
+
+def _check_id(task_id: object, field: str = "task_id") -> str:
+    if not isinstance(task_id, str):
+        raise ValidationError(field, f"must be a string, got {type(task_id).__name__}")
+    if not task_id.isascii() or "\x00" in task_id:  # no task id can be: and SQLite could not take it
+        raise ValidationError(field, f"{task_id!r} is not a task id (26 ASCII letters and digits)")
+    return task_id
