@@ -24,6 +24,7 @@ from imagetask import (
     WaitTimeout,
 )
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 from conftest import check_attempts_exclusive, max_overlap, sql
 
@@ -209,7 +210,7 @@ async def test_as_completed_checks_every_id_before_yielding(make_manager):
     with pytest.raises(TaskNotFound, match="nope"):
         await consume()
     assert seen == []
-    assert tm._waiters == {}
+    assert tm.waiting == 0
 
 
 async def test_as_completed_handles_more_ids_than_one_statement_holds(make_manager):
@@ -225,7 +226,7 @@ async def test_as_completed_handles_more_ids_than_one_statement_holds(make_manag
     seen = [t.id async for t in tm.as_completed([t.id for t in tasks] + [tasks[0].id], timeout=30)]
     await canceller
     assert sorted(seen) == sorted(t.id for t in tasks)
-    assert tm._waiters == {}
+    assert tm.waiting == 0
 
 
 async def test_submit_many_ids_follow_the_request_order(make_manager):
@@ -244,24 +245,23 @@ async def test_submit_many_ids_follow_the_request_order(make_manager):
     assert [t.prompt for t in await tm.list()] == ["d", "c", "b", "a"]
 
 
-async def test_as_completed_survives_a_task_ending_while_it_reads_the_statuses(make_manager, monkeypatch):
+async def test_as_completed_survives_a_task_ending_while_it_reads_the_statuses(make_manager):
     """A task that ends (and signals) while as_completed reads the statuses is yielded once,
     and the stale signal does not break the wait for the others."""
-    tm = await make_manager(workers=False)
+    import threading
+
+    faults = Faults()
+    tm = await make_manager(workers=False, faults=faults)
     first, second = await tm.submit("first"), await tm.submit("second")
-    statuses, gate = tm._store.statuses, asyncio.Event()
-
-    async def held_statuses(ids):  # type: ignore[no-untyped-def]
-        await gate.wait()
-        return await statuses(ids)
-
-    monkeypatch.setattr(tm._store, "statuses", held_statuses)
+    reading, gate = threading.Event(), threading.Event()
+    # The status read starts, then waits (on the reader's thread) until the cancel is done.
+    faults.call("statuses", lambda: (reading.set(), gate.wait(10)))
 
     async def consume() -> list[str]:
         return [t.id async for t in tm.as_completed([first.id, second.id], timeout=10)]
 
     consumer = asyncio.create_task(consume())
-    await asyncio.sleep(0)  # listening, and now reading the statuses
+    assert await asyncio.to_thread(reading.wait, 10)  # listening, and now reading the statuses
     await tm.cancel(first.id)  # ends and signals before that read answers
     gate.set()
     await asyncio.sleep(0.05)

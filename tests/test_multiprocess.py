@@ -9,6 +9,7 @@ import pytest
 
 from imagetask import TaskManager
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 
 from conftest import check_attempts_exclusive, max_overlap, sql
 
@@ -113,7 +114,7 @@ async def test_as_completed_in_another_process_yields_every_task(db_path, spawn)
     async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.2) as tm:
         ids = [t.id for t in await tm.submit_many([{"prompt": f"elsewhere {i}"} for i in range(6)])]
         seen = [t async for t in tm.as_completed(ids, timeout=30)]
-        assert tm._waiters == {}
+        assert tm.waiting == 0
     assert sorted(t.id for t in seen) == sorted(ids)
     assert all(t.ok for t in seen)
 
@@ -121,37 +122,34 @@ async def test_as_completed_in_another_process_yields_every_task(db_path, spawn)
 async def test_wait_notices_a_task_that_ended_elsewhere_just_before_watching(db_path):
     """A task that another connection ends after a waiter's own read, but before the watcher
     starts, still wakes the waiter (the watcher's first turn always looks)."""
-    async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.1) as tm:
+    faults = Faults()
+    async with TaskManager(
+        db_path, provider=FakeProvider(), workers=False, poll_interval=0.1, faults=faults
+    ) as tm:
         task = await tm.submit("ends elsewhere")
-        start_watcher = tm._ensure_watcher
 
-        def end_it_then_watch() -> None:
+        def end_it() -> None:
             with sqlite3.connect(db_path) as other:  # another connection: a foreign commit
                 other.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (task.id,))
-            start_watcher()
 
-        tm._ensure_watcher = end_it_then_watch  # type: ignore[method-assign]
+        faults.call("get", end_it, after_commit=True)  # right after wait()'s own read
         done = await tm.wait(task.id, timeout=5)
+        assert faults.hits["get"] >= 2  # the first read saw it queued; the watcher looked again
     assert done.status == "cancelled"
 
 
-async def test_the_watcher_skips_this_process_own_commits(make_manager, monkeypatch):
+async def test_the_watcher_skips_this_process_own_commits(make_manager):
     """In the process that runs the tasks, its own commits wake waiters by signal; the watcher
     does not re-read every waited task after each of them (only its first turn looks)."""
-    tm = await make_manager(provider=FakeProvider(latency=0.05), concurrency=4, poll_interval=0.05)
-    looks = 0
-    terminal_among = tm._store.terminal_among
-
-    async def counting(ids):  # type: ignore[no-untyped-def]
-        nonlocal looks
-        looks += 1
-        return await terminal_among(ids)
-
-    monkeypatch.setattr(tm._store, "terminal_among", counting)
+    faults = Faults()
+    tm = await make_manager(
+        provider=FakeProvider(latency=0.05), concurrency=4, poll_interval=0.05, faults=faults
+    )
     tasks = await tm.submit_many([{"prompt": f"t{i}"} for i in range(20)])
     seen = [t async for t in tm.as_completed([t.id for t in tasks], timeout=30)]
     assert len(seen) == 20
-    assert looks <= 1
+    # One status read is as_completed's own; at most one more is the watcher's first look.
+    assert faults.hits["statuses"] <= 2
 
 
 async def test_a_foreign_commit_wakes_a_waiter_while_both_own_writers_commit(db_path):
@@ -182,13 +180,18 @@ async def test_the_watcher_still_looks_now_and_then_when_only_this_process_write
 
     async with TaskManager(db_path, provider=FakeProvider(), workers=False, poll_interval=0.05) as tm:
         task = await tm.submit("ended quietly")
+        # A trigger ends the task inside one of this process's own submits: a commit of our
+        # own writer that changes the task without any signal.
+        sql(
+            db_path,
+            "CREATE TRIGGER end_quietly AFTER INSERT ON tasks WHEN NEW.prompt = 'end it' "
+            f"BEGIN UPDATE tasks SET status = 'cancelled' WHERE id = '{task.id}'; END",
+        )
         waiting = asyncio.create_task(tm.wait(task.id, timeout=10))
         for i in range(3):  # own commits: the watcher has looked once and now skips
             await tm.submit(f"own {i}")
             await asyncio.sleep(0.05)
-        fast = tm._store._fast
-        assert fast is not None
-        fast.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (task.id,))  # no signal
+        await tm.submit("end it")
         for i in range(30):  # keep committing, so the data_version keeps changing
             await tm.submit(f"more own {i}")
             await asyncio.sleep(0.02)

@@ -161,26 +161,23 @@ async def test_schema_is_versioned_and_pragmas_are_set(tmp_path):
     assert sql(tmp_path / "s.db", "PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_full_durability_fsyncs_every_commit_on_the_writer_thread(tmp_path, monkeypatch):
+async def test_full_durability_fsyncs_every_commit_on_the_writer_thread(tmp_path):
     """With durability="full" the writer runs synchronous=FULL, no write is committed on the
     loop's thread (every commit is fsynced), and image folders are fsynced after each rename;
     a task still runs end to end."""
-    import imagetask._images as images_module
-
-    synced: list[str] = []
-    real_fsync_dir = images_module._fsync_dir
-    monkeypatch.setattr(images_module, "_fsync_dir", lambda d: (synced.append(str(d)), real_fsync_dir(d)))
     faults = Faults()
     async with TaskManager(
         tmp_path / "t.db", provider=FakeProvider(), durability="full", faults=faults
     ) as tm:
-        writer_sync = await tm._store._run(
-            tm._store._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]
-        )
-        assert writer_sync == 2  # FULL
+        assert (await tm.health()).durability == "full"  # PRAGMA synchronous on the writer
         done = await tm.wait((await tm.submit("durable")).id, timeout=10)
         assert done.ok and faults.commits["loop"] == 0 and faults.commits["writer"] >= 2
-    assert any(done.id in d for d in synced)
+        assert faults.hits["sync_folder"] == len(done.images)
+    normal = Faults()
+    async with TaskManager(tmp_path / "n.db", provider=FakeProvider(), faults=normal) as tm:
+        assert (await tm.health()).durability == "normal"
+        assert (await tm.wait((await tm.submit("fast")).id, timeout=10)).ok
+    assert normal.hits["sync_folder"] == 0 and normal.commits["loop"] >= 1
 
 
 async def test_a_newer_database_is_refused(tmp_path):
@@ -260,23 +257,21 @@ def test_batches_of_task_ids_sort_with_single_ones():
     assert new_task_ids(0) == []
 
 
-def test_task_ids_follow_the_ulid_layout(monkeypatch):
+def test_task_ids_follow_the_ulid_layout():
     """An id is the 128-bit number (48 bits of milliseconds, then 80 random bits) in Crockford
     base32, most significant first, the same layout a database written by any version holds."""
-    import random
-
-    import imagetask._models as models
-
     alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    rng = random.Random(7)
     for _ in range(2000):
-        ms, rand = rng.randrange(1 << 48), rng.randrange(1, 1 << 79)
-        monkeypatch.setattr(models, "_last_id", (ms, rand - 1))
-        monkeypatch.setattr(models, "now_ms", lambda ms=ms: ms)
-        value = (ms << 80) | rand
-        expected = "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
-        assert models.new_task_id() == expected
-        assert task_id_ms(expected) == ms
+        before = int(time.time() * 1000)
+        task_id = new_task_id()
+        after = int(time.time() * 1000)
+        value = 0
+        for char in task_id:
+            value = value * 32 + alphabet.index(char)
+        assert value < 1 << 128 and len(task_id) == 26
+        ms = value >> 80
+        assert before <= ms <= after and task_id_ms(task_id) == ms
+        assert value & ((1 << 80) - 1) != 0  # the random part is there
 
 
 def test_stored_image_opens_with_pillow(tmp_path):
@@ -293,22 +288,12 @@ def test_stored_image_opens_with_pillow(tmp_path):
 
 async def test_point_read_falls_back_to_the_threaded_reader_when_busy(tmp_path):
     """If the inline read connection reports busy, get() still answers through the reader thread."""
-    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+    faults = Faults()
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, faults=faults) as tm:
         task = await tm.submit("x")
-
-        class Busy:
-            def execute(self, *args: object) -> None:
-                raise sqlite3.OperationalError("database is locked")
-
-            def close(self) -> None:
-                pass
-
-        real = tm._store._inline
-        tm._store._inline = Busy()  # type: ignore[assignment]
-        try:
-            assert (await tm.poll(task.id)).id == task.id
-        finally:
-            tm._store._inline = real
+        faults.fail("get", sqlite3.OperationalError("database is locked"))  # the inline read only
+        assert (await tm.poll(task.id)).id == task.id
+        assert faults.hits["get"] == 2  # refused inline, answered by the reader thread
 
 
 @pytest.mark.parametrize(

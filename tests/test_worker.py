@@ -36,7 +36,8 @@ async def test_completion_racing_lease_expiry_keeps_the_new_attempt(make_manager
     stalled.clear()
     done = await b.wait(task.id, timeout=10)
     assert done.ok and done.attempts == 2
-    await wait_for(lambda: slow.active == 0 and a._worker is not None and a._worker.running == 0)
+    # A's stale attempt wrote its image, was refused its success (fenced), and deleted it.
+    await wait_for(lambda: stalled.hits["succeed"] >= 1 and not any(a.images_root.rglob("a1-*")))
     final = await a.poll(task.id)
     assert final.status is TaskStatus.SUCCEEDED and final.images == done.images
     assert [im.path.name for im in final.images] == ["a2-0.png"]
@@ -59,7 +60,7 @@ async def test_heartbeat_after_lease_lost_stops_the_old_attempt(make_manager):
     await wait_for(lambda: second.active == 1)  # ... and B claimed attempt 2
     await wait_for(lambda: first.active == 0, timeout=5)  # A noticed at a heartbeat and stopped
     row = sql(a.path, "SELECT status, attempt, worker FROM tasks WHERE id = ?", task.id)[0]
-    assert row[0] == "running" and row[1] == 2 and row[2] == b._worker.id
+    assert row[0] == "running" and row[1] == 2 and row[2] == b.worker_id
     await b.cancel(task.id)
     assert (await b.wait(task.id, timeout=5)).status is TaskStatus.CANCELLED
     workers_after_claim_2 = sql(

@@ -293,6 +293,8 @@ class ImageStore:
             _unlink_quietly(tmp)
             raise
         if self.sync_dirs:
+            if self.faults is not None:
+                self.faults.before("sync_folder")
             _fsync_dir(folder)
         return StoredImage(
             path=path,

@@ -30,7 +30,7 @@ from ._checks import (
     _check_seconds,
     _iterable,
 )
-from ._exceptions import ConfigError, ImageTaskError, StoreError, TaskNotFound, ValidationError, WaitTimeout
+from ._exceptions import ConfigError, StoreError, TaskNotFound, ValidationError
 from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
@@ -47,7 +47,8 @@ from ._models import (
     now_ms,
 )
 from ._records import Credits, Health, PruneReport
-from ._store import BUSY, Store, SubmitRow, Submitted, TaskStore
+from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
+from ._waiting import Waiting
 from ._worker import Worker
 from .providers.base import Provider
 
@@ -164,8 +165,7 @@ class TaskManager:
         self._images = ImageStore(self.images_root, sync_dirs=durability == "full", faults=faults)
         self._worker: Worker | None = None
         self._state = _State.NEW
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._watcher: asyncio.Task[None] | None = None
+        self._waiting = Waiting(self._store, self.poll, self.poll_interval)
         self._closing: asyncio.Future[None] | None = None
         #: The event loop the manager was opened on (galleries refresh there).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,7 +212,7 @@ class TaskManager:
                     retry_delay=self.retry_delay,
                     poll_interval=self.poll_interval,
                     storage_timeout=self.storage_timeout,
-                    on_terminal=self._notify,
+                    on_terminal=self._waiting.notify,
                 )
                 self._worker.start()
         except BaseException:
@@ -255,16 +255,7 @@ class TaskManager:
             gallery.cancel()
         if self._worker is not None:
             await self._worker.stop(drain=not cancel_running, grace=grace)
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-        closed = ImageTaskError("the TaskManager was closed while waiting for this task")
-        for futures in self._waiters.values():
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(closed)
-        self._waiters.clear()
+        await self._waiting.close()
         if self.provider is not None and self.workers:
             await self.provider.aclose()
         await self._store.close()
@@ -542,8 +533,8 @@ class TaskManager:
             TaskNotFound: no task has this id.
         """
         store = self._require_open()
-        task = store.get_now(_check_id(task_id))  # no await in the common case
-        if task is BUSY:
+        task = store.try_get(_check_id(task_id))  # no await in the common case
+        if task is WOULD_WAIT:
             task = await store.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
@@ -610,27 +601,7 @@ class TaskManager:
             _check_arg_seconds("timeout", timeout)
         _check_id(task_id)
         self._require_open()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(task_id, set()).add(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    task = await self.poll(task_id)  # after registering: no missed signal
-                    if task.done:
-                        return task
-                    self._ensure_watcher()
-                    await fut
-                    fut = asyncio.get_running_loop().create_future()
-                    self._waiters.setdefault(task_id, set()).add(fut)
-        except TimeoutError:
-            assert timeout is not None
-            raise WaitTimeout(task_id, timeout) from None
-        finally:
-            waiters = self._waiters.get(task_id)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    del self._waiters[task_id]
+        return await self._waiting.wait(task_id, timeout)
 
     async def as_completed(
         self, ids: Iterable[str], timeout: float | None = None
@@ -643,111 +614,23 @@ class TaskManager:
         """
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
-        store = self._require_open()
+        self._require_open()
         ids = [_check_id(task_id) for task_id in dict.fromkeys(_iterable("ids", ids))]
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        # Register first, then read: a task that ends between the two is not missed. One
-        # batched status read for all ids, then one read per task as it ends.
-        woken: asyncio.Queue[str] = asyncio.Queue()
-        futures: dict[str, asyncio.Future[None]] = {}
-
-        def listen(task_id: str) -> None:
-            fut = loop.create_future()
-            fut.add_done_callback(lambda f: woken.put_nowait(task_id) if not f.cancelled() else None)
-            futures[task_id] = fut
-            self._waiters.setdefault(task_id, set()).add(fut)
-
-        def unlisten(task_id: str) -> None:
-            fut = futures.pop(task_id)
-            fut.cancel()
-            waiters = self._waiters.get(task_id)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    del self._waiters[task_id]
-
-        try:
-            for task_id in ids:
-                listen(task_id)
-            statuses = await store.statuses(ids)
-            missing = [task_id for task_id in ids if task_id not in statuses]
-            if missing:
-                raise TaskNotFound(", ".join(missing))
-            for task_id in ids:
-                if TaskStatus(statuses[task_id]).terminal:
-                    unlisten(task_id)
-                    yield await self.poll(task_id)
-            while futures:
-                self._ensure_watcher()
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        task_id = await woken.get()
-                except TimeoutError:
-                    raise WaitTimeout(", ".join(futures), timeout or 0.0) from None
-                fut = futures.pop(task_id, None)
-                if fut is None:  # a wake-up for a task already yielded above: nothing to do
-                    continue
-                fut.result()  # raises if the manager closed meanwhile
-                task = await self.poll(task_id)
-                if not task.done:  # woken early (a change from another process): listen again
-                    listen(task_id)
-                    continue
+        # aclosing: a caller that stops early unregisters its waiters now, not at collection.
+        async with contextlib.aclosing(self._waiting.as_completed(ids, timeout)) as tasks:
+            async for task in tasks:
                 yield task
-        finally:
-            for task_id in list(futures):
-                unlisten(task_id)
 
-    def _notify(self, task_id: str) -> None:
-        for fut in self._waiters.pop(task_id, ()):
-            if not fut.done():
-                fut.set_result(None)
+    @property
+    def waiting(self) -> int:
+        """How many tasks `wait` or `as_completed` callers of this manager are waiting for."""
+        return len(self._waiting)
 
-    def _ensure_watcher(self) -> None:
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch(), name="imagetask-watch")
-
-    async def _watch(self) -> None:
-        """While anyone waits: notice commits from other processes and wake their waiters.
-
-        ``PRAGMA data_version`` on the point-read connection makes "nothing changed" one
-        cheap read; after a change the next check comes soon (``poll_interval / 10``), then
-        the pause doubles up to ``poll_interval``. A change that only this process's own
-        writers made (their commits already signalled their waiters) is told apart by the
-        writers' own ``data_version`` values (`Store.own_versions`), so a busy worker does
-        not re-read every waited task on each of its own commits. Even so it looks at least
-        every ``10 * poll_interval`` while anything changes: a safety net, should a
-        transition of this process ever fail to signal.
-        """
-        loop = asyncio.get_running_loop()
-        floor = self.poll_interval / 10
-        interval = floor
-        last_look = -float("inf")
-        # None: the first turn always looks, because a task may have ended elsewhere after a
-        # waiter's own read and before this watcher started.
-        version: int | None = None
-        # The writers' versions read just before the last full look: only a full look moves
-        # this baseline, so a foreign commit is never skipped past.
-        looked_at: tuple[int, ...] | None = None
-        while self._waiters:
-            await asyncio.sleep(interval)
-            try:
-                current = self._store.data_version()
-                if current == version:
-                    interval = min(interval * 2, self.poll_interval)
-                    continue
-                version = current
-                interval = floor
-                own = await self._store.own_versions()
-                only_ours = looked_at is not None and any(a == b for a, b in zip(own, looked_at, strict=True))
-                if only_ours and loop.time() - last_look < 10 * self.poll_interval:
-                    continue  # some writer of ours saw no other connection commit: only we wrote
-                looked_at, last_look = own, loop.time()
-                for task_id in await self._store.terminal_among(list(self._waiters)):
-                    self._notify(task_id)
-            except ImageTaskError:
-                log.exception("checking the database for changes failed")
-                interval = self.poll_interval
+    @property
+    def worker_id(self) -> str | None:
+        """The id this manager's workers record on the tasks they run (`TaskEvent.worker`):
+        ``host/boot/pid/start/token``; None without workers or before `open`."""
+        return None if self._worker is None else self._worker.id
 
     async def health(self) -> Health:
         """Check the database: schema version, integrity (a full ``quick_check``, which reads
@@ -762,6 +645,7 @@ class TaskManager:
             wal_bytes=found["wal_bytes"],
             counts=counts,
             expired_leases=found["expired_leases"],
+            durability=found["durability"],
         )
 
     def gallery(self, owner: str | None = None, limit: int = 24) -> None:
@@ -812,7 +696,7 @@ class TaskManager:
             log.info("task %s: cancelled", task_id)
             if self._worker is not None:
                 self._worker.stop_local(task_id, "cancelled")
-            self._notify(task_id)
+            self._waiting.notify(task_id)
         return await self.poll(task_id)
 
     async def prune(self, older_than: float) -> PruneReport:

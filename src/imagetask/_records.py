@@ -50,6 +50,8 @@ class Health:
         counts: Tasks by status (every status, zeros included).
         expired_leases: Running tasks whose lease has expired (their worker stopped); any
             manager with workers takes them back.
+        durability: What this manager's writes run with, as SQLite reports it:
+            ``"normal"`` (a commit survives a process crash) or ``"full"`` (also power loss).
     """
 
     path: Path
@@ -59,6 +61,7 @@ class Health:
     wal_bytes: int
     counts: Mapping[str, int]
     expired_leases: int
+    durability: str = "normal"
 
     @property
     def ok(self) -> bool:

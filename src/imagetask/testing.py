@@ -13,17 +13,22 @@ it went through. `Faults` injects those at named points of a manager's store::
     async with TaskManager(path, provider=FakeProvider(), faults=faults) as tm:
         ...  # the first two success writes roll back with that error; the worker retries
 
-Operations (the names `fail` and `kill` take):
+Operations (the names `fail`, `kill` and `call` take):
 
 - store transactions: ``submit``, ``claim``, ``heartbeat``, ``succeed``, ``retry``,
   ``fail``, ``release``, ``cancel``, ``grant``, ``prune``;
+- store reads: ``get``, ``pending``, ``list``, ``statuses``, ``events``, ``balance``,
+  ``health``, ``file_state``;
 - ``write_image``: writing one image file (a generated image or a reference copy), after
-  its temporary file was opened.
+  its temporary file was opened; ``sync_folder``: the fsync of an image's folder after the
+  rename that made it visible (``durability="full"`` only).
 
 A fault fires inside the transaction (which then rolls back, and the error reaches the
 operation's caller as the database's own error would), or, with ``after_commit=True``, once
 the transaction has committed: the caller is told it failed although it did not, as when
-a commit's acknowledgement is lost. Never use `Faults` in production code.
+a commit's acknowledgement is lost. `call` runs your own code at the same points, to make a
+race happen on cue (another connection commits just after a read, a read that waits for a
+gate). Never use `Faults` in production code.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import collections
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 import attrs
 
@@ -50,7 +56,16 @@ OPERATIONS = frozenset(
         "cancel",
         "grant",
         "prune",
+        "get",
+        "pending",
+        "list",
+        "statuses",
+        "events",
+        "balance",
+        "health",
+        "file_state",
         "write_image",
+        "sync_folder",
     }
 )
 
@@ -61,6 +76,7 @@ class _Planned:
     times: int
     after_commit: bool
     kill: bool
+    call: Callable[[], object] | None = None
 
 
 class Faults:
@@ -104,6 +120,17 @@ class Faults:
         temporary file open). For crash tests run in a child process."""
         self._plan(operation, _Planned(None, 1, after_commit=False, kill=True))
 
+    def call(
+        self, operation: str, fn: Callable[[], object], *, times: int = 1, after_commit: bool = False
+    ) -> None:
+        """Call ``fn()`` during the next ``times`` runs of ``operation``: at its start (inside
+        its transaction, on the thread that runs it), or with ``after_commit=True`` once it
+        committed (a read: once it read), before its caller is answered. What ``fn``
+        raises reaches the caller like a planned error."""
+        if not callable(fn):
+            raise ValueError(f"fn: must be callable, got {fn!r}")
+        self._plan(operation, _Planned(None, times, after_commit, kill=False, call=fn))
+
     def clear(self) -> None:
         """Drop every planned fault."""
         with self._lock:
@@ -117,18 +144,18 @@ class Faults:
         with self._lock:
             self._planned[operation].append(planned)
 
-    def _take(self, operation: str, *, after_commit: bool, kill: bool) -> _Planned | None:
+    def _take(self, operation: str, *, after_commit: bool, kill: bool, call: bool = False) -> _Planned | None:
+        """The first planned fault of this kind for ``operation`` (one of its ``times`` used)."""
         with self._lock:
-            plans = self._planned.get(operation)
-            if not plans:
-                return None
-            first = plans[0]
-            if first.after_commit != after_commit or first.kill != kill:
-                return None
-            first.times -= 1
-            if first.times == 0:
-                plans.pop(0)
-            return first
+            plans = self._planned.get(operation, [])
+            wanted = (after_commit, kill, call)
+            for i, planned in enumerate(plans):
+                if (planned.after_commit, planned.kill, planned.call is not None) == wanted:
+                    planned.times -= 1
+                    if planned.times == 0:
+                        plans.pop(i)
+                    return planned
+            return None
 
     # -- called by the store and the image store --
 
@@ -136,6 +163,9 @@ class Faults:
         """At the start of ``operation`` (inside its transaction): count it, raise a planned error."""
         with self._lock:
             self.hits[operation] += 1
+        hook = self._take(operation, after_commit=False, kill=False, call=True)
+        if hook is not None and hook.call is not None:
+            hook.call()
         planned = self._take(operation, after_commit=False, kill=False)
         if planned is not None and planned.error is not None:
             raise planned.error
@@ -151,6 +181,10 @@ class Faults:
             self.commits[where] += 1
 
     def after_commit(self, operation: str) -> BaseException | None:
-        """Once ``operation`` committed: the error to report to its caller, if one is planned."""
+        """Once ``operation`` committed: run a planned call, then return the error to report
+        to its caller, if one is planned."""
+        hook = self._take(operation, after_commit=True, kill=False, call=True)
+        if hook is not None and hook.call is not None:
+            hook.call()
         planned = self._take(operation, after_commit=True, kill=False)
         return None if planned is None else planned.error

@@ -17,7 +17,8 @@ from .commit import is_damage as is_damage
 from .contract import TaskStore as TaskStore
 from .reads import list_sql as list_sql
 from .reads import pending_sql as pending_sql
-from .records import BUSY as BUSY
+from .records import WOULD_WAIT as WOULD_WAIT
+from .records import Changes as Changes
 from .records import Claimed as Claimed
 from .records import SubmitRow as SubmitRow
 from .records import Submitted as Submitted
@@ -26,9 +27,10 @@ from .schema import SCHEMA_VERSION as SCHEMA_VERSION
 from .sqlite import Store as Store
 
 __all__ = [
-    "BUSY",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "WOULD_WAIT",
+    "Changes",
     "Claimed",
     "Store",
     "SubmitRow",

@@ -190,9 +190,13 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6)
 
 
-def _read_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+def _read_transaction(
+    conn: sqlite3.Connection, fn: Callable[..., T], faults: Faults | None, operation: str, *args: Any
+) -> T:
     conn.execute("BEGIN")
     try:
+        if faults is not None:
+            faults.before(operation)
         return fn(conn, *args)
     finally:
         conn.execute("COMMIT")

@@ -9,13 +9,13 @@ taken inside the transaction that writes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ImageTaskError
 from .._models import StoredImage, Task, TaskError, TaskEvent
-from .records import Claimed, SubmitRow, Submitted, _Busy
+from .records import Changes, Claimed, SubmitRow, Submitted, _WouldWait
 
 if TYPE_CHECKING:
     from ..testing import Faults
@@ -102,8 +102,10 @@ class TaskStore(Protocol):
         """One task by id (one consistent read), or None."""
         ...
 
-    def get_now(self, task_id: str) -> Task | _Busy | None:
-        """`get` without waiting, on the caller's thread: ``BUSY`` when it would wait."""
+    def try_get(self, task_id: str) -> Task | _WouldWait | None:
+        """`get` without waiting, on the caller's thread: `WOULD_WAIT` when the answer needs
+        a wait (a lock, or I/O the store only does asynchronously; a store without a
+        synchronous read path always says so). Then await `get`."""
         ...
 
     async def pending(self, owner: str | None) -> list[Task]:
@@ -120,16 +122,14 @@ class TaskStore(Protocol):
         """The status of each existing id, in one snapshot."""
         ...
 
-    async def terminal_among(self, ids: Iterable[str]) -> set[str]:
-        """Which of ``ids`` are terminal (or gone)."""
-        ...
-
-    def data_version(self) -> int:
-        """A token that changes when another connection commits (cheap, never waits)."""
-        ...
-
-    async def own_versions(self) -> tuple[int, ...]:
-        """Tokens that tell this store's own commits from others' (see the watcher)."""
+    async def changes_since(self, token: object | None) -> tuple[object, Changes]:
+        """Whether anything committed since ``token`` (what the previous call returned; None
+        the first time, which always answers `Changes.OTHERS`), and the token for the next
+        call. `Changes.OWN`: only this store's own writes, whose callers it answered (the
+        manager signals those itself); `Changes.OTHERS`: another process or store may have
+        committed, so a waiter should read again. Cheap when nothing changed; never misses
+        a foreign commit (answering OTHERS when unsure is always allowed). SQLite compares
+        ``PRAGMA data_version`` values; PostgreSQL can count LISTEN/NOTIFY messages."""
         ...
 
     async def events(self, task_id: str) -> list[TaskEvent]:
@@ -137,7 +137,8 @@ class TaskStore(Protocol):
         ...
 
     async def health(self) -> dict[str, Any]:
-        """Schema version, integrity, WAL size, counts by status, expired leases."""
+        """Schema version, integrity, WAL size, counts by status, expired leases, and the
+        durability its writes run with (``"normal"`` or ``"full"``)."""
         ...
 
     async def prune(self, before_ms: int) -> tuple[int, list[str]]:

@@ -99,6 +99,10 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
+def _synchronous(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
 def _events(conn: sqlite3.Connection, task_id: str) -> list[TaskEvent]:
     rows = conn.execute("SELECT * FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))
     return [TaskEvent._from_row(r) for r in rows]

@@ -10,7 +10,7 @@ import attrs
 
 from .._models import StoredImage
 
-__all__ = ["BUSY", "Claimed", "SubmitRow", "Submitted"]
+__all__ = ["WOULD_WAIT", "Changes", "Claimed", "SubmitRow", "Submitted"]
 
 
 @attrs.define
@@ -64,9 +64,20 @@ class Submitted:
     at: int
 
 
-class _Busy(enum.Enum):
-    BUSY = "busy"
+class _WouldWait(enum.Enum):
+    WOULD_WAIT = "would wait"
 
 
-#: What `Store.get_now` returns when the read would have to wait for a lock.
-BUSY = _Busy.BUSY
+#: What `TaskStore.try_get` returns when it cannot answer without waiting (then await `get`).
+WOULD_WAIT = _WouldWait.WOULD_WAIT
+
+
+class Changes(enum.Enum):
+    """What `TaskStore.changes_since` saw commit since the token it was given."""
+
+    #: Nothing committed.
+    NONE = "none"
+    #: Only this store's own writes committed (their callers were answered, and signalled).
+    OWN = "own"
+    #: Another process (or another store on the same database) may have committed.
+    OTHERS = "others"

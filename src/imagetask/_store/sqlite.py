@@ -8,11 +8,12 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
+import attrs
 
 from .._dbcheck import check_database
 from .._exceptions import ImageTaskError, StoreError
@@ -33,7 +34,6 @@ from .commit import (
 )
 from .connections import configure, connect_fast, connect_inline, daemonize
 from .reads import (
-    _ACTIVE,
     _GET_ONE,
     _balance,
     _data_version,
@@ -43,10 +43,11 @@ from .reads import (
     _health,
     _select_tasks,
     _statuses,
+    _synchronous,
     list_sql,
     pending_sql,
 )
-from .records import BUSY, Claimed, SubmitRow, Submitted, _Busy
+from .records import WOULD_WAIT, Changes, Claimed, SubmitRow, Submitted, _WouldWait
 from .rows import Rows
 from .schema import MIGRATIONS, migrate
 from .transitions import (
@@ -71,6 +72,15 @@ __all__ = ["Store"]
 log = logging.getLogger("imagetask")
 T = TypeVar("T")
 _now = now_ms
+
+
+@attrs.frozen
+class _Versions:
+    """A `Store.changes_since` token: the point-read connection's data_version, and the
+    write connections' at the last time others' commits were reported."""
+
+    reader: int
+    writers: tuple[int, ...]
 
 
 class Store:
@@ -371,11 +381,21 @@ class Store:
             if self.faults is not None:
                 self.faults.committed("writer")
 
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _read(self, operation: str, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
         if self._reader is None:
             raise StoreError("the store is closed")
-        return await self._run(self._reader, _read_transaction, fn, *args)
+        result: T = await self._run(self._reader, _read_transaction, fn, self.faults, operation, *args)
+        self._after_read(operation)
+        return result
+
+    def _after_read(self, operation: str) -> None:
+        if self.faults is not None:
+            error = self.faults.after_commit(operation)
+            if isinstance(error, sqlite3.DatabaseError):
+                raise StoreError(f"{self.path}: {error}") from error
+            if error is not None:
+                raise error
 
     # -- submit --
 
@@ -484,74 +504,77 @@ class Store:
 
     async def balance(self, owner: str) -> int:
         """The owner's balance (0 for an unknown owner)."""
-        return await self._read(_balance, owner)
+        return await self._read("balance", _balance, owner)
 
     # -- reads --
 
     async def get(self, task_id: str) -> Task | None:
         """One task by id, or None: one statement, served on the loop's thread when possible."""
-        task = self.get_now(task_id)
-        if task is BUSY:  # let the threaded reader wait for the lock
-            rows = await self._read(_get_one, task_id)
+        task = self.try_get(task_id)
+        if task is WOULD_WAIT:  # let the threaded reader wait for the lock
+            rows = await self._read("get", _get_one, task_id)
             return self._rows.task_from_join(rows) if rows else None
         return task
 
-    def get_now(self, task_id: str) -> Task | _Busy | None:
-        """`get` on the loop's thread, without waiting: ``BUSY`` if SQLite says it would
-        have to wait (then call `get`)."""
+    def try_get(self, task_id: str) -> Task | _WouldWait | None:
+        """`get` on the loop's thread, without waiting: `WOULD_WAIT` if SQLite says it would
+        have to wait for a lock (then call `get`)."""
         if self._inline is None:
             raise StoreError("the store is closed")
         try:
+            if self.faults is not None:
+                self.faults.before("get")
             rows = self._inline.execute(_GET_ONE, (task_id,)).fetchall()
         except sqlite3.OperationalError:  # busy or locked
-            return BUSY
+            return WOULD_WAIT
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
+        self._after_read("get")
         return self._rows.task_from_join(rows) if rows else None
 
     async def pending(self, owner: str | None) -> list[Task]:
         """Queued and running tasks, newest first."""
         sql, args = pending_sql(owner)
-        return self._rows.tasks(await self._read(_select_tasks, sql, args))
+        return self._rows.tasks(await self._read("pending", _select_tasks, sql, args))
 
     async def list_tasks(
         self, owner: str | None, status: str | None, limit: int, before: str | None
     ) -> list[Task]:
         """Tasks newest first, filtered, one page of ``limit`` ids lower than ``before``."""
         sql, args = list_sql(owner, status, limit, before)
-        return self._rows.tasks(await self._read(_select_tasks, sql, args))
+        return self._rows.tasks(await self._read("list", _select_tasks, sql, args))
 
     async def statuses(self, ids: Sequence[str]) -> dict[str, str]:
         """The status of each of ``ids`` that exists, read in one snapshot."""
-        return await self._read(_statuses, list(ids))
+        return await self._read("statuses", _statuses, list(ids))
 
-    async def terminal_among(self, ids: Iterable[str]) -> set[str]:
-        """Which of ``ids`` are in a terminal state (or gone)."""
-        ids = list(ids)
-        found = await self.statuses(ids)
-        return {i for i in ids if found.get(i) not in _ACTIVE}
+    async def changes_since(self, token: object | None) -> tuple[object, Changes]:
+        """Compare ``PRAGMA data_version`` values, which move when another connection commits.
 
-    def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version`` on the point-read connection: it changes when
-        another connection commits. A pragma read takes no lock, so it runs inline."""
-        if self._inline is None:
+        First the point-read connection's (a pragma takes no lock, so it is read inline):
+        unchanged means nothing committed. Otherwise the write connections' tell whose
+        commit it was. Each of them moves only for the *other* connections' commits; with
+        two writers here (the threaded one, and the fast one on the loop's thread), a commit
+        from anywhere else moves both, while this store's own commits each move only one.
+        So if either is unchanged since the baseline, only this store wrote. The baseline
+        moves only when OTHERS is answered: a foreign commit is never skipped past.
+        """
+        if self._inline is None or self._writer is None:
             raise StoreError("the store is closed")
         try:
-            return int(self._inline.execute("PRAGMA data_version").fetchone()[0])
+            current = _data_version(self._inline)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
+        seen = token if isinstance(token, _Versions) else None
+        if seen is not None and seen.reader == current:
+            return seen, Changes.NONE
+        writers = await self._writer_versions()
+        if seen is not None and any(a == b for a, b in zip(writers, seen.writers, strict=True)):
+            return _Versions(current, seen.writers), Changes.OWN
+        return _Versions(current, writers), Changes.OTHERS
 
-    async def own_versions(self) -> tuple[int, ...]:
-        """``PRAGMA data_version`` on each of this store's write connections.
-
-        A connection's data_version moves only when *another* connection commits. With two
-        writers here (the threaded one, and the fast one on the loop's thread), a commit
-        from another process (or another manager) moves both; this store's own commits
-        each move only the other one. So if either value is unchanged since an earlier
-        call, no foreign commit happened in between.
-        """
-        if self._writer is None:
-            raise StoreError("the store is closed")
+    async def _writer_versions(self) -> tuple[int, ...]:
+        assert self._writer is not None
         threaded = await self._run(self._writer, _data_version)
         if self._fast is None:
             return (threaded,)
@@ -562,11 +585,15 @@ class Store:
 
     async def events(self, task_id: str) -> list[TaskEvent]:
         """The event log of one task, oldest first."""
-        return await self._read(_events, task_id)
+        return await self._read("events", _events, task_id)
 
     async def health(self) -> dict[str, Any]:
         """What `TaskManager.health` reports: schema version, integrity, WAL size, counts."""
-        found = await self._read(_health, _now())
+        found = await self._read("health", _health, _now())
+        if self._writer is None:
+            raise StoreError("the store is closed")
+        synchronous = await self._run(self._writer, _synchronous)
+        found["durability"] = {1: "normal", 2: "full"}.get(synchronous, f"synchronous={synchronous}")
         wal = self.path.with_name(self.path.name + "-wal")
         try:
             found["wal_bytes"] = wal.stat().st_size
@@ -592,4 +619,4 @@ class Store:
 
     async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
         """For the image sweep: (id -> (status, attempt)) and every referenced path."""
-        return await self._read(_file_state, list(task_ids))
+        return await self._read("file_state", _file_state, list(task_ids))

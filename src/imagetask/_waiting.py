@@ -1,0 +1,177 @@
+"""Waiting for tasks: who waits for which task, the signals that wake them, and the watcher that
+notices other processes' commits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+
+from ._exceptions import ImageTaskError, TaskNotFound, WaitTimeout
+from ._models import Task, TaskStatus
+from ._store import Changes, TaskStore
+
+__all__ = ["Waiting"]
+
+log = logging.getLogger("imagetask")
+
+
+class Waiting:
+    """The waiters of one manager, by task id.
+
+    A transition made in this process signals its waiters at once (`notify`). A commit from
+    another process is noticed by the watcher, which runs while anyone waits and asks the
+    store what changed (`TaskStore.changes_since`): nothing (cheap; the pause doubles up to
+    ``poll_interval``), only this process's own commits (their waiters were signalled, so
+    nothing is re-read), or someone else's (the waited tasks' statuses are read, in one
+    snapshot). Even when only this process writes, the watcher looks at least every
+    ``10 * poll_interval`` while anything changes: a safety net, should a transition of
+    this process ever fail to signal.
+    """
+
+    def __init__(
+        self, store: TaskStore, poll: Callable[[str], Awaitable[Task]], poll_interval: float
+    ) -> None:
+        self._store = store
+        self._poll = poll
+        self._poll_interval = poll_interval
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits for ``task_id`` (it reached a terminal state here)."""
+        for fut in self._waiters.pop(task_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def close(self) -> None:
+        """Stop the watcher; every waiter raises `ImageTaskError`."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        closed = ImageTaskError("the TaskManager was closed while waiting for this task")
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(closed)
+        self._waiters.clear()
+
+    def _listen(self, task_id: str, fut: asyncio.Future[None]) -> None:
+        self._waiters.setdefault(task_id, set()).add(fut)
+
+    def _unlisten(self, task_id: str, fut: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(task_id)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[task_id]
+
+    async def wait(self, task_id: str, timeout: float | None) -> Task:
+        """Until the task is terminal (see `TaskManager.wait`)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._listen(task_id, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    task = await self._poll(task_id)  # after registering: no missed signal
+                    if task.done:
+                        return task
+                    self._ensure_watcher()
+                    await fut
+                    fut = loop.create_future()
+                    self._listen(task_id, fut)
+        except TimeoutError:
+            assert timeout is not None
+            raise WaitTimeout(task_id, timeout) from None
+        finally:
+            self._unlisten(task_id, fut)
+
+    async def as_completed(self, ids: Sequence[str], timeout: float | None) -> AsyncGenerator[Task, None]:
+        """Each task as it ends (see `TaskManager.as_completed`)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        # Register first, then read: a task that ends between the two is not missed. One
+        # batched status read for all ids, then one read per task as it ends.
+        woken: asyncio.Queue[str] = asyncio.Queue()
+        futures: dict[str, asyncio.Future[None]] = {}
+
+        def listen(task_id: str) -> None:
+            fut = loop.create_future()
+            fut.add_done_callback(lambda f: woken.put_nowait(task_id) if not f.cancelled() else None)
+            futures[task_id] = fut
+            self._listen(task_id, fut)
+
+        def unlisten(task_id: str) -> None:
+            fut = futures.pop(task_id)
+            fut.cancel()
+            self._unlisten(task_id, fut)
+
+        try:
+            for task_id in ids:
+                listen(task_id)
+            statuses = await self._store.statuses(ids)
+            missing = [task_id for task_id in ids if task_id not in statuses]
+            if missing:
+                raise TaskNotFound(", ".join(missing))
+            for task_id in ids:
+                if TaskStatus(statuses[task_id]).terminal:
+                    unlisten(task_id)
+                    yield await self._poll(task_id)
+            while futures:
+                self._ensure_watcher()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        task_id = await woken.get()
+                except TimeoutError:
+                    raise WaitTimeout(", ".join(futures), timeout or 0.0) from None
+                fut = futures.pop(task_id, None)
+                if fut is None:  # a wake-up for a task already yielded above: nothing to do
+                    continue
+                fut.result()  # raises if the manager closed meanwhile
+                task = await self._poll(task_id)
+                if not task.done:  # woken early (a change from another process): listen again
+                    listen(task_id)
+                    continue
+                yield task
+        finally:
+            for task_id in list(futures):
+                unlisten(task_id)
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="imagetask-watch")
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        floor = self._poll_interval / 10
+        interval = floor
+        last_look = -float("inf")
+        # None: the first turn always looks, because a task may have ended elsewhere after a
+        # waiter's own read and before this watcher started.
+        token: object | None = None
+        while self._waiters:
+            await asyncio.sleep(interval)
+            try:
+                token, seen = await self._store.changes_since(token)
+                if seen is Changes.NONE:
+                    interval = min(interval * 2, self._poll_interval)
+                    continue
+                interval = floor
+                if seen is Changes.OWN and loop.time() - last_look < 10 * self._poll_interval:
+                    continue  # only our own commits, whose waiters were signalled
+                last_look = loop.time()
+                ids = list(self._waiters)
+                found = await self._store.statuses(ids)
+                for task_id in ids:
+                    status = found.get(task_id)
+                    if status is None or TaskStatus(status).terminal:
+                        self.notify(task_id)
+            except ImageTaskError:
+                log.exception("checking the database for changes failed")
+                interval = self._poll_interval
