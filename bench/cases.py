@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -462,6 +463,158 @@ def it_claim_finish(tmp: Path, quick: bool) -> dict[str, float]:
     return asyncio.run(run())
 
 
+@case("imagetask.submit_busy", "await tm.submit() one after another while 16 generations run here")
+def it_submit_busy(tmp: Path, quick: bool) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        provider = FakeProvider(latency=3600)
+        async with TaskManager(tmp / "t.db", provider=provider, concurrency=16, per_owner=16) as tm:
+            await tm.submit_many([GenerationRequest(f"running {i}", owner=f"u{i}") for i in range(16)])
+            while provider.active < 16:
+                await asyncio.sleep(0.01)
+            return await atimed_loop(n_ops(quick), lambda i: tm.submit(f"prompt {i}", owner="alice"))
+
+    return asyncio.run(run())
+
+
+@case(
+    "imagetask.burst", "1,500 submits started at once: asyncio.gather, a semaphore of 100 (a web app's burst)"
+)
+def it_burst(tmp: Path, quick: bool) -> dict[str, float]:
+    count = 300 if quick else 1500
+
+    async def run() -> dict[str, float]:
+        async with _manager(tmp / "t.db") as tm:
+            gate = asyncio.Semaphore(100)
+            samples: list[float] = []
+
+            async def one(i: int) -> None:
+                async with gate:
+                    t = time.perf_counter()
+                    await tm.submit(f"prompt {i}", owner=f"u{i % 100}")
+                    samples.append(time.perf_counter() - t)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(count)))
+            return {"ops": count / (time.perf_counter() - start), **summarize(samples)}
+
+    return asyncio.run(run())
+
+
+def _write_atomically(folder: Path, name: str, data: bytes) -> None:
+    """What a careful hand-written loop does with an image: validate it, write a temporary file,
+    fsync, rename into place."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / name)
+
+
+@case(
+    "asyncio.drain",
+    "floor: 2,000 FakeProvider(latency=0) images, semaphore 16, validated + fsynced + renamed",
+)
+def asyncio_drain(tmp: Path, quick: bool) -> dict[str, float]:
+    count = 200 if quick else 2000
+
+    async def run() -> dict[str, float]:
+        provider = FakeProvider()
+        gate = asyncio.Semaphore(16)
+
+        async def one(i: int) -> None:
+            async with gate:
+                result = await provider.generate(ImageRequest(model="fake", prompt=f"p{i}"))
+                await asyncio.to_thread(
+                    _write_atomically, tmp / "images" / f"{i % 256}", f"{i}.png", result.data
+                )
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return {"ops": count / (time.perf_counter() - start)}
+
+    return asyncio.run(run())
+
+
+@case(
+    "imagetask.drain",
+    "2,000 queued tasks drained by FakeProvider(latency=0) workers, concurrency 16 (tasks/s)",
+)
+def it_drain(tmp: Path, quick: bool) -> dict[str, float]:
+    count = 200 if quick else 2000
+
+    async def run() -> dict[str, float]:
+        db = tmp / "t.db"
+        async with _manager(db) as tm:
+            ids = [t.id for t in await tm.submit_many([GenerationRequest(f"p{i}") for i in range(count)])]
+        start = time.perf_counter()
+        async with TaskManager(db, provider=FakeProvider(), concurrency=16, per_owner=16) as tm:
+            async for _ in tm.as_completed(ids):
+                pass
+        return {"ops": count / (time.perf_counter() - start)}
+
+    return asyncio.run(run())
+
+
+@case(
+    "asyncio.generate_write",
+    "floor of submit-to-wait: one FakeProvider(latency=0) generation, then its file written as above",
+)
+def asyncio_generate_write(tmp: Path, quick: bool) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        provider = FakeProvider()
+
+        async def one(i: int) -> None:
+            result = await provider.generate(ImageRequest(model="fake", prompt=f"p{i}"))
+            await asyncio.to_thread(_write_atomically, tmp / "images", f"{i}.png", result.data)
+
+        return await atimed_loop(n_ops(quick, 500), one)
+
+    return asyncio.run(run())
+
+
+@case(
+    "imagetask.submit_to_wait",
+    "await tm.wait((await tm.submit()).id) with FakeProvider(latency=0) in the same process",
+)
+def it_submit_to_wait(tmp: Path, quick: bool) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        async with TaskManager(tmp / "t.db", provider=FakeProvider()) as tm:
+
+            async def one(i: int) -> None:
+                await tm.wait((await tm.submit(f"p{i}")).id)
+
+            return await atimed_loop(n_ops(quick, 500), one)
+
+    return asyncio.run(run())
+
+
+@case(
+    "memory.drain_100k",
+    "RSS (MiB) of one process draining 100,000 tasks (5,000 quick): after the first 10%, at the end",
+)
+def memory_drain(tmp: Path, quick: bool) -> dict[str, float]:
+    count = 5_000 if quick else 100_000
+    chunk = count // 10
+
+    async def run() -> dict[str, float]:
+        rss: list[float] = []
+        async with TaskManager(tmp / "t.db", provider=NoopProvider(), concurrency=16, per_owner=16) as tm:
+            for start in range(0, count, chunk):
+                tasks = await tm.submit_many([GenerationRequest(f"p{start + i}") for i in range(chunk)])
+                async for _ in tm.as_completed([t.id for t in tasks]):
+                    pass
+                rss.append(rss_now_mb())
+        return {"rss_first_tenth_mb": rss[0], "rss_end_mb": rss[-1], "growth": rss[-1] / rss[0]}
+
+    return asyncio.run(run())
+
+
 @case("imagetask.cancel", "await tm.cancel(id) of a queued task")
 def it_cancel(tmp: Path, quick: bool) -> dict[str, float]:
     async def run() -> dict[str, float]:
@@ -794,3 +947,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+

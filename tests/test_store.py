@@ -3,60 +3,336 @@ store must pass; a PostgreSQL store would add itself to STORES)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
+import attrs
 import pytest
 
-from imagetask import StoreError, TaskManager, TaskStatus
-from imagetask._models import StoredImage, TaskError, new_task_id, task_id_ms
-from imagetask._store import SCHEMA_VERSION, Store, SubmitRow
+from imagetask import InsufficientCredits, StoreError, TaskManager, TaskStatus, ValidationError
+from imagetask._models import StoredImage, TaskError, new_task_id, now_ms, task_id_ms
+from imagetask._store import SCHEMA_VERSION, WOULD_WAIT, Changes, Store, SubmitRow, Submitted, TaskStore
 from imagetask.providers import FakeProvider
 from imagetask.testing import Faults
 
-from conftest import RETAKEN_THEN_SUCCEEDED, sql, trail
+from conftest import RETAKEN_THEN_SUCCEEDED, check_ledger, sql, trail
 
 
-def row(owner: str = "alice", key: str | None = None, prompt: str = "p", cost: int = 1) -> SubmitRow:
+def row(
+    owner: str = "alice",
+    key: str | None = None,
+    prompt: str = "p",
+    cost: int = 1,
+    *,
+    charge: bool = False,
+    provider: str = "",
+    max_attempts: int = 2,
+    references: tuple[StoredImage, ...] = (),
+) -> SubmitRow:
     return SubmitRow(
         id=new_task_id(),
         owner=owner,
         prompt=prompt,
         model="fake",
         params={"n": 1},
-        max_attempts=2,
+        max_attempts=max_attempts,
         cost=cost,
-        charge=False,
+        charge=charge,
         idempotency_key=key,
         fingerprint=prompt,
         metadata_json="{}",
+        references=references,
+        provider=provider,
     )
 
 
-async def sqlite_store(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "s.db", tmp_path / "images")
-    await store.open()
-    return store
+def image(store: TaskStore, name: str, index: int = 0) -> StoredImage:
+    """An image record under the store's image root (the store never opens the file)."""
+    return StoredImage(store.images_root / name, "image/png", 2, 1, "ab" * 32, 10, index)
+
+
+# --- the per-store harness ----------------------------------------------------------------------
+
+
+class StoreHarness(Protocol):
+    """What the contract tests need beyond the contract: a store to test, and the few things
+    only the store's own kind can do (make a lease expire, commit from another connection).
+    Each store kind provides one; the tests never speak a database's own language."""
+
+    #: The store under test, open.
+    store: TaskStore
+    #: `try_get` answers on the caller's thread when no lock is held (False: a store without
+    #: a synchronous read path, which may always answer `WOULD_WAIT`).
+    inline_reads: bool
+    #: `changes_since` tells this store's own commits apart (answers `Changes.OWN`, not the
+    #: `Changes.OTHERS` the contract allows when unsure).
+    exact_own: bool
+
+    async def expire(self, task_id: str) -> None:
+        """Make the task's lease expired now (as if its holder had stalled past it)."""
+        ...
+
+    async def commit_elsewhere(self) -> None:
+        """Commit a harmless write through another connection to the same database."""
+        ...
+
+    async def open_another(self) -> TaskStore:
+        """Another store instance, open, on the same database (closed with the harness)."""
+        ...
+
+    def busy_error(self) -> BaseException:
+        """The error the database raises when a read would have to wait for a lock (for a
+        `Faults` plan on ``get``)."""
+        ...
+
+    async def check_ledger(self) -> None:
+        """Assert every balance is the sum of its ledger, with each charge and refund once."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteHarness:
+    """The harness of the SQLite `Store`: a file under the test's tmp_path."""
+
+    inline_reads = True
+    exact_own = True
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "s.db"
+        self.images_root = tmp_path / "images"
+        self.store: TaskStore = Store(self.path, self.images_root)
+        self._others: list[TaskStore] = []
+
+    async def expire(self, task_id: str) -> None:
+        sql(self.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task_id)
+
+    async def commit_elsewhere(self) -> None:
+        other = Store(self.path, self.images_root)
+        await other.open()
+        try:
+            await other.grant("somebody else", 1)
+        finally:
+            await other.close()
+
+    async def open_another(self) -> TaskStore:
+        other = Store(self.path, self.images_root)
+        await other.open()
+        self._others.append(other)
+        return other
+
+    def busy_error(self) -> BaseException:
+        return sqlite3.OperationalError("database is locked")
+
+    async def check_ledger(self) -> None:
+        check_ledger(self.path)
+
+    async def close(self) -> None:
+        for other in self._others:
+            await other.close()
+        await self.store.close()
+
+
+async def sqlite_store(tmp_path: Path) -> StoreHarness:
+    harness = SqliteHarness(tmp_path)
+    await harness.store.open()
+    return harness
 
 
 STORES = [sqlite_store]
 
 
 @pytest.fixture(params=STORES, ids=lambda f: f.__name__)
-async def store(request, tmp_path) -> AsyncIterator[Store]:
-    s = await request.param(tmp_path)
-    yield s
-    await s.close()
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreHarness]:
+    """One store of each kind; after the test, its ledger must still balance."""
+    h = await request.param(tmp_path)
+    yield h
+    await h.close()
+    await h.check_ledger()
 
 
-def expire(store: Store, task_id: str) -> None:
-    sql(store.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task_id)
+@pytest.fixture
+def store(harness: StoreHarness) -> TaskStore:
+    return harness.store
+
+
+ERROR = TaskError("server_error", "x", True)
+AttemptEnd = Callable[[TaskStore, str, int, str], Awaitable[bool]]
+#: The four fenced ways an attempt ends, by name.
+ENDS: dict[str, AttemptEnd] = {
+    "succeed": lambda s, task_id, attempt, worker: s.succeed(task_id, attempt, worker, []),
+    "retry": lambda s, task_id, attempt, worker: s.retry(task_id, attempt, worker, ERROR, 0),
+    "fail": lambda s, task_id, attempt, worker: s.fail(task_id, attempt, worker, ERROR),
+    "release": lambda s, task_id, attempt, worker: s.release(task_id, attempt, worker),
+}
+
+
+#: The keys `TaskStore.health` answers (what `TaskManager.health` reads).
+HEALTH_KEYS = ("schema_version", "integrity", "wal_bytes", "counts", "expired_leases", "durability")
+
+
+async def submitted(store: TaskStore, *rows: SubmitRow) -> list[Submitted]:
+    """Submit ``rows`` atomically; their `Submitted` records."""
+    results = await store.submit(rows, atomic=True)
+    assert all(isinstance(r, Submitted) for r in results), results
+    return [r for r in results if isinstance(r, Submitted)]
+
+
+async def running(store: TaskStore, r: SubmitRow, worker: str = "w1", lease: float = 60) -> int:
+    """Submit ``r`` and claim it as ``worker``; the attempt."""
+    await submitted(store, r)
+    (claimed,), _, _ = await store.claim(worker, 1, 100, lease)
+    assert claimed.id == r.id
+    return claimed.attempt
+
+
+async def status(store: TaskStore, task_id: str) -> TaskStatus | None:
+    task = await store.get(task_id)
+    return None if task is None else task.status
 
 
 class TestStoreContract:
-    """Transitions are guarded: only the current claim may move a task, and only once."""
+    """The `TaskStore` contract (src/imagetask/_store/contract.py), run against every store
+    kind in STORES through its harness: transitions are guarded (only the current claim may
+    move a task, and only once), money moves exactly once, reads see one snapshot."""
+
+    # -- submit ------------------------------------------------------------------------------
+
+    async def test_submit_returns_created_tasks_with_the_transaction_time(self, store):
+        """submit() answers each row in order with Submitted(created=True, at=ms taken inside the
+        one transaction, the same for every row), and `at` is the task's created_at (plain,
+        keyed and charged rows alike)."""
+        await store.grant("alice", 1)
+        rows = [row(), row(key="k"), row(charge=True, cost=1)]
+        before = now_ms()
+        results = await store.submit(rows, atomic=True)
+        after = now_ms()
+        assert [(r.id, r.created) for r in results] == [(r.id, True) for r in rows]
+        (at,) = {r.at for r in results}
+        assert before <= at <= after
+        for r in rows:
+            task = await store.get(r.id)
+            assert task is not None and task.status is TaskStatus.QUEUED and task.attempts == 0
+            assert task.created_at == datetime.fromtimestamp(at / 1000, tz=UTC)
+
+    async def test_submit_stores_what_the_row_says(self, store):
+        """A submitted task reads back with the row's owner, prompt, model, params, budget,
+        cost and key, and its reference images in order."""
+        refs = (image(store, "refs/a.png", 0), image(store, "refs/b.png", 1))
+        r = attrs.evolve(row("bob", key="k", prompt="a cat", cost=3, max_attempts=4), references=refs)
+        await submitted(store, r)
+        task = await store.get(r.id)
+        assert task is not None
+        assert (task.owner, task.prompt, task.model, dict(task.params)) == ("bob", "a cat", "fake", {"n": 1})
+        assert (task.max_attempts, task.cost, task.idempotency_key) == (4, 3, "k")
+        assert task.references == refs and task.images == ()
+
+    @pytest.mark.parametrize("order", ["key_first", "credits_first"])
+    async def test_an_atomic_submit_raises_the_first_error_and_writes_nothing(self, store, order):
+        """With atomic=True the first failing row's error is raised (in row order) and no row
+        of the call is written: no task, and no charge of the rows that would have passed."""
+        await store.grant("alice", 5)
+        taken = row(key="k", prompt="first")
+        await submitted(store, taken)
+        ok, paid = row(), row(charge=True, cost=2)
+        reused = row(key="k", prompt="another request")  # ValidationError
+        short = row("bob", charge=True, cost=1)  # InsufficientCredits: bob has nothing
+        bad = [reused, short] if order == "key_first" else [short, reused]
+        expected = ValidationError if order == "key_first" else InsufficientCredits
+        with pytest.raises(expected):
+            await store.submit([ok, paid, *bad], atomic=True)
+        for r in (ok, paid, reused, short):
+            assert await store.get(r.id) is None
+        assert [t.id for t in await store.list_tasks(None, None, 100, None)] == [taken.id]
+        assert await store.balance("alice") == 5
+
+    async def test_a_non_atomic_submit_returns_each_error_in_its_place(self, store):
+        """With atomic=False each failing row's error stands in its place and only that row is
+        unwritten; the others are written (and charged)."""
+        await store.grant("alice", 5)
+        taken = row(key="k", prompt="first")
+        await submitted(store, taken)
+        good, reused = row(), row(key="k", prompt="other")
+        short, paid = row("bob", charge=True), row(charge=True, cost=2)
+        results = await store.submit([good, reused, short, paid], atomic=False)
+        assert isinstance(results[0], Submitted) and results[0].id == good.id and results[0].created
+        assert isinstance(results[1], ValidationError)
+        assert isinstance(results[2], InsufficientCredits)
+        assert isinstance(results[3], Submitted) and results[3].id == paid.id and results[3].created
+        assert await status(store, good.id) is TaskStatus.QUEUED
+        assert await status(store, paid.id) is TaskStatus.QUEUED
+        assert await store.get(reused.id) is None and await store.get(short.id) is None
+        assert await store.balance("alice") == 3
+
+    async def test_idempotency_key_is_unique_per_owner(self, store):
+        """A second row with the same owner and key returns the first task's id."""
+        a = row(key="k", prompt="same")
+        b = row(key="k", prompt="same")
+        first, second = await store.submit([a, b], atomic=False)
+        assert first.created and not second.created and second.id == a.id
+
+    async def test_a_resubmit_with_the_same_key_returns_the_first_task(self, store):
+        """A later submit of the same owner, key and fingerprint answers the first task's id with
+        created=False and writes no new task (atomic or not)."""
+        first = row(key="k", prompt="same")
+        await submitted(store, first)
+        for atomic in (True, False):
+            again = row(key="k", prompt="same")
+            (result,) = await store.submit([again], atomic=atomic)
+            assert isinstance(result, Submitted) and result.id == first.id and not result.created
+            assert await store.get(again.id) is None
+        assert [t.id for t in await store.list_tasks(None, None, 10, None)] == [first.id]
+
+    async def test_the_same_key_for_a_different_request_is_a_validation_error(self, store):
+        """The same owner and key with another fingerprint is a ValidationError (raised when
+        atomic, in its place otherwise), and the first task is left as it was."""
+        first = row(key="k", prompt="one")
+        await submitted(store, first)
+        with pytest.raises(ValidationError):
+            await store.submit([row(key="k", prompt="two")], atomic=True)
+        other = row(key="k", prompt="two")
+        (result,) = await store.submit([other], atomic=False)
+        assert isinstance(result, ValidationError)
+        assert await store.get(other.id) is None
+        task = await store.get(first.id)
+        assert task is not None and task.prompt == "one"
+
+    async def test_the_same_key_for_another_owner_is_another_task(self, store):
+        """Idempotency keys are per owner: bob's "k" is not alice's "k"."""
+        a, b = row("alice", key="k", prompt="same"), row("bob", key="k", prompt="same")
+        first, second = await submitted(store, a, b)
+        assert first.created and second.created and (first.id, second.id) == (a.id, b.id)
+        tasks = await store.list_tasks(None, None, 10, None)
+        assert sorted((t.owner, t.idempotency_key) for t in tasks) == [("alice", "k"), ("bob", "k")]
+
+    async def test_a_charged_submit_with_a_short_balance_is_refused(self, store):
+        """charge=True with a balance below the cost is InsufficientCredits: no task, no charge."""
+        await store.grant("alice", 2)
+        r = row(charge=True, cost=3)
+        with pytest.raises(InsufficientCredits):
+            await store.submit([r], atomic=True)
+        assert await store.get(r.id) is None and await store.balance("alice") == 2
+        (result,) = await store.submit([r], atomic=False)
+        assert isinstance(result, InsufficientCredits)
+        assert await store.get(r.id) is None and await store.balance("alice") == 2
+
+    async def test_a_charged_submit_takes_its_cost_from_the_balance(self, store):
+        """charge=True with enough balance takes exactly the cost; charge=False takes nothing."""
+        await store.grant("alice", 5)
+        await submitted(store, row(charge=True, cost=3))
+        assert await store.balance("alice") == 2
+        await submitted(store, row(charge=False, cost=2))
+        assert await store.balance("alice") == 2
+        await submitted(store, row(charge=True, cost=2))
+        assert await store.balance("alice") == 0
+
+    # -- claim -------------------------------------------------------------------------------
 
     async def test_claim_takes_oldest_first_and_counts_the_attempt(self, store):
         """claim() returns runnable tasks oldest first, with attempt 1, and marks them running."""
@@ -67,6 +343,28 @@ class TestStoreContract:
         task = await store.get(a.id)
         assert task is not None and task.status is TaskStatus.RUNNING and task.attempts == 1
 
+    async def test_claim_returns_what_the_attempt_needs(self, store):
+        """A Claimed carries the task's owner, prompt, model, params, budget and references,
+        with nothing released and no retries yet."""
+        refs = (image(store, "refs/r.png"),)
+        r = attrs.evolve(row("bob", prompt="a dog", max_attempts=3), references=refs)
+        await submitted(store, r)
+        (c,), ended, _ = await store.claim("w1", 1, 4, 60)
+        assert ended == []
+        assert (c.id, c.owner, c.prompt, c.model, c.params) == (r.id, "bob", "a dog", "fake", {"n": 1})
+        assert (c.attempt, c.max_attempts, c.references, c.released, dict(c.retries)) == (1, 3, refs, 0, {})
+
+    async def test_claim_takes_at_most_limit(self, store):
+        """claim() takes no more than ``limit`` tasks, the oldest ones; the rest stay queued."""
+        rows = [row() for _ in range(5)]
+        await submitted(store, *rows)
+        claimed, _, _ = await store.claim("w1", 3, 10, 60)
+        assert [c.id for c in claimed] == [r.id for r in rows[:3]]
+        assert await store.statuses([r.id for r in rows]) == {
+            **{r.id: "running" for r in rows[:3]},
+            **{r.id: "queued" for r in rows[3:]},
+        }
+
     async def test_claim_respects_per_owner(self, store):
         """claim() never takes more of one owner's tasks than per_owner allows."""
         await store.submit([row("alice") for _ in range(5)] + [row("bob")], atomic=True)
@@ -76,12 +374,195 @@ class TestStoreContract:
         again, _, _ = await store.claim("w2", 10, 2, 60)
         assert again == []
 
-    async def test_a_late_worker_cannot_write_after_its_lease_was_taken(self, store):
+    async def test_per_owner_counts_tasks_running_from_earlier_claims(self, store):
+        """per_owner counts every running task of the owner, whichever claim (or worker) took
+        it, and frees a place when one ends."""
+        a1, a2, a3, b = row("alice"), row("alice"), row("alice"), row("bob")
+        await submitted(store, a1, a2, a3, b)
+        first, _, _ = await store.claim("w1", 1, 2, 60)
+        assert [c.id for c in first] == [a1.id]
+        second, _, _ = await store.claim("w2", 10, 2, 60)
+        assert [c.id for c in second] == [a2.id, b.id]
+        assert (await store.claim("w3", 10, 2, 60))[0] == []
+        assert await store.succeed(a1.id, 1, "w1", [])
+        third, _, _ = await store.claim("w3", 10, 2, 60)
+        assert [c.id for c in third] == [a3.id]
+
+    async def test_claim_takes_only_the_workers_provider_or_unnamed_tasks(self, store):
+        """A task submitted for provider "fake" is not claimed by a "gemini" worker but is by a
+        "fake" one; a task with provider "" is claimable by any provider."""
+        fake, anyone = row(provider="fake"), row(provider="")
+        await submitted(store, fake, anyone)
+        claimed, _, _ = await store.claim("gemini-worker", 10, 10, 60, provider="gemini")
+        assert [c.id for c in claimed] == [anyone.id]
+        assert await status(store, fake.id) is TaskStatus.QUEUED
+        claimed, _, _ = await store.claim("fake-worker", 10, 10, 60, provider="fake")
+        assert [c.id for c in claimed] == [fake.id]
+
+    async def test_an_unnamed_provider_claims_only_unnamed_tasks(self, store):
+        """A worker of provider "" (the default) claims tasks without a provider, never one
+        submitted for a named provider."""
+        fake, anyone = row(provider="fake"), row(provider="")
+        await submitted(store, fake, anyone)
+        claimed, _, _ = await store.claim("w1", 10, 10, 60)
+        assert [c.id for c in claimed] == [anyone.id]
+        assert await status(store, fake.id) is TaskStatus.QUEUED
+
+    async def test_a_live_lease_is_kept_and_an_expired_one_is_taken_back(self, store):
+        """Another worker's claim leaves a task whose lease is live; once the lease (here the
+        0.05 s a heartbeat set) has passed, the next claim takes it back as a new attempt."""
+        r = row()
+        await running(store, r, "w1", lease=60)
+        await asyncio.sleep(0.02)
+        assert (await store.claim("w2", 1, 4, 60))[0] == []
+        assert await store.heartbeat("w1", [(r.id, 1)], 0.05) == {r.id}
+        await asyncio.sleep(0.1)
+        (second,), ended, _ = await store.claim("w2", 1, 4, 60)
+        assert (second.id, second.attempt, ended) == (r.id, 2, [])
+
+    async def test_a_held_attempt_with_an_expired_lease_is_renewed_not_taken_back(self, harness, store):
+        """The caller's own ``held`` attempt whose lease expired is renewed by its claim (a full
+        lease: another worker's claim right after leaves it), not taken back."""
+        r = row()
+        await running(store, r, "w1")
+        await harness.expire(r.id)
+        claimed, ended, _ = await store.claim("w1", 1, 4, 60, held=[(r.id, 1)])
+        assert claimed == [] and ended == []
+        await asyncio.sleep(0.02)  # well within the renewed lease, past a lease renewed to "now"
+        assert (await store.claim("w2", 1, 4, 60))[0] == []
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.RUNNING and task.attempts == 1
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == {r.id}
+        assert trail(await store.events(r.id)) == [("claimed", 1)]
+
+    async def test_held_protects_only_the_callers_own_attempts(self, harness, store):
+        """``held`` naming another worker's attempt does not keep it: its expired lease is taken
+        back and the task claimed anew."""
+        r = row()
+        await running(store, r, "w1")
+        await harness.expire(r.id)
+        (second,), _, _ = await store.claim("w2", 1, 4, 60, held=[(r.id, 1)])
+        assert (second.id, second.attempt) == (r.id, 2)
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == set()
+
+    async def test_gone_takes_back_a_live_lease_of_a_gone_holder(self, store):
+        """With ``gone``, a claim takes back the unexpired lease of a holder it says is gone
+        (and claims the task anew); a holder it says is alive keeps its task."""
+        r = row()
+        await running(store, r, "w1")
+        asked: list[str] = []
+
+        def alive(worker: str) -> bool:
+            asked.append(worker)
+            return False
+
+        assert (await store.claim("w2", 1, 4, 60, gone=alive))[0] == []
+        assert "w1" in asked
+        (second,), _, _ = await store.claim("w2", 1, 4, 60, gone=lambda worker: worker == "w1")
+        assert (second.id, second.attempt) == (r.id, 2)
+        assert not await store.succeed(r.id, 1, "w1", [])
+        assert trail(await store.events(r.id)) == [("claimed", 1), ("lease_expired", 1), ("claimed", 2)]
+
+    async def test_claim_reports_the_earliest_run_after_still_queued(self, store):
+        """claim()'s third value is the earliest run_after still queued: a runnable task left by
+        ``limit`` is due now, a retried one at its commit + delay, and an empty queue is None."""
+        a, b = row(), row()
+        await submitted(store, a, b)
+        _, _, next_run = await store.claim("w1", 1, 4, 60)
+        assert next_run is not None and next_run <= now_ms()
+        (claimed_b,), _, next_run = await store.claim("w1", 1, 4, 60)
+        assert claimed_b.id == b.id and next_run is None
+        before = now_ms()
+        assert await store.retry(a.id, 1, "w1", ERROR, 60)
+        assert await store.retry(b.id, 1, "w1", ERROR, 30)
+        after = now_ms()
+        claimed, _, next_run = await store.claim("w1", 4, 4, 60)
+        assert claimed == [] and next_run is not None
+        assert before + 30_000 <= next_run <= after + 30_000
+
+    async def test_expired_lease_without_attempts_left_fails_interrupted(self, harness, store):
+        """A spent task whose lease expires fails with `interrupted` and is reported as ended."""
+        r = row()
+        await store.submit([r], atomic=True)
+        await store.claim("w1", 1, 4, 60)
+        await harness.expire(r.id)
+        await store.claim("w1", 1, 4, 60)  # attempt 2 of 2
+        await harness.expire(r.id)
+        _, ended, _ = await store.claim("w2", 1, 4, 60)
+        assert ended == [r.id]
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.FAILED
+        assert task.error is not None and task.error.code == "interrupted"
+
+    async def test_a_task_failed_by_its_lease_is_refunded(self, harness, store):
+        """A charged task that fails because its last lease expired gets its charge back."""
+        await store.grant("alice", 5)
+        r = row(charge=True, cost=3, max_attempts=1)
+        await running(store, r)
+        assert await store.balance("alice") == 2
+        await harness.expire(r.id)
+        _, ended, _ = await store.claim("w2", 1, 4, 60)
+        assert ended == [r.id] and await store.balance("alice") == 5
+        await harness.check_ledger()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    async def test_heartbeat_returns_only_the_ids_still_held(self, store):
+        """heartbeat() answers the held ids this worker still runs with that attempt: not a
+        finished one, not a wrong attempt, nothing for another worker."""
+        a, b, c = row(), row(), row()
+        await submitted(store, a, b, c)
+        await store.claim("w1", 3, 4, 60)
+        assert await store.succeed(a.id, 1, "w1", [])
+        held = [(a.id, 1), (b.id, 1), (c.id, 2)]
+        assert await store.heartbeat("w1", held, 60) == {b.id}
+        assert await store.heartbeat("w2", [(b.id, 1), (c.id, 1)], 60) == set()
+        assert await store.heartbeat("w1", [(c.id, 1)], 60) == {c.id}
+
+    async def test_a_heartbeat_after_the_lease_was_taken_returns_nothing(self, harness, store):
+        """Once an attempt's lease was taken back (and the task re-claimed), that attempt's
+        heartbeat holds nothing, while the new attempt's does."""
+        r = row()
+        await running(store, r, "w1")
+        await harness.expire(r.id)
+        (second,), _, _ = await store.claim("w2", 1, 4, 60)
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == set()
+        assert await store.heartbeat("w2", [(r.id, second.attempt)], 60) == {r.id}
+
+    async def test_a_heartbeat_renews_an_expired_lease_still_held(self, harness, store):
+        """A heartbeat that arrives after its lease expired but before anyone took it back
+        renews it for a full lease: the next claim leaves the task."""
+        r = row()
+        await running(store, r, "w1")
+        await harness.expire(r.id)
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == {r.id}
+        await asyncio.sleep(0.02)  # well within the renewed lease, past a lease renewed to "now"
+        claimed, ended, _ = await store.claim("w2", 1, 4, 60)
+        assert claimed == [] and ended == []
+        assert await status(store, r.id) is TaskStatus.RUNNING
+
+    # -- succeed, retry, fail, release -------------------------------------------------------
+
+    @pytest.mark.parametrize("end", sorted(ENDS))
+    async def test_each_end_of_an_attempt_is_fenced(self, store, end):
+        """succeed/retry/fail/release with a wrong attempt or a wrong worker answer False and
+        change nothing (task and events as they were); the right one answers True, once."""
+        r = row()
+        await running(store, r, "w1")
+        before, events = await store.get(r.id), await store.events(r.id)
+        assert not await ENDS[end](store, r.id, 2, "w1")
+        assert not await ENDS[end](store, r.id, 0, "w1")
+        assert not await ENDS[end](store, r.id, 1, "w2")
+        assert await store.get(r.id) == before and await store.events(r.id) == events
+        assert await ENDS[end](store, r.id, 1, "w1")
+        assert not await ENDS[end](store, r.id, 1, "w1")
+
+    async def test_a_late_worker_cannot_write_after_its_lease_was_taken(self, harness, store):
         """After a lease is taken back and re-claimed, every write of the old attempt is refused."""
         r = row()
         await store.submit([r], atomic=True)
         await store.claim("w1", 1, 4, 60)
-        expire(store, r.id)
+        await harness.expire(r.id)
         (second,), _, _ = await store.claim("w2", 1, 4, 60)
         assert second.attempt == 2
         err = TaskError("server_error", "x", True)
@@ -95,6 +576,16 @@ class TestStoreContract:
         events = trail(await store.events(r.id))
         assert events == RETAKEN_THEN_SUCCEEDED
 
+    async def test_succeed_stores_the_images(self, store):
+        """A succeeded task reads back succeeded, finished, with its images in order."""
+        r = row()
+        await running(store, r)
+        images = [image(store, f"out/{r.id}-0.png", 0), image(store, f"out/{r.id}-1.png", 1)]
+        assert await store.succeed(r.id, 1, "w1", images)
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.SUCCEEDED and task.ok
+        assert task.images == tuple(images) and task.error is None and task.finished_at is not None
+
     async def test_terminal_states_never_change(self, store):
         """Once succeeded, a task cannot be failed, cancelled, retried or re-claimed."""
         r = row()
@@ -107,26 +598,15 @@ class TestStoreContract:
         task = await store.get(r.id)
         assert task is not None and task.status is TaskStatus.SUCCEEDED
 
-    async def test_expired_lease_without_attempts_left_fails_interrupted(self, store):
-        """A spent task whose lease expires fails with `interrupted` and is reported as ended."""
+    async def test_retry_requeues_a_task_runnable_at_once_with_no_delay(self, store):
+        """retry(delay=0) puts the task back queued and claimable at once, as the next attempt,
+        whose Claimed counts the retry by its error code."""
         r = row()
-        await store.submit([r], atomic=True)
-        await store.claim("w1", 1, 4, 60)
-        expire(store, r.id)
-        await store.claim("w1", 1, 4, 60)  # attempt 2 of 2
-        expire(store, r.id)
-        _, ended, _ = await store.claim("w2", 1, 4, 60)
-        assert ended == [r.id]
-        task = await store.get(r.id)
-        assert task is not None and task.status is TaskStatus.FAILED
-        assert task.error is not None and task.error.code == "interrupted"
-
-    async def test_idempotency_key_is_unique_per_owner(self, store):
-        """A second row with the same owner and key returns the first task's id."""
-        a = row(key="k", prompt="same")
-        b = row(key="k", prompt="same")
-        first, second = await store.submit([a, b], atomic=False)
-        assert first.created and not second.created and second.id == a.id
+        await running(store, r)
+        assert await store.retry(r.id, 1, "w1", TaskError("rate_limited", "slow down", True), 0)
+        assert await status(store, r.id) is TaskStatus.QUEUED
+        (second,), _, _ = await store.claim("w2", 1, 4, 60)
+        assert (second.id, second.attempt, dict(second.retries)) == (r.id, 2, {"rate_limited": 1})
 
     async def test_retry_waits_for_run_after(self, store):
         """A retried task is not claimable before its run_after."""
@@ -137,16 +617,445 @@ class TestStoreContract:
         claimed, _, next_run = await store.claim("w1", 1, 4, 60)
         assert claimed == [] and next_run is not None and next_run > time.time() * 1000 + 20_000
 
-    async def test_prune_keeps_the_ledger(self, store):
-        """prune deletes finished tasks with their events and images but never ledger rows."""
+    async def test_release_hands_back_the_attempt_without_counting_it(self, harness, store):
+        """A released task is claimable at once, its Claimed says how many attempts were
+        released, Task.attempts leaves them out, and a lost lease afterwards still has the
+        released attempt to spend (re-queued, not failed)."""
+        r = row(max_attempts=2)
+        await running(store, r, "w1")
+        assert await store.release(r.id, 1, "w1")
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.QUEUED and task.attempts == 0
+        (second,), _, _ = await store.claim("w2", 1, 4, 60)
+        assert (second.attempt, second.released) == (2, 1)
+        task = await store.get(r.id)
+        assert task is not None and task.attempts == 1
+        await harness.expire(r.id)
+        (third,), ended, _ = await store.claim("w3", 1, 4, 60)
+        assert ended == [] and (third.attempt, third.released) == (3, 1)
+
+    async def test_fail_refunds_a_charged_task_exactly_once(self, harness, store):
+        """fail() of a charged task gives its cost back; a second fail or a cancel afterwards
+        refunds nothing more."""
+        await store.grant("alice", 5)
+        r = row(charge=True, cost=3)
+        await running(store, r)
+        assert await store.balance("alice") == 2
+        assert await store.fail(r.id, 1, "w1", ERROR)
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.FAILED
+        assert task.error == ERROR
+        assert await store.balance("alice") == 5
+        assert not await store.fail(r.id, 1, "w1", ERROR)
+        assert not await store.cancel(r.id, "late")
+        assert await store.balance("alice") == 5
+        await harness.check_ledger()
+
+    async def test_fail_of_an_uncharged_task_refunds_nothing(self, store):
+        """A task submitted with charge=False moved no credits, so its failure gives none."""
+        await store.grant("alice", 5)
+        r = row(charge=False, cost=3)
+        await running(store, r)
+        assert await store.fail(r.id, 1, "w1", ERROR)
+        assert await store.balance("alice") == 5
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    async def test_cancel_a_queued_task(self, store):
+        """cancel() of a queued task answers True, and the task is cancelled and never claimed."""
+        r = row()
+        await submitted(store, r)
+        assert await store.cancel(r.id, "no longer wanted")
+        task = await store.get(r.id)
+        assert task is not None and task.status is TaskStatus.CANCELLED and task.finished_at is not None
+        assert (await store.claim("w1", 1, 4, 60))[0] == []
+        assert [e.kind for e in await store.events(r.id)] == ["cancelled"]
+
+    async def test_cancel_a_running_task_fences_its_worker(self, store):
+        """cancel() of a running task answers True; its attempt can then neither heartbeat nor
+        succeed."""
+        r = row()
+        await running(store, r)
+        assert await store.cancel(r.id, "stop")
+        assert await status(store, r.id) is TaskStatus.CANCELLED
+        assert await store.heartbeat("w1", [(r.id, 1)], 60) == set()
+        assert not await store.succeed(r.id, 1, "w1", [])
+        assert await status(store, r.id) is TaskStatus.CANCELLED
+
+    @pytest.mark.parametrize("end", ["succeed", "fail", "cancel"])
+    async def test_cancel_of_an_ended_task_is_false(self, store, end):
+        """cancel() of a succeeded, failed or cancelled task answers False and changes nothing."""
+        r = row()
+        await running(store, r)
+        if end == "cancel":
+            assert await store.cancel(r.id, "first")
+        else:
+            assert await ENDS[end](store, r.id, 1, "w1")
+        before = await store.get(r.id)
+        assert not await store.cancel(r.id, "again")
+        assert await store.get(r.id) == before
+
+    async def test_cancel_refunds_at_most_once(self, harness, store):
+        """A charged task cancelled (queued or running) gets its cost back once: a second cancel
+        or the worker's late fail refunds nothing more."""
+        await store.grant("alice", 10)
+        queued, run = row(charge=True, cost=3), row(charge=True, cost=4)
+        await running(store, run)
+        await submitted(store, queued)
+        assert await store.balance("alice") == 3
+        assert await store.cancel(queued.id, "x")
+        assert await store.balance("alice") == 6
+        assert await store.cancel(run.id, "x")
+        assert await store.balance("alice") == 10
+        assert not await store.cancel(queued.id, "x") and not await store.cancel(run.id, "x")
+        assert not await store.fail(run.id, 1, "w1", ERROR)
+        assert await store.balance("alice") == 10
+        await harness.check_ledger()
+
+    # -- grant, balance ----------------------------------------------------------------------
+
+    async def test_grant_returns_the_new_balance(self, store):
+        """grant() adds (or, negative, takes away) and answers the new balance, which balance()
+        reads back; owners are separate."""
+        assert await store.grant("alice", 5) == 5
+        assert await store.grant("alice", 3) == 8
+        assert await store.grant("alice", -2) == 6
+        assert await store.balance("alice") == 6
+        assert await store.balance("bob") == 0
+
+    async def test_an_unknown_owner_has_a_zero_balance(self, store):
+        """balance() of an owner never seen is 0."""
+        assert await store.balance("nobody") == 0
+
+    async def test_grant_never_takes_a_balance_below_zero(self, store):
+        """A negative grant past the balance is a ValidationError and takes nothing; down to
+        exactly 0 is allowed."""
+        await store.grant("alice", 5)
+        with pytest.raises(ValidationError):
+            await store.grant("alice", -6)
+        assert await store.balance("alice") == 5
+        with pytest.raises(ValidationError):
+            await store.grant("bob", -1)
+        assert await store.balance("bob") == 0
+        assert await store.grant("alice", -5) == 0
+
+    async def test_grant_never_takes_a_balance_past_10_to_the_12(self, store):
+        """A balance of exactly 10**12 is allowed; a grant past it is a ValidationError that
+        adds nothing."""
+        assert await store.grant("alice", 10**12) == 10**12
+        with pytest.raises(ValidationError):
+            await store.grant("alice", 1)
+        assert await store.balance("alice") == 10**12
+        with pytest.raises(ValidationError):
+            await store.grant("bob", 10**12 + 1)
+        assert await store.balance("bob") == 0
+
+    async def test_no_refund_takes_a_balance_past_10_to_the_12(self, store):
+        """Credits charged to unfinished tasks may come back: no grant may leave room for a
+        refund to pass 10**12 (the grant is refused, or the balance stays within bounds)."""
+        await store.grant("alice", 10)
+        r = row(charge=True, cost=4)
+        await submitted(store, r)
+        with contextlib.suppress(ValidationError):
+            await store.grant("alice", 10**12 - 6)
+        assert await store.cancel(r.id, "refund")
+        assert 0 <= await store.balance("alice") <= 10**12
+
+    # -- get, try_get ------------------------------------------------------------------------
+
+    async def test_get_of_an_unknown_id_is_none(self, store):
+        """get() and try_get() of an id that does not exist answer None (try_get may say
+        WOULD_WAIT)."""
+        unknown = new_task_id()
+        assert await store.get(unknown) is None
+        assert store.try_get(unknown) in (None, WOULD_WAIT)
+
+    async def test_try_get_answers_what_get_answers_or_would_wait(self, harness, store):
+        """try_get() answers a Task equal to get()'s, or WOULD_WAIT (a store with inline reads
+        answers at once when no lock is held)."""
+        r = row()
+        await running(store, r)
+        found = store.try_get(r.id)
+        if harness.inline_reads:
+            assert found is not WOULD_WAIT
+        assert found is WOULD_WAIT or found == await store.get(r.id)
+        assert found is WOULD_WAIT or (found is not None and found.status is TaskStatus.RUNNING)
+
+    async def test_try_get_would_wait_where_get_waits(self, harness, store):
+        """When the read would have to wait for a lock, try_get() says WOULD_WAIT, and get()
+        waits for it and answers the task."""
+        r = row()
+        await submitted(store, r)
+        store.faults = Faults()
+        store.faults.fail("get", harness.busy_error())
+        assert store.try_get(r.id) is WOULD_WAIT
+        store.faults.fail("get", harness.busy_error())
+        task = await store.get(r.id)
+        assert task is not None and task.id == r.id
+
+    # -- pending, list_tasks, statuses -------------------------------------------------------
+
+    async def test_pending_lists_queued_and_running_newest_first(self, store):
+        """pending(None) is every queued or running task, newest first; pending(owner) only
+        that owner's; ended tasks never appear."""
+        a, b, c, d, e = row("alice"), row("alice"), row("alice"), row("bob"), row("bob")
+        await submitted(store, a, b, c, d, e)
+        (claimed,), _, _ = await store.claim("w1", 1, 4, 60)
+        assert claimed.id == a.id
+        assert await store.cancel(b.id, "x")
+        assert await store.cancel(e.id, "x")
+        assert [t.id for t in await store.pending(None)] == [d.id, c.id, a.id]
+        assert [t.id for t in await store.pending("alice")] == [c.id, a.id]
+        assert [t.status for t in await store.pending("alice")] == [TaskStatus.QUEUED, TaskStatus.RUNNING]
+        assert await store.pending("nobody") == []
+
+    async def test_list_tasks_pages_newest_first_by_before(self, store):
+        """list_tasks pages newest first; each page's last id as ``before`` gives the next page,
+        disjoint and consecutive, until an empty page."""
+        rows = [row() for _ in range(7)]
+        await submitted(store, *rows)
+        pages, before = [], None
+        while page := await store.list_tasks(None, None, 3, before):
+            pages.append([t.id for t in page])
+            before = page[-1].id
+        assert [len(p) for p in pages] == [3, 3, 1]
+        assert [i for p in pages for i in p] == [r.id for r in reversed(rows)]
+
+    async def test_list_tasks_filters_by_owner_and_status(self, store):
+        """list_tasks(owner, status) gives only tasks of that owner and status, newest first,
+        also combined with ``before``."""
+        a1, b1, a2, a3, b2 = row("alice"), row("bob"), row("alice"), row("alice"), row("bob")
+        await submitted(store, a1, b1, a2, a3, b2)
+        await store.claim("w1", 2, 4, 60)  # a1 and b1
+        ids = [t.id for t in await store.list_tasks(None, "running", 10, None)]
+        assert ids == [b1.id, a1.id]
+        assert [t.id for t in await store.list_tasks("alice", None, 10, None)] == [a3.id, a2.id, a1.id]
+        assert [t.id for t in await store.list_tasks("alice", "queued", 10, None)] == [a3.id, a2.id]
+        assert [t.id for t in await store.list_tasks("alice", "queued", 10, a3.id)] == [a2.id]
+        assert [t.id for t in await store.list_tasks(None, "queued", 1, None)] == [b2.id]
+        assert await store.list_tasks(None, "succeeded", 10, None) == []
+
+    async def test_statuses_answers_only_existing_ids(self, store):
+        """statuses() maps each existing id to its status and leaves unknown ids out, for more
+        ids than fit one statement."""
+        rows = [row() for _ in range(600)]
+        await submitted(store, *rows)
+        await store.claim("w1", 1, 4, 60)
+        unknown = [new_task_id() for _ in range(600)]
+        found = await store.statuses([r.id for r in rows] + unknown)
+        assert found == {rows[0].id: "running", **{r.id: "queued" for r in rows[1:]}}
+        assert await store.statuses([]) == {}
+
+    # -- changes_since -----------------------------------------------------------------------
+
+    async def test_changes_since_none_is_others(self, store):
+        """The first call (token None) always answers OTHERS."""
+        _, seen = await store.changes_since(None)
+        assert seen is Changes.OTHERS
+
+    async def test_changes_since_with_nothing_committed_is_none(self, store):
+        """With nothing committed since the token (reads do not count), the answer is NONE,
+        again and again."""
+        await submitted(store, r := row())
+        token, _ = await store.changes_since(None)
+        await store.get(r.id)
+        await store.list_tasks(None, None, 10, None)
+        for _ in range(2):
+            token, seen = await store.changes_since(token)
+            assert seen is Changes.NONE
+
+    @pytest.mark.parametrize("write", ["submit", "grant", "cancel", "claim"])
+    async def test_changes_since_after_an_own_write(self, harness, store, write):
+        """After one of this store's own commits the answer is OWN (OTHERS is allowed when
+        unsure; never NONE), and right after that NONE."""
+        r = row()
+        await submitted(store, r)
+        token, _ = await store.changes_since(None)
+        if write == "submit":
+            await submitted(store, row())
+        elif write == "grant":
+            await store.grant("alice", 1)
+        elif write == "cancel":
+            assert await store.cancel(r.id, "x")
+        else:
+            assert len((await store.claim("w1", 1, 4, 60))[0]) == 1
+        token, seen = await store.changes_since(token)
+        assert seen is Changes.OWN if harness.exact_own else seen in (Changes.OWN, Changes.OTHERS)
+        _, seen = await store.changes_since(token)
+        assert seen is Changes.NONE
+
+    async def test_changes_since_after_a_foreign_commit_is_others(self, harness, store):
+        """A commit through another connection answers OTHERS, then NONE."""
+        token, _ = await store.changes_since(None)
+        await harness.commit_elsewhere()
+        token, seen = await store.changes_since(token)
+        assert seen is Changes.OTHERS
+        _, seen = await store.changes_since(token)
+        assert seen is Changes.NONE
+
+    async def test_changes_since_sees_another_store_on_the_same_database(self, harness, store):
+        """A write by another store instance on the same database answers OTHERS for this one."""
+        other = await harness.open_another()
+        token, _ = await store.changes_since(None)
+        await submitted(other, row())
+        _, seen = await store.changes_since(token)
+        assert seen is Changes.OTHERS
+
+    @pytest.mark.parametrize("first", ["own", "foreign"])
+    async def test_a_foreign_commit_mixed_with_own_ones_is_never_missed(self, harness, store, first):
+        """A foreign commit made before or after an own one since the token answers OTHERS."""
+        token, _ = await store.changes_since(None)
+        for step in [first, "foreign" if first == "own" else "own"]:
+            if step == "own":
+                await store.grant("alice", 1)
+            else:
+                await harness.commit_elsewhere()
+        _, seen = await store.changes_since(token)
+        assert seen is Changes.OTHERS
+
+    async def test_a_foreign_commit_after_an_own_answer_is_never_missed(self, harness, store):
+        """After OWN was answered, a foreign commit still answers OTHERS on the next call."""
+        token, _ = await store.changes_since(None)
+        await store.grant("alice", 1)
+        token, seen = await store.changes_since(token)
+        assert seen is not Changes.NONE
+        await harness.commit_elsewhere()
+        _, seen = await store.changes_since(token)
+        assert seen is Changes.OTHERS
+
+    # -- events, health ----------------------------------------------------------------------
+
+    async def test_events_are_the_transitions_in_commit_order(self, store):
+        """A task claimed, retried, claimed and succeeded has exactly those four events, in
+        that order, with their attempts, statuses and workers, at non-decreasing times."""
+        r = row()
+        await running(store, r, "w1")
+        assert await store.retry(r.id, 1, "w1", TaskError("rate_limited", "later", True), 0)
+        (second,), _, _ = await store.claim("w2", 1, 4, 60)
+        assert await store.succeed(r.id, second.attempt, "w2", [])
+        events = await store.events(r.id)
+        assert trail(events) == [("claimed", 1), ("retry", 1), ("claimed", 2), ("succeeded", 2)]
+        assert [e.status for e in events] == [
+            TaskStatus.RUNNING,
+            TaskStatus.QUEUED,
+            TaskStatus.RUNNING,
+            TaskStatus.SUCCEEDED,
+        ]
+        assert [e.worker for e in events] == ["w1", "w1", "w2", "w2"]
+        assert {e.task_id for e in events} == {r.id}
+        assert [e.at for e in events] == sorted(e.at for e in events)
+        assert "rate_limited" in (events[1].detail or "")
+        assert await store.events(new_task_id()) == []
+
+    async def test_health_reports_what_the_contract_names(self, harness, store):
+        """health() has the schema version, integrity "ok", the WAL size, counts by status,
+        the expired leases, and durability "normal"."""
+        a, b, c = row(), row(), row()
+        await submitted(store, a, b, c)
+        await store.claim("w1", 2, 4, 60)
+        assert await store.succeed(a.id, 1, "w1", [])
+        await harness.expire(b.id)
+        found = await store.health()
+        assert set(HEALTH_KEYS) <= set(found)
+        assert isinstance(found["schema_version"], int) and found["schema_version"] >= 1
+        assert found["integrity"] == "ok" and found["durability"] == "normal"
+        assert isinstance(found["wal_bytes"], int) and found["wal_bytes"] >= 0
+        counts = {s.value: found["counts"].get(s.value, 0) for s in TaskStatus}
+        assert counts == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0}
+        assert found["expired_leases"] == 1
+
+    # -- prune, file_state -------------------------------------------------------------------
+
+    async def test_prune_deletes_only_ended_tasks_and_returns_their_image_paths(self, store):
+        """prune(before) deletes succeeded, failed and cancelled tasks with their events, never
+        queued or running ones, and answers their count and images' relative paths
+        (references included)."""
+        run, s, f, q, c = row(), row(), row(), row(), row()
+        s = attrs.evolve(s, references=(image(store, "refs/s-0.png"),))
+        await submitted(store, run, s, f, q, c)
+        await store.claim("w1", 3, 10, 60)  # run, s, f
+        assert await store.succeed(
+            s.id, 1, "w1", [image(store, "out/s-0.png"), image(store, "out/s-1.png", 1)]
+        )
+        assert await store.fail(f.id, 1, "w1", ERROR)
+        assert await store.cancel(c.id, "x")
+        count, paths = await store.prune(now_ms() + 1000)
+        assert count == 3
+        assert sorted(paths) == ["out/s-0.png", "out/s-1.png", "refs/s-0.png"]
+        assert await store.statuses([q.id, run.id, s.id, f.id, c.id]) == {q.id: "queued", run.id: "running"}
+        for gone in (s, f, c):
+            assert await store.get(gone.id) is None and await store.events(gone.id) == []
+        assert trail(await store.events(run.id)) == [("claimed", 1)]
+
+    async def test_prune_keeps_tasks_finished_after_the_cutoff(self, store):
+        """prune(before_ms) deletes only tasks that finished before before_ms."""
+        old, new = row(), row()
+        await submitted(store, old, new)
+        assert await store.cancel(old.id, "x")
+        old_task = await store.get(old.id)
+        assert old_task is not None and old_task.finished_at is not None
+        old_ms = round(old_task.finished_at.timestamp() * 1000)
+        await asyncio.sleep(0.01)
+        assert await store.cancel(new.id, "x")
+        assert await store.prune(old_ms - 1) == (0, [])
+        assert (await store.prune(old_ms + 1))[0] == 1
+        assert await store.get(old.id) is None
+        assert await status(store, new.id) is TaskStatus.CANCELLED
+
+    async def test_prune_keeps_the_ledger(self, harness, store):
+        """prune deletes finished tasks with their events but never the ledger: every balance
+        is unchanged and still the sum of its ledger."""
         await store.grant("alice", 5)
         r = row()
         await store.submit([r], atomic=True)
         assert await store.cancel(r.id, "bye")
-        count, _ = await store.prune(int(time.time() * 1000) + 1000)
-        assert count == 1 and await store.get(r.id) is None
-        assert sql(store.path, "SELECT count(*) FROM task_events") == [(0,)]
-        assert sql(store.path, "SELECT kind FROM ledger") == [("grant",)]
+        charged, refunded = row(charge=True, cost=2), row(charge=True, cost=1)
+        await submitted(store, charged, refunded)
+        await store.claim("w1", 2, 4, 60)
+        assert await store.succeed(charged.id, 1, "w1", [])
+        assert await store.fail(refunded.id, 1, "w1", ERROR)
+        assert await store.balance("alice") == 3
+        count, _ = await store.prune(now_ms() + 1000)
+        assert count == 3 and await store.get(r.id) is None
+        assert await store.events(r.id) == []
+        assert await store.balance("alice") == 3
+        await harness.check_ledger()
+
+    async def test_file_state_maps_ids_to_status_and_attempt(self, store):
+        """file_state(ids) answers (status, attempt) for each existing id, none for unknown ids,
+        and every path the rows of those ids point to (references and outputs)."""
+        s = attrs.evolve(row(), references=(image(store, "refs/s-0.png"),))
+        q = row()
+        await submitted(store, s, q)
+        await store.claim("w1", 1, 4, 60)
+        assert await store.succeed(s.id, 1, "w1", [image(store, "out/s-0.png")])
+        known, referenced = await store.file_state([s.id, q.id, new_task_id()])
+        assert known == {s.id: ("succeeded", 1), q.id: ("queued", 0)}
+        assert referenced == {"refs/s-0.png", "out/s-0.png"}
+        assert await store.file_state([]) == ({}, set())
+
+    # -- close -------------------------------------------------------------------------------
+
+    async def test_close_answers_queued_writes_and_is_safe_twice(self, harness, store):
+        """Writes queued when close() is called are committed and answered first; a second
+        close() is harmless."""
+        rows = [row() for _ in range(3)]
+        pending = [asyncio.ensure_future(store.submit([r], atomic=True)) for r in rows]
+        await asyncio.sleep(0)
+        await store.close()
+        await store.close()
+        results = await asyncio.gather(*pending)
+        assert [res[0].id for res in results] == [r.id for r in rows]
+        other = await harness.open_another()
+        assert await other.statuses([r.id for r in rows]) == {r.id: "queued" for r in rows}
+
+    async def test_a_closed_store_refuses_with_store_error(self, store):
+        """After close(), a method raises StoreError rather than anything else."""
+        await store.close()
+        with pytest.raises(StoreError):
+            await store.get(new_task_id())
+        with pytest.raises(StoreError):
+            await store.submit([row()], atomic=True)
 
 
 # --- the file ---------------------------------------------------------------------------------
@@ -363,7 +1272,7 @@ async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
         pass
     text = getattr(store_module, query)
     args = {
-        "_CLAIM": {"worker": "w", "lease_until": 0, "now": 0, "per_owner": 4, "provider": ""},
+        "_CLAIM": {"worker": "w", "lease_until": 0, "now": 0, "provider": "", "full": "[]"},
         "_NEXT_RUN": (),
         "_EXPIRED": (0,),
     }[query]

@@ -217,12 +217,16 @@ UPDATE tasks
    AND id = (
        SELECT t.id FROM tasks t INDEXED BY tasks_queue
         WHERE t.status = 'queued' AND t.run_after <= :now AND t.provider IN ('', :provider)
-          AND (SELECT count(*) FROM tasks r INDEXED BY tasks_running
-                WHERE r.owner = t.owner AND r.status = 'running') < :per_owner
+          AND t.owner NOT IN (SELECT value FROM json_each(:full))
         ORDER BY t.run_after, t.id
         LIMIT 1)
 RETURNING id, owner, prompt, model, params, attempt, max_attempts, released, refs
 """
+
+#: Running tasks by owner, for the per-owner cap (running rows are few: one small index).
+_RUNNING_BY_OWNER = (
+    "SELECT owner, count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running' GROUP BY owner"
+)
 
 
 _NEXT_RUN = "SELECT min(run_after) FROM tasks INDEXED BY tasks_queue WHERE status = 'queued'"
@@ -250,15 +254,23 @@ def _claim(
     now = _now()  # inside the transaction: waiting for the lock never shortens a lease
     ended = _reap(conn, now, worker, lease_ms, held, gone)
     claimed: list[tuple[sqlite3.Row, list[sqlite3.Row], dict[str, int]]] = []
+    # The per-owner cap: count running tasks once, in this transaction (so across every
+    # process), then keep the counts as this loop claims; owners at the cap are skipped by
+    # the claim statement itself, so it never tests a count per queued row.
+    running = dict(conn.execute(_RUNNING_BY_OWNER).fetchall()) if limit > 0 else {}
+    full = [owner for owner, count in running.items() if count >= per_owner]
     args = {
-        "worker": worker, "lease_until": now + lease_ms, "now": now, "per_owner": per_owner,
-        "provider": provider,
+        "worker": worker, "lease_until": now + lease_ms, "now": now, "provider": provider,
+        "full": json.dumps(full),
     }  # fmt: skip
-    # One task per statement, so each claim sees the running count the previous one left.
     while len(claimed) < limit:
         row = conn.execute(_CLAIM, args).fetchone()
         if row is None:
             break
+        running[row["owner"]] = count = running.get(row["owner"], 0) + 1
+        if count >= per_owner:
+            full.append(row["owner"])
+            args["full"] = json.dumps(full)
         refs = []
         if row["refs"]:  # most tasks have none: skip the lookup
             refs = conn.execute(
