@@ -947,5 +947,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
