@@ -101,7 +101,9 @@ def test_the_fast_task_builder_matches_init():
 
     fields = attrs.fields(Task)
     values = [f"value of {f.name}" for f in fields]
-    as_dict = attrs.asdict(_build_task(*values), recurse=False)
+    as_dict = attrs.asdict(
+        _build_task(**{f.name: v for f, v in zip(fields, values, strict=True)}), recurse=False
+    )
     assert as_dict == {f.name: v for f, v in zip(fields, values, strict=True)}
     real = dict(
         id="01ABC", owner="alice", prompt="p", model="fake", params={"n": 1}, status=TaskStatus.FAILED,
@@ -109,7 +111,7 @@ def test_the_fast_task_builder_matches_init():
         cost=1, metadata={"k": "v"}, idempotency_key="key", created_at=datetime.now(UTC),
         started_at=None, finished_at=datetime.now(UTC),
     )  # fmt: skip
-    built = _build_task(*real.values())
+    built = _build_task(**real)
     assert built == Task(**real)
     # It behaves as any Task: frozen, picklable, and evolve() works on it.
     assert pickle.loads(pickle.dumps(built)) == built

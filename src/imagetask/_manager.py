@@ -515,10 +515,24 @@ class TaskManager:
         """The snapshot of a row just committed, built before any worker is woken: submit
         always answers `queued`, without another read."""
         return _build_task(
-            row.id, row.owner, row.prompt, row.model, row.params, TaskStatus.QUEUED,
-            (), row.references, None, 0, row.max_attempts, row.cost,
-            _json_object(row.metadata_json), row.idempotency_key, created_at, None, None,
-        )  # fmt: skip
+            id=row.id,
+            owner=row.owner,
+            prompt=row.prompt,
+            model=row.model,
+            params=row.params,
+            status=TaskStatus.QUEUED,
+            images=(),
+            references=row.references,
+            error=None,
+            attempts=0,
+            max_attempts=row.max_attempts,
+            cost=row.cost,
+            metadata=_json_object(row.metadata_json),
+            idempotency_key=row.idempotency_key,
+            created_at=created_at,
+            started_at=None,
+            finished_at=None,
+        )
 
     async def _discard_references(self, row: SubmitRow) -> None:
         if row.references:

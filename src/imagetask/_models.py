@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import attrs
 
@@ -184,35 +184,11 @@ class Task:
         """True when the task succeeded."""
         return self.status is TaskStatus.SUCCEEDED
 
-    #: The columns `_from_row` reads, in order; the store selects exactly these.
-    _COLUMNS = (
-        "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
-        "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
-        "created_at", "started_at", "finished_at", "released",
-    )  # fmt: skip
+    #: The columns the store selects for a task, in that order (see `_TASK_FIELDS`).
+    _COLUMNS: ClassVar[tuple[str, ...]] = ()
 
-    @classmethod
-    def _from_row(
-        cls,
-        row: Sequence[Any],
-        images: Sequence[StoredImage] = (),
-        references: Sequence[StoredImage] = (),
-    ) -> Task:
-        """Build a task from the values of `_COLUMNS`, in that order (by position: this is
-        the hot path of every poll)."""
-        (task_id, owner, prompt, model, params, status, attempt, max_attempts, cost, key,
-         metadata, error_code, error_message, error_retryable, created, started, finished,
-         released) = row[:18]  # fmt: skip
-        error = None
-        if error_code is not None:
-            error = TaskError(error_code, error_message or "", bool(error_retryable))
-        return _build_task(
-            task_id, owner, prompt, model, _json_object(params), _STATUSES[status],
-            tuple(images), tuple(references), error, attempt - released, max_attempts, cost,
-            _json_object(metadata), key,
-            _from_ms(created), None if started is None else _from_ms(started),
-            None if finished is None else _from_ms(finished),
-        )  # fmt: skip
+    #: Build a task from a row of `_COLUMNS` plus its images (generated below).
+    _from_row: ClassVar[Callable[..., Task]]
 
     def _repr_html_(self) -> str:
         # A card: its images as inline thumbnails, a skeleton while pending, or its error.
@@ -281,7 +257,7 @@ class TaskEvent:
 
 
 def _task_builder() -> Callable[..., Task]:
-    """A function taking every field of `Task`, in order, that builds it by setting its slots
+    """A function taking every field of `Task` by keyword that builds it by setting its slots
     directly. attrs' generated ``__init__`` of a frozen class costs several µs a call, and
     this is the hot path of every poll; nothing is validated there either way.
     `test_the_fast_task_builder_matches_init` keeps the two in step."""
@@ -290,7 +266,7 @@ def _task_builder() -> Callable[..., Task]:
     for name in names:
         namespace[f"set_{name}"] = Task.__dict__[name].__set__
     body = "".join(f"    set_{name}(task, {name})\n" for name in names)
-    source = f"def build({', '.join(names)}):\n    task = new(Task)\n{body}    return task\n"
+    source = f"def build(*, {', '.join(names)}):\n    task = new(Task)\n{body}    return task\n"
     exec(source, namespace)  # the same technique attrs uses to generate __init__
     build: Callable[..., Task] = namespace["build"]
     return build
@@ -596,3 +572,60 @@ def _check_shape(
         )
     params = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
     return model_id, info.price_for(req.size) * n, json.dumps(params, sort_keys=True)
+
+
+#: The one place a task column maps to a `Task` field: each field, and the expression over
+#: the columns (by name) that gives its value. The store selects exactly the columns named
+#: here (`Task._COLUMNS`); adding a column means a migration and a line here.
+_TASK_FIELDS: dict[str, str] = {
+    "id": "id",
+    "owner": "owner",
+    "prompt": "prompt",
+    "model": "model",
+    "params": "json_object(params)",
+    "status": "STATUSES[status]",
+    "images": "tuple(images)",
+    "references": "tuple(references)",
+    "error": (
+        "None if error_code is None else TaskError(error_code, error_message or '', bool(error_retryable))"
+    ),
+    "attempts": "attempt - released",  # attempts handed back by a clean close do not count
+    "max_attempts": "max_attempts",
+    "cost": "cost",
+    "metadata": "json_object(metadata)",
+    "idempotency_key": "idempotency_key",
+    "created_at": "from_ms(created_at)",
+    "started_at": "None if started_at is None else from_ms(started_at)",
+    "finished_at": "None if finished_at is None else from_ms(finished_at)",
+}
+_TASK_ROW_COLUMNS = (
+    "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
+    "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
+    "created_at", "started_at", "finished_at", "released",
+)  # fmt: skip
+
+
+def _row_decoder() -> Callable[..., Task]:
+    """``from_row(row, images=(), references=())``: a task from a row of
+    `_TASK_ROW_COLUMNS` (any extra trailing values ignored), generated from `_TASK_FIELDS`
+    so the hot path of every poll reads each column once, by position, without a lookup."""
+    if set(_TASK_FIELDS) != {f.name for f in attrs.fields(Task)}:
+        raise AssertionError("_TASK_FIELDS must name every field of Task")
+    namespace: dict[str, Any] = {
+        "build": _build_task, "json_object": _json_object, "STATUSES": _STATUSES,
+        "TaskError": TaskError, "from_ms": _from_ms,
+    }  # fmt: skip
+    unpack = ", ".join(_TASK_ROW_COLUMNS)
+    fields = "".join(f"        {name}={expr},\n" for name, expr in _TASK_FIELDS.items())
+    source = (
+        "def from_row(row, images=(), references=()):\n"
+        f"    ({unpack},) = row[:{len(_TASK_ROW_COLUMNS)}]\n"
+        f"    return build(\n{fields}    )\n"
+    )
+    exec(source, namespace)
+    decoder: Callable[..., Task] = namespace["from_row"]
+    return decoder
+
+
+Task._COLUMNS = _TASK_ROW_COLUMNS
+Task._from_row = staticmethod(_row_decoder())

@@ -126,13 +126,6 @@ def _insert_plain(
     return [Submitted(row.id, created=True, at=now) for row, _ in rows]
 
 
-_INSERT_TASK = (
-    "INSERT INTO tasks (id, owner, prompt, model, params, status, attempt, max_attempts, cost, refs,"
-    " idempotency_key, fingerprint, metadata, run_after, created_at, updated_at, provider)"
-    " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
 def _params_json(params: Mapping[str, Any]) -> str:
     """The stored JSON of a task's params (few distinct values: cached when hashable)."""
     try:
@@ -146,13 +139,43 @@ def _params_json_of(items: tuple[tuple[str, Any], ...]) -> str:
     return json.dumps(dict(items), sort_keys=True)
 
 
-def _task_values(row: SubmitRow, now: int) -> tuple[Any, ...]:
-    return (
-        row.id, row.owner, row.prompt, row.model, row.params_json or _params_json(row.params),
-        row.max_attempts, row.cost, len(row.references), row.idempotency_key, row.fingerprint,
-        row.metadata_json,
-        now, now, now, row.provider,
-    )  # fmt: skip
+#: The one place a submitted row maps to the columns of ``tasks``: each column, and the
+#: expression over the `SubmitRow` (``row``) and the transaction's time (``now``) that fills it.
+_SUBMIT_COLUMNS: dict[str, str] = {
+    "id": "row.id",
+    "owner": "row.owner",
+    "prompt": "row.prompt",
+    "model": "row.model",
+    "params": "row.params_json or params_json(row.params)",
+    "status": "'queued'",
+    "attempt": "0",
+    "max_attempts": "row.max_attempts",
+    "cost": "row.cost",
+    "refs": "len(row.references)",
+    "idempotency_key": "row.idempotency_key",
+    "fingerprint": "row.fingerprint",
+    "metadata": "row.metadata_json",
+    "run_after": "now",
+    "created_at": "now",
+    "updated_at": "now",
+    "provider": "row.provider",
+}
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_SUBMIT_COLUMNS)}) VALUES ({', '.join('?' * len(_SUBMIT_COLUMNS))})"
+)
+
+
+def _values_function() -> Callable[[SubmitRow, int], tuple[Any, ...]]:
+    """``task_values(row, now)``: the values of `_INSERT_TASK`, generated from
+    `_SUBMIT_COLUMNS` (one tuple per row: the bulk insert's hot loop)."""
+    namespace: dict[str, Any] = {"params_json": _params_json}
+    values = ", ".join(_SUBMIT_COLUMNS.values())
+    exec(f"def task_values(row, now):\n    return ({values},)\n", namespace)
+    function: Callable[[SubmitRow, int], tuple[Any, ...]] = namespace["task_values"]
+    return function
+
+
+_task_values = _values_function()
 
 
 def _submit_one(conn: sqlite3.Connection, row: SubmitRow, refs: list[tuple[Any, ...]], now: int) -> Submitted:
