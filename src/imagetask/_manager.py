@@ -11,12 +11,9 @@ import logging
 import os
 import warnings
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-
-import attrs
 
 from . import _config
 from ._checks import (
@@ -30,20 +27,15 @@ from ._checks import (
     _check_seconds,
     _iterable,
 )
-from ._exceptions import ConfigError, StoreError, TaskNotFound, ValidationError
-from ._images import ImageStore, read_reference
+from ._exceptions import ConfigError, TaskNotFound, ValidationError
+from ._images import ImageStore
+from ._intake import Intake, failure_of, queued_task, to_the_end
 from ._models import (
     GenerationRequest,
     ImageInput,
-    StoredImage,
     Task,
     TaskEvent,
     TaskStatus,
-    _build_task,
-    _json_object,
-    check_request,
-    new_task_id,
-    new_task_ids,
     now_ms,
 )
 from ._records import Credits, Health, PruneReport
@@ -166,6 +158,7 @@ class TaskManager:
         self._worker: Worker | None = None
         self._state = _State.NEW
         self._waiting = Waiting(self._store, self.poll, self.poll_interval)
+        self._intake = Intake(lambda: self.provider, self._images, self.max_attempts, self.charging)
         self._closing: asyncio.Future[None] | None = None
         #: The event loop the manager was opened on (galleries refresh there).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -344,16 +337,16 @@ class TaskManager:
             metadata=metadata,
         )
         self._require_open()
-        row = await self._prepare(request)
+        row = await self._intake.prepare(request)
         if not row.references:
             return await self._after_submit(row, await self._enqueue(row))
         # Its reference files may be deleted only if the row was not written, so a cancelled
         # caller waits for the commit in flight before the cancellation goes on.
         write = asyncio.ensure_future(self._enqueue(row))
-        cancelled = await _to_the_end(write)
-        failure = _failure(write)
+        cancelled = await to_the_end(write)
+        failure = failure_of(write)
         if failure is not None:
-            await self._discard_references(row)
+            await self._intake.discard(row)
             raise asyncio.CancelledError() if cancelled else failure
         task = await self._after_submit(row, write.result())
         if cancelled:
@@ -379,41 +372,21 @@ class TaskManager:
         """
         store = self._require_open()
         items = [GenerationRequest._coerce(item, i) for i, item in enumerate(_iterable("requests", requests))]
-        shapes: dict[Any, Any] = {}
-        rows: list[SubmitRow] = []
-        try:
-            ids = new_task_ids(len(items))
-            for i, item in enumerate(items):
-                try:
-                    # No reference images: nothing to read or copy, so no thread hop either.
-                    rows.append(
-                        self._make_row(item, (), shapes, ids[i])
-                        if not item.images
-                        else await self._prepare(item, ids[i])
-                    )
-                except ValidationError as exc:
-                    raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
-        except BaseException:
-            for row in rows:
-                await self._discard_references(row)
-            raise
+        rows = await self._intake.prepare_many(items)
         write = asyncio.ensure_future(store.submit(rows, atomic=True))
-        cancelled = await _to_the_end(write)
-        failure = _failure(write)
+        cancelled = await to_the_end(write)
+        failure = failure_of(write)
         if failure is not None:
             for row in rows:
-                await self._discard_references(row)
+                await self._intake.discard(row)
             raise asyncio.CancelledError() if cancelled else failure
         tasks: builtins.list[Task] = []
-        created_at: datetime | None = None
         for row, result in zip(rows, write.result(), strict=True):
             assert isinstance(result, Submitted)
-            if created_at is None:  # the time inside the transaction, the same for every row
-                created_at = datetime.fromtimestamp(result.at / 1000, tz=UTC)
-            if result.created:
-                tasks.append(self._queued_task(row, created_at))
-            else:
-                tasks.append(await self._after_submit(row, result))
+            # Each created row answers `queued` at the time inside the transaction.
+            tasks.append(
+                queued_task(row, result.at) if result.created else await self._after_submit(row, result)
+            )
         log.info("submitted %d task(s) in one transaction", len(tasks))
         if self._worker is not None:
             owners = {row.owner for row in rows}
@@ -421,75 +394,6 @@ class TaskManager:
         if cancelled:  # written all the same: keep it, and let the cancellation go on
             raise asyncio.CancelledError()
         return tasks
-
-    async def _prepare(self, req: GenerationRequest, task_id: str | None = None) -> SubmitRow:
-        """Validate, price, and copy reference images: everything before the transaction."""
-        self._require_provider()
-        datas: tuple[bytes, ...] = ()
-        if req.images:
-            datas = tuple(
-                await asyncio.to_thread(
-                    lambda: [read_reference(item, i) for i, item in enumerate(req.images)]
-                )
-            )
-        row = self._make_row(req, datas, task_id=task_id)
-        if datas:
-            refs = await asyncio.to_thread(self._write_references, row.id, datas)
-            row = attrs.evolve(row, references=tuple(refs))
-        return row
-
-    def _write_references(self, task_id: str, datas: tuple[bytes, ...]) -> builtins.list[StoredImage]:
-        """Copy reference images into the store (on a worker thread); a storage fault deletes
-        the copies made so far and is a `StoreError` naming the folder and the reason."""
-        refs: builtins.list[StoredImage] = []
-        for i, data in enumerate(datas):
-            try:
-                refs.append(self._images.write_reference(task_id, i, data))
-            except OSError as exc:
-                self._images.delete([im.path for im in refs])
-                raise StoreError(
-                    f"images[{i}]: the reference image could not be stored in {self.images_root} "
-                    f"({exc.strerror or exc}); free space or fix the folder, then submit again "
-                    "(nothing was written)"
-                ) from None
-        return refs
-
-    def _make_row(
-        self,
-        req: GenerationRequest,
-        datas: tuple[bytes, ...],
-        shapes: dict[Any, Any] | None = None,
-        task_id: str | None = None,
-    ) -> SubmitRow:
-        """Validate and price one request (reference images already read) into a row
-        (``shapes``: a cache of model checks shared by one batch, see `check_request`)."""
-        provider = self._require_provider()
-        checked = check_request(req, provider.models, provider.default_model, datas, shapes)
-        if task_id is None:
-            task_id = new_task_id()
-        return SubmitRow(
-            id=task_id,
-            owner=checked.owner,
-            prompt=checked.prompt,
-            model=checked.model,
-            params=checked.params,
-            max_attempts=self.max_attempts,
-            cost=checked.cost,
-            charge=self.charging,
-            idempotency_key=checked.idempotency_key,
-            fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
-            metadata_json=checked.metadata_json,
-            params_json=checked.params_json,
-            provider=provider.name,
-        )
-
-    def _require_provider(self) -> Provider:
-        if self.provider is None:
-            raise ConfigError(
-                "this manager has no provider, so it cannot validate or run new tasks; pass "
-                "provider=... (GeminiProvider() or FakeProvider()) or set GEMINI_API_KEY"
-            )
-        return self.provider
 
     async def _enqueue(self, row: SubmitRow) -> Submitted:
         """Commit one submit. Concurrent submits share a transaction (the store's group
@@ -501,42 +405,14 @@ class TaskManager:
 
     async def _after_submit(self, row: SubmitRow, submitted: Submitted) -> Task:
         if not submitted.created:
-            await self._discard_references(row)
+            await self._intake.discard(row)
             log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
             return await self.poll(submitted.id)
         log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
-        task = self._queued_task(row, datetime.fromtimestamp(submitted.at / 1000, tz=UTC))
+        task = queued_task(row, submitted.at)
         if self._worker is not None:
             self._worker.wake(row.owner)
         return task
-
-    @staticmethod
-    def _queued_task(row: SubmitRow, created_at: datetime) -> Task:
-        """The snapshot of a row just committed, built before any worker is woken: submit
-        always answers `queued`, without another read."""
-        return _build_task(
-            id=row.id,
-            owner=row.owner,
-            prompt=row.prompt,
-            model=row.model,
-            params=row.params,
-            status=TaskStatus.QUEUED,
-            images=(),
-            references=row.references,
-            error=None,
-            attempts=0,
-            max_attempts=row.max_attempts,
-            cost=row.cost,
-            metadata=_json_object(row.metadata_json),
-            idempotency_key=row.idempotency_key,
-            created_at=created_at,
-            started_at=None,
-            finished_at=None,
-        )
-
-    async def _discard_references(self, row: SubmitRow) -> None:
-        if row.references:
-            await asyncio.to_thread(self._images.delete, [im.path for im in row.references])
 
     # -- reads: the database only, never the provider --
 
@@ -744,24 +620,3 @@ def _default_provider() -> Provider | None:
     from .providers.gemini import GeminiProvider
 
     return GeminiProvider()
-
-
-async def _to_the_end(fut: asyncio.Future[Any]) -> bool:
-    """Wait until ``fut`` is done even if the caller is cancelled meanwhile (a commit in
-    flight cannot be recalled: its caller must learn whether it happened). Returns whether
-    the caller was cancelled; it then re-raises the cancellation itself."""
-    cancelled = False
-    while not fut.done():
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if not fut.done():
-                cancelled = True
-        except BaseException:  # fut failed: the caller reads it from fut
-            pass
-    return cancelled
-
-
-def _failure(fut: asyncio.Future[Any]) -> BaseException | None:
-    """The exception a done future ended with, cancellation included."""
-    return asyncio.CancelledError() if fut.cancelled() else fut.exception()

@@ -1,0 +1,191 @@
+"""Turning requests into rows: validation, pricing and the reference copies before a submit's
+transaction, and the queued snapshot a submit answers with after it."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ._exceptions import ConfigError, StoreError, ValidationError
+from ._images import ImageStore, read_reference
+from ._models import (
+    GenerationRequest,
+    StoredImage,
+    Task,
+    TaskStatus,
+    _build_task,
+    _from_ms,
+    _json_object,
+    check_request,
+    new_task_id,
+    new_task_ids,
+)
+from ._store import SubmitRow
+from .providers.base import Provider
+
+__all__ = ["Intake", "failure_of", "queued_task", "to_the_end"]
+
+
+class Intake:
+    """Prepares the rows of one manager's submits (its provider's models, its image store,
+    its attempt budget and whether credits are charged)."""
+
+    def __init__(
+        self, provider: Callable[[], Provider | None], images: ImageStore, max_attempts: int, charging: bool
+    ) -> None:
+        self._get_provider = provider
+        self._images = images
+        self._max_attempts = max_attempts
+        self._charging = charging
+
+    async def prepare(self, req: GenerationRequest, task_id: str | None = None) -> SubmitRow:
+        """Validate, price, and copy reference images: everything before the transaction."""
+        self._provider()
+        datas: tuple[bytes, ...] = ()
+        if req.images:
+            datas = tuple(
+                await asyncio.to_thread(
+                    lambda: [read_reference(item, i) for i, item in enumerate(req.images)]
+                )
+            )
+        row = self.make_row(req, datas, task_id=task_id)
+        if datas:
+            refs = await asyncio.to_thread(self._write_references, row.id, datas)
+            row = attrs.evolve(row, references=tuple(refs))
+        return row
+
+    def _write_references(self, task_id: str, datas: tuple[bytes, ...]) -> list[StoredImage]:
+        """Copy reference images into the store (on a worker thread); a storage fault deletes
+        the copies made so far and is a `StoreError` naming the folder and the reason."""
+        refs: list[StoredImage] = []
+        for i, data in enumerate(datas):
+            try:
+                refs.append(self._images.write_reference(task_id, i, data))
+            except OSError as exc:
+                self._images.delete([im.path for im in refs])
+                raise StoreError(
+                    f"images[{i}]: the reference image could not be stored in {self._images.root} "
+                    f"({exc.strerror or exc}); free space or fix the folder, then submit again "
+                    "(nothing was written)"
+                ) from None
+        return refs
+
+    def make_row(
+        self,
+        req: GenerationRequest,
+        datas: tuple[bytes, ...],
+        shapes: dict[Any, Any] | None = None,
+        task_id: str | None = None,
+    ) -> SubmitRow:
+        """Validate and price one request (reference images already read) into a row
+        (``shapes``: a cache of model checks shared by one batch, see `check_request`)."""
+        provider = self._provider()
+        checked = check_request(req, provider.models, provider.default_model, datas, shapes)
+        if task_id is None:
+            task_id = new_task_id()
+        return SubmitRow(
+            id=task_id,
+            owner=checked.owner,
+            prompt=checked.prompt,
+            model=checked.model,
+            params=checked.params,
+            max_attempts=self._max_attempts,
+            cost=checked.cost,
+            charge=self._charging,
+            idempotency_key=checked.idempotency_key,
+            fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
+            metadata_json=checked.metadata_json,
+            params_json=checked.params_json,
+            provider=provider.name,
+        )
+
+    def _provider(self) -> Provider:
+        provider = self._get_provider()
+        if provider is None:
+            raise ConfigError(
+                "this manager has no provider, so it cannot validate or run new tasks; pass "
+                "provider=... (GeminiProvider() or FakeProvider()) or set GEMINI_API_KEY"
+            )
+        return provider
+
+    async def prepare_many(self, items: list[GenerationRequest]) -> list[SubmitRow]:
+        """`prepare` every request of a `submit_many`; on the first error, the reference
+        copies made so far are deleted and the error names the request
+        (``requests[3].prompt: ...``)."""
+        shapes: dict[Any, Any] = {}
+        rows: list[SubmitRow] = []
+        try:
+            ids = new_task_ids(len(items))
+            for i, item in enumerate(items):
+                try:
+                    # No reference images: nothing to read or copy, so no thread hop either.
+                    rows.append(
+                        self.make_row(item, (), shapes, ids[i])
+                        if not item.images
+                        else await self.prepare(item, ids[i])
+                    )
+                except ValidationError as exc:
+                    raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
+        except BaseException:
+            for row in rows:
+                await self.discard(row)
+            raise
+        return rows
+
+    async def discard(self, row: SubmitRow) -> None:
+        """Delete the reference copies of a row that was not written."""
+        if row.references:
+            await asyncio.to_thread(self._images.delete, [im.path for im in row.references])
+
+
+#: The rows of one transaction share its time: one datetime for a whole submit_many.
+_created_at = functools.lru_cache(maxsize=4)(_from_ms)
+
+
+def queued_task(row: SubmitRow, at_ms: int) -> Task:
+    """The snapshot of a row just committed, built before any worker is woken: submit
+    always answers `queued`, without another read."""
+    return _build_task(
+        id=row.id,
+        owner=row.owner,
+        prompt=row.prompt,
+        model=row.model,
+        params=row.params,
+        status=TaskStatus.QUEUED,
+        images=(),
+        references=row.references,
+        error=None,
+        attempts=0,
+        max_attempts=row.max_attempts,
+        cost=row.cost,
+        metadata=_json_object(row.metadata_json),
+        idempotency_key=row.idempotency_key,
+        created_at=_created_at(at_ms),
+        started_at=None,
+        finished_at=None,
+    )
+
+
+async def to_the_end(fut: asyncio.Future[Any]) -> bool:
+    """Wait until ``fut`` is done even if the caller is cancelled meanwhile (a commit in
+    flight cannot be recalled: its caller must learn whether it happened). Returns whether
+    the caller was cancelled; it then re-raises the cancellation itself."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():
+                cancelled = True
+        except BaseException:  # fut failed: the caller reads it from fut
+            pass
+    return cancelled
+
+
+def failure_of(fut: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a done future ended with, cancellation included."""
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()
