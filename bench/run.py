@@ -39,6 +39,9 @@ REPS = {
     "startup.recover": 3,
     "imagetask.claim_finish": 3,
     "stdlib.claim_finish_file": 3,
+    "memory.drain_100k": 1,
+    "imagetask.drain": 3,
+    "asyncio.drain": 3,
 }
 
 #: (label, metric, case, baseline case or None, comparison, bound)
@@ -48,7 +51,18 @@ TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
      "stdlib.submit", ">=", 1.0),
     ("submit from 100 coroutines vs huey enqueue", "ops", "imagetask.submit_concurrent", "huey.enqueue",
      ">", 1.0),
+    ("submit while 16 generations run here vs stdlib one at a time", "ops", "imagetask.submit_busy",
+     "stdlib.submit", ">=", 0.45),
+    ("burst of 1,500 (gather, semaphore 100) vs stdlib one at a time", "ops", "imagetask.burst",
+     "stdlib.submit", ">=", 1.0),
+    ("burst of 1,500 vs huey enqueue", "ops", "imagetask.burst", "huey.enqueue", ">", 1.0),
     ("submit_many(100) vs stdlib one at a time", "ops", "imagetask.submit_many", "stdlib.submit", ">=", 4.0),
+    ("submit_many(100) vs stdlib's own 100-row transaction", "ops", "imagetask.submit_many",
+     "stdlib.submit_batch", ">=", 0.8),
+    ("drain 2,000 (latency 0, C=16) vs a plain asyncio loop", "ops", "imagetask.drain", "asyncio.drain",
+     ">=", 0.8),
+    ("list(limit=50) vs the same SQL in stdlib", "ops", "imagetask.list", "stdlib.list", ">=", 0.5),
+    ("pending(owner) vs the same SQL in stdlib", "ops", "imagetask.pending_1k", "stdlib.pending", ">=", 0.5),
     ("poll vs stdlib (same one-statement read)", "ops", "imagetask.poll", "stdlib.poll", ">=", 0.5),
     ("pending time, 1,000,000 vs 1,000 finished rows", "ops", "imagetask.pending_1k",
      "imagetask.pending_big", "<=", 1.2),
@@ -60,13 +74,14 @@ TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
     ("same-process wake-up p50 (ms)", "p50_us", "wake.same_process", None, "<", 2000),
     ("peak RSS: 1,000,000 / 1,000 finished rows", "rss_peak_mb", "memory.finished_big",
      "memory.finished_1k", "<=", 1.1),
+    ("RSS after 100,000 drained / after the first 10,000", "growth", "memory.drain_100k", None, "<=", 1.1),
 ]  # fmt: skip
 
 
 #: Ratios with no target, shown for context: how close each path is to its own floor.
 REFERENCES: list[tuple[str, str, str]] = [
-    ("submit_many(100) vs stdlib inserting 100 rows in one transaction", "imagetask.submit_many",
-     "stdlib.submit_batch"),
+    ("submit then wait, one after another (latency 0), vs generating + writing by hand",
+     "imagetask.submit_to_wait", "asyncio.generate_write"),
     ("stdlib inserting 100 rows in one transaction vs one at a time", "stdlib.submit_batch", "stdlib.submit"),
     ("submit vs aiosqlite, the same transaction in one thread hop", "imagetask.submit",
      "aiosqlite.submit_one_hop"),
