@@ -118,6 +118,13 @@ def test_the_fast_task_builder_matches_init():
     assert attrs.evolve(built, prompt="q").prompt == "q"
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         built.prompt = "changed"  # type: ignore[misc]
+    # The submit's snapshot builder: the same task, with the fields a new task lacks fixed.
+    from imagetask._models import _build_queued
+
+    unset = {"status", "images", "error", "attempts", "started_at", "finished_at"}
+    queued = _build_queued(**{k: v for k, v in real.items() if k not in unset})
+    assert queued == Task(**{**real, "status": TaskStatus.QUEUED, "images": (), "error": None,
+                             "attempts": 0, "started_at": None, "finished_at": None})  # fmt: skip
 
 
 def test_the_testing_module_exports_the_fault_hook():

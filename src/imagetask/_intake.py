@@ -8,16 +8,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import attrs
-
 from ._exceptions import ConfigError, StoreError, ValidationError
 from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
     StoredImage,
     Task,
-    TaskStatus,
-    _build_task,
+    _build_queued,
     _from_ms,
     _json_object,
     check_request,
@@ -55,7 +52,7 @@ class Intake:
         row = self.make_row(req, datas, task_id=task_id)
         if datas:
             refs = await asyncio.to_thread(self._write_references, row.id, datas)
-            row = attrs.evolve(row, references=tuple(refs))
+            row = row._replace(references=tuple(refs))
         return row
 
     def _write_references(self, task_id: str, datas: tuple[bytes, ...]) -> list[StoredImage]:
@@ -149,24 +146,18 @@ _created_at = functools.lru_cache(maxsize=4)(_from_ms)
 def queued_task(row: SubmitRow, at_ms: int) -> Task:
     """The snapshot of a row just committed, built before any worker is woken: submit
     always answers `queued`, without another read."""
-    return _build_task(
+    return _build_queued(
         id=row.id,
         owner=row.owner,
         prompt=row.prompt,
         model=row.model,
         params=row.params,
-        status=TaskStatus.QUEUED,
-        images=(),
         references=row.references,
-        error=None,
-        attempts=0,
         max_attempts=row.max_attempts,
         cost=row.cost,
         metadata=_json_object(row.metadata_json),
         idempotency_key=row.idempotency_key,
         created_at=_created_at(at_ms),
-        started_at=None,
-        finished_at=None,
     )
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeAlias
 
 import attrs
 
@@ -256,23 +256,31 @@ class TaskEvent:
         )
 
 
-def _task_builder() -> Callable[..., Task]:
-    """A function taking every field of `Task` by keyword that builds it by setting its slots
-    directly. attrs' generated ``__init__`` of a frozen class costs several µs a call, and
-    this is the hot path of every poll; nothing is validated there either way.
+def _task_builder(constants: Mapping[str, str] | None = None) -> Callable[..., Task]:
+    """A function taking every field of `Task` by keyword (but those given in ``constants``:
+    field name -> expression) that builds it by setting its slots directly. attrs' generated
+    ``__init__`` of a frozen class costs several µs a call, and this is the hot path of
+    every poll and submit; nothing is validated there either way.
     `test_the_fast_task_builder_matches_init` keeps the two in step."""
+    constants = constants or {}
     names = [f.name for f in attrs.fields(Task)]
-    namespace: dict[str, Any] = {"new": object.__new__, "Task": Task}
+    namespace: dict[str, Any] = {"new": object.__new__, "Task": Task, "QUEUED": TaskStatus.QUEUED}
     for name in names:
         namespace[f"set_{name}"] = Task.__dict__[name].__set__
-    body = "".join(f"    set_{name}(task, {name})\n" for name in names)
-    source = f"def build(*, {', '.join(names)}):\n    task = new(Task)\n{body}    return task\n"
+    given = ", ".join(name for name in names if name not in constants)
+    body = "".join(f"    set_{name}(task, {constants.get(name, name)})\n" for name in names)
+    source = f"def build(*, {given}):\n    task = new(Task)\n{body}    return task\n"
     exec(source, namespace)  # the same technique attrs uses to generate __init__
     build: Callable[..., Task] = namespace["build"]
     return build
 
 
 _build_task = _task_builder()
+#: The snapshot a submit answers with: the fields a new task has not filled yet are constants.
+_build_queued = _task_builder(
+    {"status": "QUEUED", "images": "()", "error": "None", "attempts": "0", "started_at": "None",
+     "finished_at": "None"}
+)  # fmt: skip
 
 
 for _cls in (Task, TaskError, TaskEvent, StoredImage, TaskStatus):
@@ -400,9 +408,9 @@ class GenerationRequest:
         return cls(**item)
 
 
-@attrs.define
-class CheckedRequest:
-    """A request that passed validation, normalised, with its price and fingerprint."""
+class CheckedRequest(NamedTuple):
+    """A request that passed validation, normalised, with its price and fingerprint (a named
+    tuple: one is made per submitted request)."""
 
     prompt: str
     model: str
@@ -499,7 +507,7 @@ def check_request(
     models: Mapping[str, ModelInfo],
     default_model: str,
     references: tuple[bytes, ...],
-    shapes: dict[Any, tuple[str, int, str]] | None = None,
+    shapes: dict[Any, Any] | None = None,
 ) -> CheckedRequest:
     """Validate one request against a provider's model table.
 
@@ -512,7 +520,12 @@ def check_request(
         ValidationError: naming the first bad field.
     """
     prompt = check_text("prompt", req.prompt, _config.MAX_PROMPT_CHARS, strip=True)
-    owner = check_text("owner", req.owner, _config.MAX_KEY_CHARS, strip=False)
+    owner = req.owner
+    # A batch has few owners: each is checked once (the same string object seen again).
+    if type(owner) is not str or shapes is None or shapes.get(("owner", owner)) is not owner:
+        owner = check_text("owner", owner, _config.MAX_KEY_CHARS, strip=False)
+        if shapes is not None:
+            shapes[("owner", owner)] = owner
     key = req.idempotency_key
     if key is not None:
         key = check_text("idempotency_key", key, _config.MAX_KEY_CHARS, strip=False)

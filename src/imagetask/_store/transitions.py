@@ -160,8 +160,12 @@ _SUBMIT_COLUMNS: dict[str, str] = {
     "updated_at": "now",
     "provider": "row.provider",
 }
+#: Columns whose value is a constant are written as SQL literals, not bound per row.
+_SUBMIT_CONSTANTS = {c: e for c, e in _SUBMIT_COLUMNS.items() if e in ("'queued'", "0")}
+_SUBMIT_BOUND = [c for c in _SUBMIT_COLUMNS if c not in _SUBMIT_CONSTANTS]
 _INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(_SUBMIT_COLUMNS)}) VALUES ({', '.join('?' * len(_SUBMIT_COLUMNS))})"
+    f"INSERT INTO tasks ({', '.join(_SUBMIT_COLUMNS)}) VALUES "
+    f"({', '.join(_SUBMIT_CONSTANTS.get(c, '?') for c in _SUBMIT_COLUMNS)})"
 )
 
 
@@ -169,7 +173,7 @@ def _values_function() -> Callable[[SubmitRow, int], tuple[Any, ...]]:
     """``task_values(row, now)``: the values of `_INSERT_TASK`, generated from
     `_SUBMIT_COLUMNS` (one tuple per row: the bulk insert's hot loop)."""
     namespace: dict[str, Any] = {"params_json": _params_json}
-    values = ", ".join(_SUBMIT_COLUMNS.values())
+    values = ", ".join(_SUBMIT_COLUMNS[c] for c in _SUBMIT_BOUND)
     exec(f"def task_values(row, now):\n    return ({values},)\n", namespace)
     function: Callable[[SubmitRow, int], tuple[Any, ...]] = namespace["task_values"]
     return function
