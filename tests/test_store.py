@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-import attrs
 import pytest
 
 from imagetask import InsufficientCredits, StoreError, TaskManager, TaskStatus, ValidationError
@@ -225,7 +224,7 @@ class TestStoreContract:
         """A submitted task reads back with the row's owner, prompt, model, params, budget,
         cost and key, and its reference images in order."""
         refs = (image(store, "refs/a.png", 0), image(store, "refs/b.png", 1))
-        r = attrs.evolve(row("bob", key="k", prompt="a cat", cost=3, max_attempts=4), references=refs)
+        r = row("bob", key="k", prompt="a cat", cost=3, max_attempts=4)._replace(references=refs)
         await submitted(store, r)
         task = await store.get(r.id)
         assert task is not None
@@ -347,7 +346,7 @@ class TestStoreContract:
         """A Claimed carries the task's owner, prompt, model, params, budget and references,
         with nothing released and no retries yet."""
         refs = (image(store, "refs/r.png"),)
-        r = attrs.evolve(row("bob", prompt="a dog", max_attempts=3), references=refs)
+        r = row("bob", prompt="a dog", max_attempts=3)._replace(references=refs)
         await submitted(store, r)
         (c,), ended, _ = await store.claim("w1", 1, 4, 60)
         assert ended == []
@@ -971,7 +970,7 @@ class TestStoreContract:
         queued or running ones, and answers their count and images' relative paths
         (references included)."""
         run, s, f, q, c = row(), row(), row(), row(), row()
-        s = attrs.evolve(s, references=(image(store, "refs/s-0.png"),))
+        s = s._replace(references=(image(store, "refs/s-0.png"),))
         await submitted(store, run, s, f, q, c)
         await store.claim("w1", 3, 10, 60)  # run, s, f
         assert await store.succeed(
@@ -1024,7 +1023,7 @@ class TestStoreContract:
     async def test_file_state_maps_ids_to_status_and_attempt(self, store):
         """file_state(ids) answers (status, attempt) for each existing id, none for unknown ids,
         and every path the rows of those ids point to (references and outputs)."""
-        s = attrs.evolve(row(), references=(image(store, "refs/s-0.png"),))
+        s = row()._replace(references=(image(store, "refs/s-0.png"),))
         q = row()
         await submitted(store, s, q)
         await store.claim("w1", 1, 4, 60)
