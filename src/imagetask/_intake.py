@@ -26,6 +26,9 @@ from .providers.base import Provider
 
 __all__ = ["Intake", "failure_of", "queued_task", "to_the_end"]
 
+#: How many checks `Intake` remembers before it starts over (request shapes and owners).
+_MAX_CHECKED = 4096
+
 
 class Intake:
     """Prepares the rows of one manager's submits (its provider's models, its image store,
@@ -38,6 +41,10 @@ class Intake:
         self._images = images
         self._max_attempts = max_attempts
         self._charging = charging
+        #: Checks already made (a request shape's model check, an owner's text check), for
+        #: the provider they were made against; see `check_request`. Bounded: cleared when full.
+        self._checked: dict[Any, Any] = {}
+        self._checked_for: Provider | None = None
 
     async def prepare(self, req: GenerationRequest, task_id: str | None = None) -> SubmitRow:
         """Validate, price, and copy reference images: everything before the transaction."""
@@ -72,16 +79,13 @@ class Intake:
         return refs
 
     def make_row(
-        self,
-        req: GenerationRequest,
-        datas: tuple[bytes, ...],
-        shapes: dict[Any, Any] | None = None,
-        task_id: str | None = None,
+        self, req: GenerationRequest, datas: tuple[bytes, ...], task_id: str | None = None
     ) -> SubmitRow:
-        """Validate and price one request (reference images already read) into a row
-        (``shapes``: a cache of model checks shared by one batch, see `check_request`)."""
+        """Validate and price one request (reference images already read) into a row."""
         provider = self._provider()
-        checked = check_request(req, provider.models, provider.default_model, datas, shapes)
+        if provider is not self._checked_for or len(self._checked) > _MAX_CHECKED:
+            self._checked, self._checked_for = {}, provider
+        checked = check_request(req, provider.models, provider.default_model, datas, self._checked)
         if task_id is None:
             task_id = new_task_id()
         return SubmitRow(
@@ -113,7 +117,6 @@ class Intake:
         """`prepare` every request of a `submit_many`; on the first error, the reference
         copies made so far are deleted and the error names the request
         (``requests[3].prompt: ...``)."""
-        shapes: dict[Any, Any] = {}
         rows: list[SubmitRow] = []
         try:
             ids = new_task_ids(len(items))
@@ -121,7 +124,7 @@ class Intake:
                 try:
                     # No reference images: nothing to read or copy, so no thread hop either.
                     rows.append(
-                        self.make_row(item, (), shapes, ids[i])
+                        self.make_row(item, (), ids[i])
                         if not item.images
                         else await self.prepare(item, ids[i])
                     )

@@ -512,9 +512,9 @@ def check_request(
     """Validate one request against a provider's model table.
 
     Reference images must already have been read and checked by the image store
-    (``references``); this checks their count against the model. ``shapes`` caches the
-    model checks across one batch: requests of one shape (model, n, aspect ratio, size,
-    reference count) are checked once.
+    (``references``); this checks their count against the model. ``shapes`` caches checks
+    across calls against the same model table: requests of one shape (model, n, aspect
+    ratio, size, reference count) are checked once, and so is each owner.
 
     Raises:
         ValidationError: naming the first bad field.
