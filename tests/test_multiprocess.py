@@ -199,3 +199,27 @@ async def test_the_watcher_still_looks_now_and_then_when_only_this_process_write
                 break
         done = await waiting
     assert done.status == "cancelled"
+
+
+async def test_the_watcher_backs_off_while_foreign_commits_end_nothing_it_waits_for(db_path):
+    """Foreign commits that end none of the waited tasks do not make the watcher re-read the
+    statuses at its fastest pace: the pause keeps doubling up to poll_interval (here at most
+    about one look per poll_interval, not one per poll_interval / 10)."""
+    import asyncio
+
+    faults = Faults()
+    async with TaskManager(
+        db_path, provider=FakeProvider(), workers=False, poll_interval=0.2, faults=faults
+    ) as tm:
+        task = await tm.submit("waited")
+        other = (await tm.submit("touched elsewhere")).id
+        waiting = asyncio.create_task(tm.wait(task.id, timeout=10))
+        with sqlite3.connect(db_path, isolation_level=None) as conn:
+            for i in range(50):  # a foreign commit every 20 ms for a second
+                conn.execute("UPDATE tasks SET metadata = ? WHERE id = ?", (f'{{"i": {i}}}', other))
+                await asyncio.sleep(0.02)
+            looks = faults.hits["statuses"]
+            conn.execute("UPDATE tasks SET status = 'cancelled' WHERE id = ?", (task.id,))
+        done = await waiting
+    assert done.status == "cancelled"
+    assert looks <= 12, looks  # at the fastest pace it would be about 50

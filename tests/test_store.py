@@ -373,6 +373,20 @@ class TestStoreContract:
         again, _, _ = await store.claim("w2", 10, 2, 60)
         assert again == []
 
+    async def test_claim_finds_other_owners_behind_owners_at_their_cap(self, store):
+        """With owners at their cap ("b" and "d") and many of their tasks queued first, a claim
+        still takes the tasks of every other owner, whether its name sorts before, between
+        or after theirs, oldest first, and nothing more once only capped owners are left."""
+        await store.submit([row("b") for _ in range(30)] + [row("d") for _ in range(30)], atomic=True)
+        first, _, _ = await store.claim("w1", 4, 2, 60)
+        assert sorted(c.owner for c in first) == ["b", "b", "d", "d"]
+        others = [row(owner) for owner in ("e", "a", "c", "bb", "d0")]
+        await store.submit(others, atomic=True)
+        claimed, _, _ = await store.claim("w2", 10, 2, 60)
+        assert [c.id for c in claimed] == [r.id for r in others]  # oldest first, every one
+        again, _, _ = await store.claim("w3", 10, 2, 60)
+        assert again == []
+
     async def test_per_owner_counts_tasks_running_from_earlier_claims(self, store):
         """per_owner counts every running task of the owner, whichever claim (or worker) took
         it, and frees a place when one ends."""
@@ -1280,6 +1294,20 @@ async def test_claim_queries_use_the_partial_indexes(tmp_path, query, index):
     conn.close()
     assert any(index in line for line in plan), plan
     assert not any("TEMP B-TREE" in line for line in plan), plan
+
+
+async def test_the_claim_check_of_other_owners_walks_index_ranges(tmp_path):
+    """The check a claim makes when owners are at their cap searches ranges of the active-rows
+    index (by owner), never the queue."""
+    import imagetask._store.transitions as store_module
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False):
+        pass
+    query = store_module._CLAIMABLE.format(range="owner > ? AND owner < ?")
+    conn = sqlite3.connect(tmp_path / "t.db")
+    plan = [str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + query, ("a", "b", 0, ""))]
+    conn.close()
+    assert any("SEARCH" in line and "tasks_active" in line for line in plan), plan
 
 
 async def test_cancelling_the_committing_caller_strands_no_other_write(tmp_path):

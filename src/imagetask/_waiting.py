@@ -22,12 +22,13 @@ class Waiting:
 
     A transition made in this process signals its waiters at once (`notify`). A commit from
     another process is noticed by the watcher, which runs while anyone waits and asks the
-    store what changed (`TaskStore.changes_since`): nothing (cheap; the pause doubles up to
-    ``poll_interval``), only this process's own commits (their waiters were signalled, so
-    nothing is re-read), or someone else's (the waited tasks' statuses are read, in one
-    snapshot). Even when only this process writes, the watcher looks at least every
-    ``10 * poll_interval`` while anything changes: a safety net, should a transition of
-    this process ever fail to signal.
+    store what changed (`TaskStore.changes_since`): nothing (cheap), only this process's own
+    commits (their waiters were signalled, so nothing is re-read), or someone else's (the
+    waited tasks' statuses are read, in one snapshot). The pause between checks doubles up
+    to ``poll_interval``, and starts again from ``poll_interval / 10`` when a look finds a
+    task that ended elsewhere (more may follow). Even when only this process writes, the
+    watcher looks at least every ``10 * poll_interval`` while anything changes: a safety
+    net, should a transition of this process ever fail to signal.
     """
 
     def __init__(
@@ -159,10 +160,11 @@ class Waiting:
             await asyncio.sleep(interval)
             try:
                 token, seen = await self._store.changes_since(token)
+                # The pause doubles (up to poll_interval) unless a look finds a task ended
+                # elsewhere: then others may follow soon, so the next check comes soon too.
+                interval = min(interval * 2, self._poll_interval)
                 if seen is Changes.NONE:
-                    interval = min(interval * 2, self._poll_interval)
                     continue
-                interval = floor
                 if seen is Changes.OWN and loop.time() - last_look < 10 * self._poll_interval:
                     continue  # only our own commits, whose waiters were signalled
                 last_look = loop.time()
@@ -172,6 +174,7 @@ class Waiting:
                     status = found.get(task_id)
                     if status is None or TaskStatus(status).terminal:
                         self.notify(task_id)
+                        interval = floor
             except ImageTaskError:
                 log.exception("checking the database for changes failed")
                 interval = self._poll_interval

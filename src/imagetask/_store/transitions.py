@@ -4,6 +4,7 @@ any sqlite3 connection (the store's writer, or a test's own)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sqlite3
@@ -291,6 +292,11 @@ def _claim(
         "full": json.dumps(full),
     }  # fmt: skip
     while len(claimed) < limit:
+        # With owners at their cap, first ask whether any other owner has a runnable task:
+        # a few index seeks, where the claim statement would walk every queued row of the
+        # owners at their cap to find nothing (the usual case: one owner, its cap reached).
+        if full and not _claimable_beside(conn, full, now, provider):
+            break
         row = conn.execute(_CLAIM, args).fetchone()
         if row is None:
             break
@@ -318,6 +324,31 @@ def _claim(
     )
     next_run = conn.execute(_NEXT_RUN).fetchone()[0]
     return claimed, ended, next_run
+
+
+_CLAIMABLE = (
+    "SELECT 1 FROM tasks INDEXED BY tasks_active WHERE status IN ('queued', 'running') AND {range}"
+    " AND status = 'queued' AND run_after <= ? AND provider IN ('', ?) LIMIT 1"
+)
+
+
+def _claimable_beside(conn: sqlite3.Connection, full: Sequence[str], now: int, provider: str) -> bool:
+    """Whether an owner not in ``full`` has a runnable task: one range of the active-rows
+    index (ordered by owner) between each two owners of ``full`` (SQLite's text order is the
+    code point order Python sorts by)."""
+    bounds: list[str | None] = [None, *sorted(full), None]
+    for low, high in itertools.pairwise(bounds):
+        terms, args = [], []
+        if low is not None:
+            terms.append("owner > ?")
+            args.append(low)
+        if high is not None:
+            terms.append("owner < ?")
+            args.append(high)
+        query = _CLAIMABLE.format(range=" AND ".join(terms))
+        if conn.execute(query, (*args, now, provider)).fetchone() is not None:
+            return True
+    return False
 
 
 def _reap(
