@@ -607,9 +607,9 @@ _TASK_FIELDS: dict[str, str] = {
     "cost": "cost",
     "metadata": "json_object(metadata)",
     "idempotency_key": "idempotency_key",
-    "created_at": "from_ms(created_at)",
-    "started_at": "None if started_at is None else from_ms(started_at)",
-    "finished_at": "None if finished_at is None else from_ms(finished_at)",
+    "created_at": "fromtimestamp(created_at / 1000, UTC)",
+    "started_at": "None if started_at is None else fromtimestamp(started_at / 1000, UTC)",
+    "finished_at": "None if finished_at is None else fromtimestamp(finished_at / 1000, UTC)",
 }
 _TASK_ROW_COLUMNS = (
     "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
@@ -625,15 +625,18 @@ def _row_decoder() -> Callable[..., Task]:
     if set(_TASK_FIELDS) != {f.name for f in attrs.fields(Task)}:
         raise AssertionError("_TASK_FIELDS must name every field of Task")
     namespace: dict[str, Any] = {
-        "build": _build_task, "json_object": _json_object, "STATUSES": _STATUSES,
-        "TaskError": TaskError, "from_ms": _from_ms,
+        "new": object.__new__, "Task": Task, "json_object": _json_object, "STATUSES": _STATUSES,
+        "TaskError": TaskError, "fromtimestamp": datetime.fromtimestamp, "UTC": UTC,
     }  # fmt: skip
+    for name in _TASK_FIELDS:
+        namespace[f"set_{name}"] = Task.__dict__[name].__set__
     unpack = ", ".join(_TASK_ROW_COLUMNS)
-    fields = "".join(f"        {name}={expr},\n" for name, expr in _TASK_FIELDS.items())
+    # Each field set straight into its slot, as `_build_task` does, without a call between.
+    sets = "".join(f"    set_{name}(task, {expr})\n" for name, expr in _TASK_FIELDS.items())
     source = (
         "def from_row(row, images=(), references=()):\n"
         f"    ({unpack},) = row[:{len(_TASK_ROW_COLUMNS)}]\n"
-        f"    return build(\n{fields}    )\n"
+        f"    task = new(Task)\n{sets}    return task\n"
     )
     exec(source, namespace)
     decoder: Callable[..., Task] = namespace["from_row"]

@@ -64,21 +64,23 @@ def _balance(conn: sqlite3.Connection, owner: str) -> int:
 
 def _select_tasks(
     conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]
-) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+) -> tuple[list[Any], list[sqlite3.Row]]:
+    """The tasks of ``sql`` (rows of `Task._COLUMNS`, the id first) and their images (rows by
+    name), in the caller's transaction."""
     rows = conn.execute(sql, args).fetchall()
     if not rows:
         return rows, []
+    images = conn.cursor()
+    images.row_factory = sqlite3.Row
     if len(rows) == 1:
-        images = conn.execute(
-            "SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (rows[0]["id"],)
-        ).fetchall()
+        images.execute("SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (rows[0][0],))
     else:
-        ids = [r["id"] for r in rows]
-        images = conn.execute(
+        ids = [r[0] for r in rows]
+        images.execute(
             f"SELECT * FROM task_images WHERE task_id IN ({','.join('?' * len(ids))}) ORDER BY role, idx",
             ids,
-        ).fetchall()
-    return rows, images
+        )
+    return rows, images.fetchall()
 
 
 #: Ids per ``IN (...)`` statement: well under SQLite's variable limit (32,766, or 999 before 3.32).

@@ -30,7 +30,7 @@ class Rows:
             return path[len(prefix) :].replace(os.sep, "/")
         return image.path.relative_to(self.images_root).as_posix()
 
-    def tasks(self, result: tuple[list[sqlite3.Row], list[sqlite3.Row]]) -> list[Task]:
+    def tasks(self, result: tuple[list[Any], list[sqlite3.Row]]) -> list[Task]:
         rows, image_rows = result
         outputs: dict[str, list[StoredImage]] = {}
         refs: dict[str, list[StoredImage]] = {}
