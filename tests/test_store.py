@@ -1218,6 +1218,21 @@ async def test_point_read_falls_back_to_the_threaded_reader_when_busy(tmp_path):
         assert faults.hits["get"] == 2  # refused inline, answered by the reader thread
 
 
+async def test_pages_and_pending_fall_back_to_the_threaded_reader_when_busy(tmp_path):
+    """If the loop's read connection reports busy, list() and pending() still answer (through
+    the reader's thread), and a pending set bigger than one inline read is returned whole."""
+    faults = Faults()
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, faults=faults) as tm:
+        tasks = await tm.submit_many([{"prompt": f"p{i}"} for i in range(250)])
+        for operation in ("list", "pending"):
+            faults.fail(operation, sqlite3.OperationalError("database is locked"))
+        assert [t.id for t in await tm.list(limit=10)] == [t.id for t in reversed(tasks[-10:])]
+        assert len(await tm.pending()) == 250  # refused inline, then read whole on the thread
+        assert faults.hits["list"] == 2 and faults.hits["pending"] == 2
+        assert len(await tm.pending()) == 250  # more than fit one inline read: read again whole
+        assert faults.hits["pending"] == 4
+
+
 @pytest.mark.parametrize(
     ("shape", "index", "sorts"),
     [

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from .providers.base import Provider
 
 #: Environment variable naming the data folder (database ``tasks.db`` and ``images/``).
 HOME_ENV = "IMAGETASK_HOME"
@@ -67,3 +71,12 @@ def api_key_from_env() -> str | None:
         if value:
             return value
     return None
+
+
+def default_provider() -> Provider | None:
+    """Gemini when an API key is in the environment, else None (the caller must pass one)."""
+    if api_key_from_env() is None:
+        return None
+    from .providers.gemini import GeminiProvider
+
+    return GeminiProvider()

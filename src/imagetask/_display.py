@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import functools
 import html
 import io
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,13 +119,15 @@ def _ipython_display() -> tuple[Any, Any]:
 def start_gallery(
     load: Callable[[], Awaitable[list[Task]]],
     first: list[Task] | None,
-    schedule: Callable[[Coroutine[Any, Any, None]], Any],
+    loop: asyncio.AbstractEventLoop,
+    running: set[concurrent.futures.Future[None]],
     interval: float = 0.5,
 ) -> None:
     """Display ``first`` as a grid (or a placeholder, when it must be read on the loop), then,
     while any of its tasks is pending, re-read them with ``load`` every ``interval`` seconds
     and update the same output in place (the cell that made it may have finished long
-    before). ``schedule`` runs the refresh on the manager's event loop and keeps it alive."""
+    before). The refresh runs on the manager's event loop ``loop``, kept in ``running``
+    (the manager cancels those when it closes)."""
     display, html_type = _ipython_display()
     placeholder = _STYLE + '<div class="imagetask-grid"><em>loading tasks...</em></div>'
     handle = display(html_type(grid(first) if first is not None else placeholder), display_id=True)
@@ -144,4 +147,6 @@ def start_gallery(
         except Exception:  # the manager closed, the kernel is going away: stop quietly
             log.debug("gallery refresh stopped", exc_info=True)
 
-    schedule(refresh())
+    task = asyncio.run_coroutine_threadsafe(refresh(), loop)
+    running.add(task)
+    task.add_done_callback(running.discard)

@@ -346,6 +346,15 @@ class ImageStore:
                 return
             folder = folder.parent
 
+    def scan_all(self) -> list[tuple[str, Path, int | None]]:
+        """`scan`, listed whole; an unreadable image folder is logged and lists nothing (the
+        caller's rows are pruned all the same; the orphans wait for the next sweep)."""
+        try:
+            return list(self.scan())
+        except OSError as exc:
+            log.warning("prune: cannot list the image folder %s (%s); orphans not swept", self.root, exc)
+            return []
+
     def scan(self) -> Iterator[tuple[str, Path, int | None]]:
         """Every file in the store, temporary ones included: (task id, path, attempt, or None
         for a reference copy)."""

@@ -10,7 +10,7 @@ import enum
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -139,7 +139,7 @@ class TaskManager:
         self.path = db.expanduser().absolute()
         root = Path(images) if images is not None else self.path.parent / _config.IMAGES_DIR
         self.images_root = root.expanduser().absolute()
-        self.provider: Provider | None = provider if provider is not None else _default_provider()
+        self.provider: Provider | None = provider if provider is not None else _config.default_provider()
         self.concurrency = concurrency
         self.per_owner = per_owner
         self.workers = workers
@@ -559,15 +559,8 @@ class TaskManager:
         self._require_open()
         from ._display import start_gallery
 
-        loop = self._loop
-        assert loop is not None
-
-        def schedule(refresh: Coroutine[Any, Any, None]) -> None:
-            task = asyncio.run_coroutine_threadsafe(refresh, loop)
-            self._galleries.add(task)
-            task.add_done_callback(self._galleries.discard)
-
-        start_gallery(lambda: self.list(owner=owner, limit=limit), None, schedule)
+        assert self._loop is not None
+        start_gallery(lambda: self.list(owner=owner, limit=limit), None, self._loop, self._galleries)
 
     # -- cancel, prune --
 
@@ -597,13 +590,7 @@ class TaskManager:
         store = self._require_open()
         count, paths = await store.prune(now_ms() - int(older_than * 1000))
         files = await asyncio.to_thread(self._images.delete, [self._images.absolute(p) for p in paths])
-        try:
-            listing = await asyncio.to_thread(lambda: list(self._images.scan()))
-        except OSError as exc:  # an unreadable image folder: the rows are pruned all the same
-            log.warning(
-                "prune: cannot list the image folder %s (%s); orphans not swept", self.images_root, exc
-            )
-            listing = []
+        listing = await asyncio.to_thread(self._images.scan_all)
         known, referenced = await store.file_state(sorted({entry[0] for entry in listing}))
         orphans = await asyncio.to_thread(self._images.sweep, known, referenced, listing)
         report = PruneReport(tasks=count, files=files, orphans=orphans)
@@ -612,11 +599,3 @@ class TaskManager:
 
 
 TaskManager.__module__ = "imagetask"
-
-
-def _default_provider() -> Provider | None:
-    if _config.api_key_from_env() is None:
-        return None
-    from .providers.gemini import GeminiProvider
-
-    return GeminiProvider()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import attrs
 
@@ -183,12 +183,6 @@ class Task:
     def ok(self) -> bool:
         """True when the task succeeded."""
         return self.status is TaskStatus.SUCCEEDED
-
-    #: The columns the store selects for a task, in that order (see `_TASK_FIELDS`).
-    _COLUMNS: ClassVar[tuple[str, ...]] = ()
-
-    #: Build a task from a row of `_COLUMNS` plus its images (generated below).
-    _from_row: ClassVar[Callable[..., Task]]
 
     def _repr_html_(self) -> str:
         # A card: its images as inline thumbnails, a skeleton while pending, or its error.
@@ -585,63 +579,3 @@ def _check_shape(
         )
     params = {"n": n, "aspect_ratio": req.aspect_ratio, "size": req.size}
     return model_id, info.price_for(req.size) * n, json.dumps(params, sort_keys=True)
-
-
-#: The one place a task column maps to a `Task` field: each field, and the expression over
-#: the columns (by name) that gives its value. The store selects exactly the columns named
-#: here (`Task._COLUMNS`); adding a column means a migration and a line here.
-_TASK_FIELDS: dict[str, str] = {
-    "id": "id",
-    "owner": "owner",
-    "prompt": "prompt",
-    "model": "model",
-    "params": "json_object(params)",
-    "status": "STATUSES[status]",
-    "images": "tuple(images)",
-    "references": "tuple(references)",
-    "error": (
-        "None if error_code is None else TaskError(error_code, error_message or '', bool(error_retryable))"
-    ),
-    "attempts": "attempt - released",  # attempts handed back by a clean close do not count
-    "max_attempts": "max_attempts",
-    "cost": "cost",
-    "metadata": "json_object(metadata)",
-    "idempotency_key": "idempotency_key",
-    "created_at": "fromtimestamp(created_at / 1000, UTC)",
-    "started_at": "None if started_at is None else fromtimestamp(started_at / 1000, UTC)",
-    "finished_at": "None if finished_at is None else fromtimestamp(finished_at / 1000, UTC)",
-}
-_TASK_ROW_COLUMNS = (
-    "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
-    "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
-    "created_at", "started_at", "finished_at", "released",
-)  # fmt: skip
-
-
-def _row_decoder() -> Callable[..., Task]:
-    """``from_row(row, images=(), references=())``: a task from a row of
-    `_TASK_ROW_COLUMNS` (any extra trailing values ignored), generated from `_TASK_FIELDS`
-    so the hot path of every poll reads each column once, by position, without a lookup."""
-    if set(_TASK_FIELDS) != {f.name for f in attrs.fields(Task)}:
-        raise AssertionError("_TASK_FIELDS must name every field of Task")
-    namespace: dict[str, Any] = {
-        "new": object.__new__, "Task": Task, "json_object": _json_object, "STATUSES": _STATUSES,
-        "TaskError": TaskError, "fromtimestamp": datetime.fromtimestamp, "UTC": UTC,
-    }  # fmt: skip
-    for name in _TASK_FIELDS:
-        namespace[f"set_{name}"] = Task.__dict__[name].__set__
-    unpack = ", ".join(_TASK_ROW_COLUMNS)
-    # Each field set straight into its slot, as `_build_task` does, without a call between.
-    sets = "".join(f"    set_{name}(task, {expr})\n" for name, expr in _TASK_FIELDS.items())
-    source = (
-        "def from_row(row, images=(), references=()):\n"
-        f"    ({unpack},) = row[:{len(_TASK_ROW_COLUMNS)}]\n"
-        f"    task = new(Task)\n{sets}    return task\n"
-    )
-    exec(source, namespace)
-    decoder: Callable[..., Task] = namespace["from_row"]
-    return decoder
-
-
-Task._COLUMNS = _TASK_ROW_COLUMNS
-Task._from_row = staticmethod(_row_decoder())

@@ -270,12 +270,9 @@ class SyncTaskManager:
         first = self.list(owner=owner, limit=limit)  # validates, and shows the grid at once
         from ._display import start_gallery
 
-        def schedule(refresh: Coroutine[Any, Any, None]) -> None:
-            task = asyncio.run_coroutine_threadsafe(refresh, self._loop)
-            self._async._galleries.add(task)
-            task.add_done_callback(self._async._galleries.discard)
-
-        start_gallery(lambda: self._async.list(owner=owner, limit=limit), first, schedule)
+        start_gallery(
+            lambda: self._async.list(owner=owner, limit=limit), first, self._loop, self._async._galleries
+        )
 
     def prune(self, older_than: float) -> PruneReport:
         """Same as `TaskManager.prune`, but blocking."""

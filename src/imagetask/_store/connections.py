@@ -66,6 +66,22 @@ def connect_fast(path: Path) -> sqlite3.Connection:
     return conn
 
 
+async def connect_threaded(path: Path) -> aiosqlite.Connection:
+    """An aiosqlite connection (its own thread, a daemon), rows by column name; `configure`
+    sets it up. Raises `StoreError` naming the file when SQLite cannot open it."""
+    conn = aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+    daemonize(conn)
+    try:
+        await conn
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"cannot open the database {path}: {exc}; check that its folder exists, is "
+            "writable, and is not a dangling link"
+        ) from None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 def daemonize(conn: aiosqlite.Connection) -> None:
     """Make a connection's thread a daemon before it starts, so a manager that is never
     closed does not keep the process alive at exit (Python waits for every other thread).

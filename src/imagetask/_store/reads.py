@@ -5,10 +5,9 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from .._models import Task, TaskEvent
+from .._models import TaskEvent
+from .rows import TASK_COLUMNS as _TASK_COLUMNS
 
-_TASK_COLUMNS = Task._COLUMNS
-_N_TASK_COLUMNS = len(_TASK_COLUMNS)
 _SELECT_TASKS = "SELECT " + ", ".join(_TASK_COLUMNS) + " FROM tasks"
 #: A point read in one statement (one snapshot, no explicit transaction): the task's
 #: columns, repeated on each of its image rows (or once, with NULL image columns).
@@ -65,7 +64,7 @@ def _balance(conn: sqlite3.Connection, owner: str) -> int:
 def _select_tasks(
     conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]
 ) -> tuple[list[Any], list[sqlite3.Row]]:
-    """The tasks of ``sql`` (rows of `Task._COLUMNS`, the id first) and their images (rows by
+    """The tasks of ``sql`` (rows of `TASK_COLUMNS`, the id first) and their images (rows by
     name), in the caller's transaction."""
     rows = conn.execute(sql, args).fetchall()
     if not rows:

@@ -10,7 +10,7 @@ import attrs
 
 from .._models import StoredImage
 
-__all__ = ["WOULD_WAIT", "Changes", "Claimed", "SubmitRow", "Submitted"]
+__all__ = ["WOULD_WAIT", "Changes", "Claimed", "SubmitRow", "Submitted", "Versions"]
 
 
 class SubmitRow(NamedTuple):
@@ -81,3 +81,22 @@ class Changes(enum.Enum):
     OWN = "own"
     #: Another process (or another store on the same database) may have committed.
     OTHERS = "others"
+
+
+@attrs.frozen
+class Versions:
+    """The SQLite store's `changes_since` token: the point-read connection's
+    ``data_version``, and the write connections' at the last time others' commits were
+    reported (the baseline moves only then, so a foreign commit is never skipped past)."""
+
+    reader: int
+    writers: tuple[int, ...]
+
+    @staticmethod
+    def compare(seen: Versions | None, reader: int, writers: tuple[int, ...]) -> tuple[Versions, Changes]:
+        """The reader's version moved: whose commit was it? A write connection's version
+        moves only for the *other* connections' commits, so if any of ours is unchanged
+        since the baseline, only this store wrote."""
+        if seen is not None and any(a == b for a, b in zip(writers, seen.writers, strict=True)):
+            return Versions(reader, seen.writers), Changes.OWN
+        return Versions(reader, writers), Changes.OTHERS

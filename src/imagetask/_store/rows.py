@@ -6,13 +6,77 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .._models import StoredImage, Task, TaskList
-from .reads import _N_TASK_COLUMNS
+import attrs
 
-__all__ = ["Rows"]
+from .._models import _STATUSES, StoredImage, Task, TaskError, TaskList, _json_object
+from .records import Claimed
+
+__all__ = ["TASK_COLUMNS", "Rows", "task_from_row"]
+
+#: The one place a task column maps to a `Task` field: each field, and the expression over
+#: the columns (by name) that gives its value. The store selects exactly the columns named
+#: here (`TASK_COLUMNS`); adding a column means a migration and a line here.
+_TASK_FIELDS: dict[str, str] = {
+    "id": "id",
+    "owner": "owner",
+    "prompt": "prompt",
+    "model": "model",
+    "params": "json_object(params)",
+    "status": "STATUSES[status]",
+    "images": "tuple(images)",
+    "references": "tuple(references)",
+    "error": (
+        "None if error_code is None else TaskError(error_code, error_message or '', bool(error_retryable))"
+    ),
+    "attempts": "attempt - released",  # attempts handed back by a clean close do not count
+    "max_attempts": "max_attempts",
+    "cost": "cost",
+    "metadata": "json_object(metadata)",
+    "idempotency_key": "idempotency_key",
+    "created_at": "fromtimestamp(created_at / 1000, UTC)",
+    "started_at": "None if started_at is None else fromtimestamp(started_at / 1000, UTC)",
+    "finished_at": "None if finished_at is None else fromtimestamp(finished_at / 1000, UTC)",
+}
+TASK_COLUMNS = (
+    "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
+    "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
+    "created_at", "started_at", "finished_at", "released",
+)  # fmt: skip
+
+
+def _row_decoder() -> Callable[..., Task]:
+    """``from_row(row, images=(), references=())``: a task from a row of
+    `TASK_COLUMNS` (any extra trailing values ignored), generated from `_TASK_FIELDS`
+    so the hot path of every poll reads each column once, by position, without a lookup."""
+    if set(_TASK_FIELDS) != {f.name for f in attrs.fields(Task)}:
+        raise AssertionError("_TASK_FIELDS must name every field of Task")
+    namespace: dict[str, Any] = {
+        "new": object.__new__, "Task": Task, "json_object": _json_object, "STATUSES": _STATUSES,
+        "TaskError": TaskError, "fromtimestamp": datetime.fromtimestamp, "UTC": UTC,
+    }  # fmt: skip
+    for name in _TASK_FIELDS:
+        namespace[f"set_{name}"] = Task.__dict__[name].__set__
+    unpack = ", ".join(TASK_COLUMNS)
+    # Each field set straight into its slot, as `_build_task` does, without a call between.
+    sets = "".join(f"    set_{name}(task, {expr})\n" for name, expr in _TASK_FIELDS.items())
+    source = (
+        "def from_row(row, images=(), references=()):\n"
+        f"    ({unpack},) = row[:{len(TASK_COLUMNS)}]\n"
+        f"    task = new(Task)\n{sets}    return task\n"
+    )
+    exec(source, namespace)
+    decoder: Callable[..., Task] = namespace["from_row"]
+    return decoder
+
+
+task_from_row = _row_decoder()
+
+_N_TASK_COLUMNS = len(TASK_COLUMNS)
 
 
 class Rows:
@@ -36,7 +100,7 @@ class Rows:
         refs: dict[str, list[StoredImage]] = {}
         for r in image_rows:
             (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self.image(r))
-        return TaskList(Task._from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
+        return TaskList(task_from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
 
     def task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
         """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""
@@ -52,7 +116,22 @@ class Rows:
                     json.loads(provenance) if provenance != "{}" else {},
                 )  # fmt: skip
                 (outputs if role == "output" else refs).append(image)
-        return Task._from_row(first, outputs, refs)
+        return task_from_row(first, outputs, refs)
+
+    def claimed(self, row: sqlite3.Row, refs: list[sqlite3.Row], retries: dict[str, int]) -> Claimed:
+        """A claimed task, as the worker needs it: its request and its reference images."""
+        return Claimed(
+            id=row["id"],
+            owner=row["owner"],
+            prompt=row["prompt"],
+            model=row["model"],
+            params=json.loads(row["params"]),
+            attempt=row["attempt"],
+            max_attempts=row["max_attempts"],
+            released=row["released"],
+            references=tuple(self.image(r) for r in refs),
+            retries=retries,
+        )
 
     def image(self, r: sqlite3.Row) -> StoredImage:
         return StoredImage(

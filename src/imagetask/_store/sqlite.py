@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
-import attrs
 
 from .._dbcheck import check_database
 from .._exceptions import ImageTaskError, StoreError
@@ -32,7 +30,7 @@ from .commit import (
     _read_transaction,
     _settle_outcomes,
 )
-from .connections import configure, connect_fast, connect_inline, daemonize
+from .connections import configure, connect_fast, connect_inline, connect_threaded
 from .reads import (
     _GET_ONE,
     _balance,
@@ -47,7 +45,7 @@ from .reads import (
     list_sql,
     pending_sql,
 )
-from .records import WOULD_WAIT, Changes, Claimed, SubmitRow, Submitted, _WouldWait
+from .records import WOULD_WAIT, Changes, Claimed, SubmitRow, Submitted, Versions, _WouldWait
 from .rows import Rows
 from .schema import MIGRATIONS, migrate
 from .transitions import (
@@ -74,15 +72,6 @@ T = TypeVar("T")
 _now = now_ms
 #: The most rows a read may return on the loop's thread (a page of `list`, a small `pending`).
 _INLINE_READ_ROWS = 200
-
-
-@attrs.frozen
-class _Versions:
-    """A `Store.changes_since` token: the point-read connection's data_version, and the
-    write connections' at the last time others' commits were reported."""
-
-    reader: int
-    writers: tuple[int, ...]
 
 
 class Store:
@@ -158,17 +147,8 @@ class Store:
             raise
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        conn = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
-        daemonize(conn)
+        conn = await connect_threaded(self.path)
         try:
-            await conn
-        except sqlite3.Error as exc:
-            raise StoreError(
-                f"cannot open the database {self.path}: {exc}; check that its folder exists, is "
-                "writable, and is not a dangling link"
-            ) from None
-        try:
-            conn.row_factory = sqlite3.Row
             await self._run(conn, configure, self.path, self.durability, query_only)
         except BaseException:
             await conn.close()
@@ -452,44 +432,11 @@ class Store:
         gone: Callable[[str], bool] | None = None,
         provider: str = "",
     ) -> tuple[list[Claimed], list[str], int | None]:
-        """Take back expired leases, then claim up to ``limit`` runnable tasks.
-
-        Args:
-            worker: The claiming worker's id.
-            limit: Most tasks to claim.
-            per_owner: Most running tasks one owner may have (across every process).
-            lease: Seconds the new leases last, from the moment the transaction runs.
-            held: (id, attempt) of the attempts this worker is running: an expired lease
-                among them is renewed, not taken back (a live worker that stalled, say a
-                blocked loop or a SIGSTOP, keeps its own work).
-            gone: Tells whether the holder of a running task (a worker id) is provably
-                gone; those leases are taken back at once, expired or not. None: only
-                expired leases are taken back.
-            provider: The worker's provider name: only tasks submitted for it (or from
-                before tasks named one) are claimed.
-
-        Returns:
-            (claimed tasks, ids that became terminal while reaping, the earliest
-            ``run_after`` still queued in ms, or None).
-        """
+        """See `TaskStore.claim`; one transaction on the writer's thread."""
         raw, ended, next_run = await self._write(
             _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone, provider
         )
-        claimed = [
-            Claimed(
-                id=row["id"],
-                owner=row["owner"],
-                prompt=row["prompt"],
-                model=row["model"],
-                params=json.loads(row["params"]),
-                attempt=row["attempt"],
-                max_attempts=row["max_attempts"],
-                released=row["released"],
-                references=tuple(self._rows.image(r) for r in refs),
-                retries=retries,
-            )
-            for row, refs, retries in raw
-        ]
+        claimed = [self._rows.claimed(row, refs, retries) for row, refs, retries in raw]
         return claimed, ended, next_run
 
     async def heartbeat(self, worker: str, held: Sequence[tuple[str, int]], lease: float) -> set[str]:
@@ -599,13 +546,10 @@ class Store:
             current = _data_version(self._inline)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
-        seen = token if isinstance(token, _Versions) else None
+        seen = token if isinstance(token, Versions) else None
         if seen is not None and seen.reader == current:
             return seen, Changes.NONE
-        writers = await self._writer_versions()
-        if seen is not None and any(a == b for a, b in zip(writers, seen.writers, strict=True)):
-            return _Versions(current, seen.writers), Changes.OWN
-        return _Versions(current, writers), Changes.OTHERS
+        return Versions.compare(seen, current, await self._writer_versions())
 
     async def _writer_versions(self) -> tuple[int, ...]:
         assert self._writer is not None
