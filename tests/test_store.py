@@ -231,6 +231,10 @@ class TestStoreContract:
         assert (task.owner, task.prompt, task.model, dict(task.params)) == ("bob", "a cat", "fake", {"n": 1})
         assert (task.max_attempts, task.cost, task.idempotency_key) == (4, 3, "k")
         assert task.references == refs and task.images == ()
+        # Every read of a task gives the same record: pages and the pending set too.
+        assert await store.pending("bob") == [task]
+        assert await store.list_tasks("bob", None, 10, None) == [task]
+        assert await store.list_tasks(None, "queued", 10, None) == [task]
 
     @pytest.mark.parametrize("order", ["key_first", "credits_first"])
     async def test_an_atomic_submit_raises_the_first_error_and_writes_nothing(self, store, order):
@@ -598,6 +602,8 @@ class TestStoreContract:
         task = await store.get(r.id)
         assert task is not None and task.status is TaskStatus.SUCCEEDED and task.ok
         assert task.images == tuple(images) and task.error is None and task.finished_at is not None
+        assert await store.list_tasks(None, None, 10, None) == [task]  # a page carries them too
+        assert await store.list_tasks(None, "succeeded", 10, None) == [task]
 
     async def test_terminal_states_never_change(self, store):
         """Once succeeded, a task cannot be failed, cancelled, retried or re-claimed."""

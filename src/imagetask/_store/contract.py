@@ -24,7 +24,8 @@ __all__ = ["TaskStore"]
 
 
 class TaskStore(Protocol):
-    """What a task store offers. Methods raise `StoreError` when the database refuses."""
+    """What a task store offers. Methods raise `StoreError` when the database refuses, and
+    when the store is closed."""
 
     path: Path
     images_root: Path
@@ -60,9 +61,10 @@ class TaskStore(Protocol):
     ) -> tuple[list[Claimed], list[str], int | None]:
         """In one transaction: take back expired leases (and those of provably gone
         holders) except the caller's own ``held`` attempts, which are renewed; then claim up
-        to ``limit`` runnable tasks of ``provider``, oldest first, never past ``per_owner``
-        running for one owner. Returns (claimed, ids that ended while taken back, the earliest
-        ``run_after`` still queued)."""
+        to ``limit`` runnable tasks of ``provider`` (tasks submitted for it, and tasks from
+        before tasks named one, whose provider is ``""``), oldest first, never past
+        ``per_owner`` running for one owner (counted across every worker). Returns (claimed,
+        ids that ended while taken back, the earliest ``run_after`` still queued)."""
         ...
 
     async def heartbeat(self, worker: str, held: Sequence[tuple[str, int]], lease: float) -> set[str]:
@@ -137,15 +139,20 @@ class TaskStore(Protocol):
         ...
 
     async def health(self) -> dict[str, Any]:
-        """Schema version, integrity, WAL size, counts by status, expired leases, and the
-        durability its writes run with (``"normal"`` or ``"full"``)."""
+        """A dict of ``schema_version``, ``integrity`` (``"ok"`` or what the check found),
+        ``wal_bytes`` (a store without a WAL says 0), ``counts`` (tasks by status, only the
+        statuses that have some), ``expired_leases`` and ``durability`` (what its writes
+        run with: ``"normal"`` or ``"full"``)."""
         ...
 
     async def prune(self, before_ms: int) -> tuple[int, list[str]]:
-        """Delete terminal tasks finished before ``before_ms`` (never the ledger); returns
-        (tasks deleted, the relative paths of their image files)."""
+        """Delete terminal tasks finished strictly before ``before_ms``, with their images'
+        rows and events (never the ledger); returns (tasks deleted, the relative paths of
+        their image files, references included)."""
         ...
 
     async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
-        """For the orphan sweep: id -> (status, attempt), and every path a row points to."""
+        """For the orphan sweep, about the given ids only: id -> (status, attempt counter, as
+        stored: released attempts included) for those that exist, and every image path
+        their rows point to."""
         ...

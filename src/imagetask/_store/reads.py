@@ -8,6 +8,9 @@ from typing import Any
 from .._models import TaskEvent
 from .rows import TASK_COLUMNS as _TASK_COLUMNS
 
+_STATUS = _TASK_COLUMNS.index("status")
+_REFS = _TASK_COLUMNS.index("refs")
+
 _SELECT_TASKS = "SELECT " + ", ".join(_TASK_COLUMNS) + " FROM tasks"
 #: A point read in one statement (one snapshot, no explicit transaction): the task's
 #: columns, repeated on each of its image rows (or once, with NULL image columns).
@@ -67,14 +70,16 @@ def _select_tasks(
     """The tasks of ``sql`` (rows of `TASK_COLUMNS`, the id first) and their images (rows by
     name), in the caller's transaction."""
     rows = conn.execute(sql, args).fetchall()
-    if not rows:
+    # Only a succeeded task has output images, and only one with references has those:
+    # a page of queued and running tasks (a pending set) needs no second statement.
+    ids = [r[0] for r in rows if r[_STATUS] == "succeeded" or r[_REFS]]
+    if not ids:
         return rows, []
     images = conn.cursor()
     images.row_factory = sqlite3.Row
-    if len(rows) == 1:
-        images.execute("SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (rows[0][0],))
+    if len(ids) == 1:
+        images.execute("SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (ids[0],))
     else:
-        ids = [r[0] for r in rows]
         images.execute(
             f"SELECT * FROM task_images WHERE task_id IN ({','.join('?' * len(ids))}) ORDER BY role, idx",
             ids,

@@ -45,7 +45,7 @@ _TASK_FIELDS: dict[str, str] = {
 TASK_COLUMNS = (
     "id", "owner", "prompt", "model", "params", "status", "attempt", "max_attempts", "cost",
     "idempotency_key", "metadata", "error_code", "error_message", "error_retryable",
-    "created_at", "started_at", "finished_at", "released",
+    "created_at", "started_at", "finished_at", "released", "refs",
 )  # fmt: skip
 
 
