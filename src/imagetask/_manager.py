@@ -30,14 +30,7 @@ from ._checks import (
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._images import ImageStore
 from ._intake import Intake, failure_of, queued_task, to_the_end
-from ._models import (
-    GenerationRequest,
-    ImageInput,
-    Task,
-    TaskEvent,
-    TaskStatus,
-    now_ms,
-)
+from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
 from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
 from ._waiting import Waiting
