@@ -40,6 +40,7 @@ from common import (
 from imagetask import GenerationRequest, TaskManager
 from imagetask._store.reads import _GET_ONE
 from imagetask.providers import FakeProvider, ImageRequest, ImageResult
+from imagetask.testing import Faults
 
 CASES: dict[str, tuple[str, Callable[[Path, bool], Any]]] = {}
 
@@ -727,39 +728,29 @@ def e2e_makespan(tmp: Path, quick: bool) -> dict[str, float]:
     return asyncio.run(run())
 
 
-def _record_commits(sink: Callable[[str, float], None]) -> None:
-    """Instrument the store: call ``sink(task_id, perf_counter)`` right after a success commits."""
-    import imagetask._store.sqlite as store_module
-    from imagetask._store.transitions import _succeed
-
-    original = store_module._batch_transaction
-
-    def batch(conn: sqlite3.Connection, ops: Any, *rest: Any, **options: Any) -> Any:
-        outcomes = original(conn, ops, *rest, **options)  # returns after COMMIT
-        now = time.perf_counter()
-        for (fn, args), (ok, value) in zip(ops, outcomes, strict=True):
-            if fn is _succeed and ok and value:
-                sink(args[0], now)
-        return outcomes
-
-    store_module._batch_transaction = batch
+def _commit_clock(sink: Callable[[float], None]) -> Faults:
+    """The store's test hook, set to call ``sink(perf_counter)`` on the writer's thread right
+    after each success commits (one task at a time here, so the n-th call is the n-th task)."""
+    faults = Faults()
+    faults.call("succeed", lambda: sink(time.perf_counter()), times=10**9, after_commit=True)
+    return faults
 
 
 @case("wake.same_process", "commit of a success -> wait() returns, same process")
 def wake_same_process(tmp: Path, quick: bool) -> dict[str, float]:
-    commits: dict[str, float] = {}
-    _record_commits(lambda task_id, t: commits.__setitem__(task_id, t))
+    commits: list[float] = []
+    faults = _commit_clock(commits.append)
 
     async def run() -> dict[str, float]:
         samples = []
-        async with TaskManager(tmp / "t.db", provider=NoopProvider(latency=0.005)) as tm:
+        async with TaskManager(tmp / "t.db", provider=NoopProvider(latency=0.005), faults=faults) as tm:
             for i in range(50 if quick else 300):
                 task = await tm.submit(f"p{i}")
                 await tm.wait(task.id)
                 returned = time.perf_counter()
-                while task.id not in commits:  # the recording thread may not have run yet
+                while len(commits) <= i:  # the recording thread may not have run yet
                     await asyncio.sleep(0)
-                samples.append(returned - commits[task.id])
+                samples.append(returned - commits[i])
         return summarize(samples)
 
     return asyncio.run(run())
@@ -768,11 +759,11 @@ def wake_same_process(tmp: Path, quick: bool) -> dict[str, float]:
 _CHILD = """
 import asyncio, sys, time
 sys.path.insert(0, {bench!r})
-from cases import NoopProvider, _record_commits
+from cases import NoopProvider, _commit_clock
 from imagetask import TaskManager
-_record_commits(lambda task_id, t: print(task_id, t, flush=True))
+faults = _commit_clock(lambda t: print(t, flush=True))
 async def main():
-    async with TaskManager({db!r}, provider=NoopProvider(latency=0.005)):
+    async with TaskManager({db!r}, provider=NoopProvider(latency=0.005), faults=faults):
         print("ready", flush=True)
         await asyncio.sleep(3600)
 asyncio.run(main())
@@ -785,15 +776,14 @@ def wake_other_process(tmp: Path, quick: bool) -> dict[str, float]:
     code = _CHILD.format(bench=str(Path(__file__).parent), db=str(db))
     asyncio.run(_touch(db))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    commits: dict[str, float] = {}
+    commits: list[float] = []
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
 
     def read() -> None:
         assert child.stdout is not None
         for line in child.stdout:
-            task_id, t = line.split()
-            commits[task_id] = float(t)
+            commits.append(float(line))
 
     threading.Thread(target=read, daemon=True).start()
 
@@ -804,9 +794,9 @@ def wake_other_process(tmp: Path, quick: bool) -> dict[str, float]:
                 task = await tm.submit(f"p{i}")
                 await tm.wait(task.id, timeout=30)
                 returned = time.perf_counter()
-                while task.id not in commits:
+                while len(commits) <= i:
                     await asyncio.sleep(0.001)
-                samples.append(returned - commits[task.id])
+                samples.append(returned - commits[i])
         return summarize(samples)
 
     try:

@@ -7,8 +7,10 @@
 - ``commit``: batching writes into transactions, answering callers, checkpoints;
 - ``connections``: how each connection is opened and set up;
 - ``rows``: turning rows into `Task` and `StoredImage` records;
-- ``sqlite``: the SQLite store that composes them (connections, group commit, loop-thread
-  commits);
+- ``writer``: the write side, one object: both write connections, group commit, loop-thread
+  commits, the checkpoint schedule;
+- ``sqlite``: the SQLite store that composes them: its read connections, and every method of
+  the contract handed to the writer or run as a read;
 - ``contract``: `TaskStore`, every method the manager and the workers may call, and what each
   promises (the SQLite store implements it; a PostgreSQL store will).
 """

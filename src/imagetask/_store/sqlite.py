@@ -1,10 +1,9 @@
-"""The SQLite store: its connections, group commit, loop-thread commits and checkpoints, and the
-store's methods, each one transaction handed to that machinery."""
+"""The SQLite store: its read connections, and every method of the contract, each one
+transaction handed to the `Writer` or one read."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -17,20 +16,10 @@ from .._dbcheck import check_database
 from .._exceptions import ImageTaskError, StoreError
 from .._models import StoredImage, Task, TaskError, TaskEvent, now_ms
 from .commit import (
-    _CHECKPOINT_PAGES,
     _INLINE_MAX_ROWS,
-    _PAGES_PER_WRITE,
-    _batch_transaction,
-    _checkpoint_file,
-    _checkpoint_quietly,
-    _coalesce,
-    _fail_all,
-    _is_busy,
-    _Queued,
     _read_transaction,
-    _settle_outcomes,
 )
-from .connections import configure, connect_fast, connect_inline, connect_threaded
+from .connections import connect_inline
 from .reads import (
     _GET_ONE,
     _balance,
@@ -41,7 +30,6 @@ from .reads import (
     _health,
     _select_tasks,
     _statuses,
-    _synchronous,
     list_sql,
     pending_sql,
 )
@@ -61,6 +49,7 @@ from .transitions import (
     _submit_rows,
     _succeed,
 )
+from .writer import Writer, connect_configured, run_on
 
 if TYPE_CHECKING:
     from ..testing import Faults
@@ -96,26 +85,11 @@ class Store:
         self.durability = durability
         #: The test hook: faults injected into this store's transactions (None in production).
         self.faults = faults
-        self._writer: aiosqlite.Connection | None = None
+        #: The write side: both write connections, group commit, checkpoints.
+        self._writer = Writer(path, durability, faults)
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
         self._inline: sqlite3.Connection | None = None
-        #: A write connection on the event loop's own thread for small writes while the
-        #: threaded writer is idle: no thread hop. Never waits for a lock, never checkpoints
-        #: (see `_write_small`). None with durability="full" (an fsync per commit).
-        self._fast: sqlite3.Connection | None = None
-        self._fast_commits = 0
-        self._wal_pages = 0
-        #: The bulk of a checkpoint is done; the writer copies the rest after its next commit.
-        self._finish_checkpoint = False
-        #: Small writes waiting for the end of this turn of the event loop.
-        self._small: list[_Queued] = []
-        self._small_rows = 0
-        self._checkpoint: asyncio.Task[None] | None = None
-        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._committer: asyncio.Task[None] | None = None
-        #: A commit is in flight (a caller's own, or the committer task's).
-        self._busy = False
 
     # -- lifecycle --
 
@@ -136,238 +110,35 @@ class Store:
                 f"cannot create the folder of the database {self.path}: {exc.strerror or exc}"
             ) from None
         try:
-            self._writer = await self._connect(query_only=False)
-            await self._run(self._writer, self._migrate)
-            self._reader = await self._connect(query_only=True)
+            await self._writer.open(self._migrate)
+            self._reader = await connect_configured(self.path, self.durability, query_only=True)
             self._inline = connect_inline(self.path)
-            if self.durability == "normal":
-                self._fast = connect_fast(self.path)
         except BaseException:
             await self.close()
             raise
-
-    async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        conn = await connect_threaded(self.path)
-        try:
-            await self._run(conn, configure, self.path, self.durability, query_only)
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         migrate(conn, self.path)
 
     async def close(self) -> None:
         """Finish queued writes, then close the connections (safe to call twice)."""
-        self._flush_small()
-        if self._committer is not None:
-            try:
-                await self._committer
-            except Exception:
-                pass  # its callers got the error
-        if self._checkpoint is not None:
-            with contextlib.suppress(Exception):
-                await self._checkpoint
-        for attr in ("_inline", "_fast"):
-            conn = getattr(self, attr)
-            setattr(self, attr, None)
-            if conn is not None:
-                conn.close()
-        for attr in ("_reader", "_writer"):
-            conn = getattr(self, attr)
-            setattr(self, attr, None)
-            if conn is not None:
-                await conn.close()
+        await self._writer.close()
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
 
-    # -- plumbing --
-
-    async def _run(self, conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread, in one hop.
-
-        aiosqlite has no public way to run a callable on its thread; ``_execute`` is the
-        one private call we depend on (pinned in pyproject.toml).
-        """
-        try:
-            return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
-        except ImageTaskError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
-
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in a write transaction and return its result.
-
-        Group commit: writes that are queued together (concurrent submits, the finishes of
-        attempts that end at once, claims, heartbeats) run in one ``BEGIN IMMEDIATE`` ...
-        ``COMMIT`` on the writer's thread, in one hop, each inside its own savepoint. An
-        operation that raises is rolled back alone and its caller gets the error; every
-        caller is answered only after the commit that holds its changes.
-        """
-        if self._writer is None:
-            raise StoreError("the store is closed")
-        if not self._busy:
-            # The writer is idle: commit this operation at once, in this coroutine (one hop,
-            # no task switch). Its batch is itself alone, so a cancellation of this caller can
-            # strand no one else; writes that arrive meanwhile queue for the committer task.
-            self._busy = True
-            finish, self._finish_checkpoint = self._finish_checkpoint, False
-            try:
-                ((ok, value),) = await self._run(
-                    self._writer, _batch_transaction, [(fn, args)], finish, self.faults
-                )
-            finally:
-                self._busy = False
-                if self._queue:
-                    self._start_committer()
-            self._count_wal(_PAGES_PER_WRITE)
-            if self.faults is not None:
-                self.faults.committed("writer")
-            if not ok:
-                raise (
-                    StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
-                )
-            result: T = value
-            return result
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((fn, args, fut))
-        return await fut  # type: ignore[no-any-return]
-
-    async def _write_small(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
-        """Like `_write`, for a write of a few rows, committed on the event loop's thread.
-
-        Small writes made in the same turn of the event loop are committed together, at
-        the end of that turn, by the fast connection: no thread hop (a WAL commit with
-        synchronous=NORMAL writes pages but does not fsync). They go to the threaded
-        writer's group commit instead when it is busy, when they add up to more than
-        ``_INLINE_MAX_ROWS`` rows (the loop would be held too long), or when another
-        connection holds the lock (the threaded writer may wait for it; the loop must not).
-        """
-        if self._fast is None:
-            return await self._write(fn, *args)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._small.append((fn, args, fut))
-        self._small_rows += rows
-        if len(self._small) == 1:
-            loop.call_soon(self._flush_small)
-        return await fut  # type: ignore[no-any-return]
-
-    def _flush_small(self) -> None:
-        batch, self._small = self._small, []
-        rows, self._small_rows = self._small_rows, 0
-        if not batch:
-            return
-        if self._fast is None or self._busy or rows > _INLINE_MAX_ROWS:
-            self._hand_to_writer(batch)
-            return
-        ops, waiters = _coalesce(batch)
-        try:
-            outcomes = _batch_transaction(self._fast, ops, faults=self.faults)
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):  # another connection holds the lock: wait for it on the thread
-                self._hand_to_writer(batch)
-            else:
-                _fail_all(batch, StoreError(f"{self.path}: {exc}"))
-            return
-        except BaseException as exc:
-            _fail_all(batch, StoreError(f"{self.path}: {exc}") if isinstance(exc, sqlite3.Error) else exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        _settle_outcomes(outcomes, waiters, self.path)
-        self._fast_commits += 1
-        if self.faults is not None:
-            self.faults.committed("loop")
-        # Roughly the pages this commit appended to the WAL: each touched b-tree leaf, once.
-        self._count_wal(_PAGES_PER_WRITE + rows // 4)
-        if self._finish_checkpoint and not self._busy:
-            self._finish_checkpoint = False
-            self._checkpoint = asyncio.create_task(self._finish_checkpoint_now(), name="imagetask-checkpoint")
-
-    def _count_wal(self, pages: int) -> None:
-        """Add an estimate of the pages a commit appended to the WAL; past about 1,000, start
-        a checkpoint (unless one is under way)."""
-        self._wal_pages += pages
-        if self._wal_pages >= _CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
-            self._wal_pages = 0
-            self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="imagetask-checkpoint")
-
-    def _hand_to_writer(self, batch: list[_Queued]) -> None:
-        if self._writer is None:
-            _fail_all(batch, StoreError("the store is closed"))
-            return
-        self._queue.extend(batch)
-        if not self._busy:
-            self._start_committer()
-
-    async def _run_checkpoint(self) -> None:
-        """Copy the WAL back into the database without holding up writes for long.
-
-        First the bulk, on a short-lived connection in a worker thread, while writes go on
-        (a PASSIVE checkpoint takes no lock a writer needs): about 50 ms for 1,000 pages
-        here, mostly two fsyncs. Then the writer copies the few pages that arrived meanwhile
-        (a few ms), right after its next commit, or at once if it is idle: with every frame
-        copied, the next write starts the WAL over from its beginning, so the file stops
-        growing. (SQLite's own automatic checkpoint would do all of it inside a commit.)
-        """
-        try:
-            await asyncio.to_thread(_checkpoint_file, self.path, self.durability)
-        except Exception as exc:
-            log.warning("checkpointing %s failed: %s", self.path, exc)
-            return
-        if self._busy:
-            self._finish_checkpoint = True  # the committer does it after its next batch
-        else:
-            await self._finish_checkpoint_now()
-
-    async def _finish_checkpoint_now(self) -> None:
-        if self._writer is None or self._busy:
-            self._finish_checkpoint = True
-            return
-        self._busy = True
-        try:
-            await self._run(self._writer, _checkpoint_quietly)
-        finally:
-            self._busy = False
-            if self._queue:
-                self._start_committer()
-
-    def _start_committer(self) -> None:
-        self._busy = True
-        self._committer = asyncio.create_task(self._commit_all(), name="imagetask-commit")
-
-    async def _commit_all(self) -> None:
-        try:
-            await self._commit_queued()
-        finally:
-            self._busy = False
-
-    async def _commit_queued(self) -> None:
-        assert self._writer is not None
-        while self._queue:
-            batch, self._queue = self._queue, []
-            ops, waiters = _coalesce(batch)
-            finish, self._finish_checkpoint = self._finish_checkpoint, False
-            try:
-                outcomes = await self._run(self._writer, _batch_transaction, ops, finish, self.faults)
-            except BaseException as exc:
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            _settle_outcomes(outcomes, waiters, self.path)
-            self._count_wal(_PAGES_PER_WRITE * len(batch))
-            if self.faults is not None:
-                self.faults.committed("writer")
+    # -- reads --
 
     async def _read(self, operation: str, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
         if self._reader is None:
             raise StoreError("the store is closed")
-        result: T = await self._run(self._reader, _read_transaction, fn, self.faults, operation, *args)
+        result: T = await run_on(
+            self._reader, self.path, _read_transaction, fn, self.faults, operation, *args
+        )
         self._after_read(operation)
         return result
 
@@ -416,8 +187,8 @@ class Store:
         ]
         pairs = list(zip(rows, refs, strict=True))
         if len(rows) <= _INLINE_MAX_ROWS:
-            return await self._write_small(len(rows), _submit_rows, pairs, atomic)
-        return await self._write(_submit_rows, pairs, atomic)
+            return await self._writer.write_small(len(rows), _submit_rows, pairs, atomic)
+        return await self._writer.write(_submit_rows, pairs, atomic)
 
     # -- worker transitions --
 
@@ -433,7 +204,7 @@ class Store:
         provider: str = "",
     ) -> tuple[list[Claimed], list[str], int | None]:
         """See `TaskStore.claim`; one transaction on the writer's thread."""
-        raw, ended, next_run = await self._write(
+        raw, ended, next_run = await self._writer.write(
             _claim, worker, limit, per_owner, int(lease * 1000), frozenset(held), gone, provider
         )
         claimed = [self._rows.claimed(row, refs, retries) for row, refs, retries in raw]
@@ -443,35 +214,35 @@ class Store:
         """Renew the leases of ``held`` (id, attempt) pairs; return the ids still held."""
         if not held:
             return set()
-        return await self._write(_heartbeat, worker, held, int(lease * 1000))
+        return await self._writer.write(_heartbeat, worker, held, int(lease * 1000))
 
     async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
         """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
         rows = [_image_row(task_id, "output", attempt, self._rows.relative(im), im) for im in images]
-        return await self._write(_succeed, task_id, attempt, worker, rows)
+        return await self._writer.write(_succeed, task_id, attempt, worker, rows)
 
     async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
         """Put a failed attempt back in the queue after ``delay`` seconds."""
-        return await self._write(_retry, task_id, attempt, worker, error, int(delay * 1000))
+        return await self._writer.write(_retry, task_id, attempt, worker, error, int(delay * 1000))
 
     async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
         """Fail a task for good (refunding any charge); False if the attempt lost its claim."""
-        return await self._write(_fail, task_id, attempt, worker, error)
+        return await self._writer.write(_fail, task_id, attempt, worker, error)
 
     async def release(self, task_id: str, attempt: int, worker: str) -> bool:
         """Give a running task back to the queue at once (graceful shutdown); the attempt
         does not count against ``max_attempts``."""
-        return await self._write(_release, task_id, attempt, worker)
+        return await self._writer.write(_release, task_id, attempt, worker)
 
     async def cancel(self, task_id: str, reason: str) -> bool:
         """Cancel a queued or running task (refunding any charge); False if it had ended."""
-        return await self._write_small(1, _cancel, task_id, reason)
+        return await self._writer.write_small(1, _cancel, task_id, reason)
 
     # -- credits --
 
     async def grant(self, owner: str, amount: int) -> int:
         """Add ``amount`` credits (negative to take away); return the new balance."""
-        return await self._write_small(1, _grant, owner, amount)
+        return await self._writer.write_small(1, _grant, owner, amount)
 
     async def balance(self, owner: str) -> int:
         """The owner's balance (0 for an unknown owner)."""
@@ -540,7 +311,7 @@ class Store:
         So if either is unchanged since the baseline, only this store wrote. The baseline
         moves only when OTHERS is answered: a foreign commit is never skipped past.
         """
-        if self._inline is None or self._writer is None:
+        if self._inline is None:
             raise StoreError("the store is closed")
         try:
             current = _data_version(self._inline)
@@ -549,17 +320,7 @@ class Store:
         seen = token if isinstance(token, Versions) else None
         if seen is not None and seen.reader == current:
             return seen, Changes.NONE
-        return Versions.compare(seen, current, await self._writer_versions())
-
-    async def _writer_versions(self) -> tuple[int, ...]:
-        assert self._writer is not None
-        threaded = await self._run(self._writer, _data_version)
-        if self._fast is None:
-            return (threaded,)
-        try:
-            return (threaded, _data_version(self._fast))
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+        return Versions.compare(seen, current, await self._writer.versions())
 
     async def events(self, task_id: str) -> list[TaskEvent]:
         """The event log of one task, oldest first."""
@@ -568,9 +329,7 @@ class Store:
     async def health(self) -> dict[str, Any]:
         """What `TaskManager.health` reports: schema version, integrity, WAL size, counts."""
         found = await self._read("health", _health, _now())
-        if self._writer is None:
-            raise StoreError("the store is closed")
-        synchronous = await self._run(self._writer, _synchronous)
+        synchronous = await self._writer.synchronous()
         found["durability"] = {1: "normal", 2: "full"}.get(synchronous, f"synchronous={synchronous}")
         wal = self.path.with_name(self.path.name + "-wal")
         try:
@@ -589,7 +348,7 @@ class Store:
         """
         count, paths = 0, []
         while True:
-            deleted, batch = await self._write(_prune_batch, before_ms, 500)
+            deleted, batch = await self._writer.write(_prune_batch, before_ms, 500)
             count += deleted
             paths.extend(batch)
             if deleted < 500:
