@@ -494,3 +494,94 @@ async def test_a_killed_holder_not_yet_reaped_is_gone_too(db_path, spawn):
     wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", what="a zombie")
     async with TaskManager(db_path, provider=FakeProvider(), lease=60, poll_interval=0.05) as tm:
         assert (await tm.wait(task_id, timeout=10)).ok
+
+
+# --- the fault hook itself ------------------------------------------------------------------
+
+
+async def test_the_watcher_survives_an_unexpected_error_while_looking(db_path):
+    """An error that is not the database's own (here a planned call raising RuntimeError in
+    the watcher's status read) is logged and the watcher goes on: a waiter still wakes when
+    another connection ends its task."""
+    faults = Faults()
+    async with TaskManager(
+        db_path, provider=FakeProvider(), workers=False, poll_interval=0.1, faults=faults
+    ) as tm:
+        task = await tm.submit("ends elsewhere")
+
+        def boom() -> None:
+            raise RuntimeError("a hook that fails")
+
+        faults.call("statuses", boom)
+        waiting = asyncio.create_task(tm.wait(task.id, timeout=10))
+        await wait_for(lambda: faults.hits["statuses"] >= 1)  # the watcher's first look failed
+        sql(db_path, "UPDATE tasks SET status = 'cancelled' WHERE id = ?", task.id)
+        done = await waiting
+    assert done.status is TaskStatus.CANCELLED and faults.hits["statuses"] >= 2
+
+
+async def test_a_read_hook_raising_a_database_error_reaches_the_caller_as_a_store_error(make_manager):
+    """What a planned call raises after a read reaches the caller as a planned error would: a
+    sqlite3 error as a StoreError."""
+    faults = Faults()
+    tm = await make_manager(workers=False, faults=faults)
+    task = await tm.submit("x")
+
+    def disk_error() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    for operation, read in (("list", lambda: tm.list()), ("events", lambda: tm.events(task.id))):
+        faults.call(operation, disk_error, after_commit=True)
+        with pytest.raises(StoreError, match="disk I/O error"):
+            await read()
+
+
+async def test_a_write_hook_raising_after_commit_fails_only_its_own_caller(make_manager):
+    """A planned call that raises after a shared commit is the outcome of its own operation
+    only: a submit committed in the same transaction is answered as written, and a grant whose
+    hook raises a 'database is locked' error is not written twice."""
+    faults = Faults()
+    tm = await make_manager(workers=False, faults=faults)
+    queued = await tm.submit("to cancel")
+
+    def boom() -> None:
+        raise RuntimeError("after the commit")
+
+    faults.call("cancel", boom, after_commit=True)
+    cancel, submit = await asyncio.gather(
+        tm.cancel(queued.id), tm.submit("beside it"), return_exceptions=True
+    )
+    assert isinstance(cancel, RuntimeError) and not isinstance(submit, BaseException)
+    assert (await tm.poll(queued.id)).status is TaskStatus.CANCELLED  # it did commit
+    assert (await tm.poll(submit.id)).status is TaskStatus.QUEUED
+
+    def locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    faults.call("grant", locked, after_commit=True)
+    with pytest.raises(StoreError):
+        await tm.credits.grant("bob", 5)
+    assert await tm.credits.balance("bob") == 5  # committed once, never re-run
+
+
+@pytest.mark.parametrize(
+    ("plan", "match"),
+    [
+        (lambda f: f.kill("get"), "cannot be killed"),
+        (lambda f: f.kill("sync_folder"), "cannot be killed"),
+        (lambda f: f.fail("write_image", OSError(5, "EIO"), after_commit=True), "after_commit"),
+        (lambda f: f.call("sync_folder", print, after_commit=True), "after_commit"),
+        (lambda f: f.fail("get", "oops"), "error: must be an exception"),
+        (lambda f: f.fail("get", None), "error: must be an exception"),
+        (lambda f: f.fail("nope", ValueError()), "operation: unknown"),
+        (lambda f: f.call("get", 42), "fn: must be callable"),
+    ],
+)
+def test_faults_that_could_never_fire_are_refused_when_planned(plan, match):
+    """A plan that could never fire (a kill where there is no commit, after_commit on a file)
+    or could only fail oddly (an error that is not an exception) is a ValueError naming the
+    argument, and nothing is planned."""
+    faults = Faults()
+    with pytest.raises(ValueError, match=match):
+        plan(faults)
+    assert repr(faults) == "Faults(planned={})"

@@ -391,6 +391,12 @@ class TestStoreContract:
         again, _, _ = await store.claim("w3", 10, 2, 60)
         assert again == []
 
+    async def test_claim_with_per_owner_zero_takes_nothing(self, store):
+        """per_owner 0 lets no owner run anything: a claim takes no task."""
+        await store.submit([row("alice"), row("bob")], atomic=True)
+        claimed, _, _ = await store.claim("w1", 10, 0, 60)
+        assert claimed == []
+
     async def test_per_owner_counts_tasks_running_from_earlier_claims(self, store):
         """per_owner counts every running task of the owner, whichever claim (or worker) took
         it, and frees a place when one ends."""
@@ -802,15 +808,15 @@ class TestStoreContract:
 
     async def test_try_get_would_wait_where_get_waits(self, harness, store):
         """When the read would have to wait for a lock, try_get() says WOULD_WAIT, and get()
-        waits for it and answers the task."""
+        (which may wait) answers the task."""
         r = row()
         await submitted(store, r)
         store.faults = Faults()
         store.faults.fail("get", harness.busy_error())
         assert store.try_get(r.id) is WOULD_WAIT
-        store.faults.fail("get", harness.busy_error())
         task = await store.get(r.id)
         assert task is not None and task.id == r.id
+        assert store.faults.hits["get"] == 2
 
     # -- pending, list_tasks, statuses -------------------------------------------------------
 

@@ -175,6 +175,6 @@ class Waiting:
                     if status is None or TaskStatus(status).terminal:
                         self.notify(task_id)
                         interval = floor
-            except ImageTaskError:
+            except Exception:  # the database refused, a hook raised: look again later
                 log.exception("checking the database for changes failed")
                 interval = self._poll_interval

@@ -43,31 +43,18 @@ import attrs
 
 __all__ = ["OPERATIONS", "Faults"]
 
-#: The operations a fault can be injected into.
-OPERATIONS = frozenset(
-    {
-        "submit",
-        "claim",
-        "heartbeat",
-        "succeed",
-        "retry",
-        "fail",
-        "release",
-        "cancel",
-        "grant",
-        "prune",
-        "get",
-        "pending",
-        "list",
-        "statuses",
-        "events",
-        "balance",
-        "health",
-        "file_state",
-        "write_image",
-        "sync_folder",
-    }
+#: Store transactions: a fault fires inside the transaction or after its commit.
+_TRANSACTIONS = frozenset(
+    {"submit", "claim", "heartbeat", "succeed", "retry", "fail", "release", "cancel", "grant", "prune"}
 )
+#: Store reads: a fault fires before or after the read (there is no commit to die before).
+_READS = frozenset({"get", "pending", "list", "statuses", "events", "balance", "health", "file_state"})
+#: Image files: a fault fires while the file is written (``write_image``, with its
+#: temporary file open) or at the folder's fsync (``sync_folder``).
+_FILES = frozenset({"write_image", "sync_folder"})
+
+#: The operations a fault can be injected into.
+OPERATIONS = _TRANSACTIONS | _READS | _FILES
 
 
 @attrs.define
@@ -108,16 +95,25 @@ class Faults:
             operation: One of `OPERATIONS`.
             error: What to raise: a ``sqlite3.Error`` for a store operation (it reaches the
                 caller as a `StoreError`, like a real database error), an ``OSError`` for
-                ``write_image``.
+                ``write_image`` and ``sync_folder``.
             times: How many runs in a row fail.
-            after_commit: Raise after the transaction committed instead of inside it.
+            after_commit: Raise after the transaction committed (a read: once it read)
+                instead of inside it; store operations only.
         """
+        if not isinstance(error, BaseException):
+            raise ValueError(f"error: must be an exception instance, got {error!r}")
         self._plan(operation, _Planned(error, times, after_commit, kill=False))
 
     def kill(self, operation: str) -> None:
         """SIGKILL this process during the next run of ``operation``: inside the transaction,
         after its statements ran and before it commits (for ``write_image``: with the
-        temporary file open). For crash tests run in a child process."""
+        temporary file open). For crash tests run in a child process; store transactions and
+        ``write_image`` only (a read has no commit to die before)."""
+        if operation in _READS or operation == "sync_folder":
+            raise ValueError(
+                f"operation: {operation!r} cannot be killed before a commit; use one of "
+                f"{', '.join(sorted(_TRANSACTIONS | {'write_image'}))}"
+            )
         self._plan(operation, _Planned(None, 1, after_commit=False, kill=True))
 
     def call(
@@ -141,6 +137,8 @@ class Faults:
             raise ValueError(f"operation: unknown {operation!r}; use one of {', '.join(sorted(OPERATIONS))}")
         if isinstance(planned.times, bool) or not isinstance(planned.times, int) or planned.times < 1:
             raise ValueError(f"times: must be an integer >= 1, got {planned.times!r}")
+        if planned.after_commit and operation in _FILES:
+            raise ValueError(f"after_commit: {operation!r} has no commit; plan it without after_commit")
         with self._lock:
             self._planned[operation].append(planned)
 

@@ -136,7 +136,10 @@ def _batch(
         raise
     if faults is not None:
         for i, (fn, _) in enumerate(ops):
-            error = faults.after_commit(_OPERATIONS[fn])
+            try:
+                error = faults.after_commit(_OPERATIONS[fn])
+            except Exception as exc:  # a planned call raised: this operation's outcome alone
+                error = exc
             if error is not None and outcomes[i][0]:
                 outcomes[i] = (False, error)
     return outcomes

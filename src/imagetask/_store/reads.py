@@ -8,6 +8,8 @@ from typing import Any
 from .._models import TaskEvent
 from .rows import TASK_COLUMNS as _TASK_COLUMNS
 
+#: Ids per ``IN (...)`` statement: well under SQLite's variable limit (32,766, or 999 before 3.32).
+_IN_CHUNK = 500
 _STATUS = _TASK_COLUMNS.index("status")
 _REFS = _TASK_COLUMNS.index("refs")
 
@@ -78,17 +80,19 @@ def _select_tasks(
     images = conn.cursor()
     images.row_factory = sqlite3.Row
     if len(ids) == 1:
-        images.execute("SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (ids[0],))
-    else:
-        images.execute(
-            f"SELECT * FROM task_images WHERE task_id IN ({','.join('?' * len(ids))}) ORDER BY role, idx",
-            ids,
-        )
-    return rows, images.fetchall()
+        return rows, images.execute(
+            "SELECT * FROM task_images WHERE task_id = ? ORDER BY role, idx", (ids[0],)
+        ).fetchall()
+    found: list[sqlite3.Row] = []
+    for start in range(0, len(ids), _IN_CHUNK):  # well under SQLite's variable limit
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found += images.execute(
+            f"SELECT * FROM task_images WHERE task_id IN ({marks}) ORDER BY role, idx", chunk
+        ).fetchall()
+    return rows, found
 
 
-#: Ids per ``IN (...)`` statement: well under SQLite's variable limit (32,766, or 999 before 3.32).
-_IN_CHUNK = 500
 _ACTIVE = frozenset({"queued", "running"})
 
 

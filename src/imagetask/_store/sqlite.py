@@ -83,13 +83,20 @@ class Store:
         self.images_root = images_root
         self._rows = Rows(images_root)
         self.durability = durability
-        #: The test hook: faults injected into this store's transactions (None in production).
-        self.faults = faults
         #: The write side: both write connections, group commit, checkpoints.
         self._writer = Writer(path, durability, faults)
         self._reader: aiosqlite.Connection | None = None
         #: A read-only connection used on the event loop's own thread for point reads.
         self._inline: sqlite3.Connection | None = None
+
+    @property
+    def faults(self) -> Faults | None:
+        """The test hook: faults injected into this store's operations (None in production)."""
+        return self._writer.faults
+
+    @faults.setter
+    def faults(self, faults: Faults | None) -> None:
+        self._writer.faults = faults
 
     # -- lifecycle --
 
@@ -161,16 +168,21 @@ class Store:
             return WOULD_WAIT
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
-        self._after_read(operation)
-        return result
+        return result  # the caller runs `_after_read` once it keeps the result
 
     def _after_read(self, operation: str) -> None:
-        if self.faults is not None:
+        """The test hook's point once a read has answered: a planned error (or whatever a
+        planned call raises) reaches the caller as the database's own error would."""
+        if self.faults is None:
+            return
+        try:
             error = self.faults.after_commit(operation)
-            if isinstance(error, sqlite3.DatabaseError):
-                raise StoreError(f"{self.path}: {error}") from error
-            if error is not None:
-                raise error
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        if isinstance(error, sqlite3.DatabaseError):
+            raise StoreError(f"{self.path}: {error}") from error
+        if error is not None:
+            raise error
 
     # -- submit --
 
@@ -251,12 +263,10 @@ class Store:
     # -- reads --
 
     async def get(self, task_id: str) -> Task | None:
-        """One task by id, or None: one statement, served on the loop's thread when possible."""
-        task = self.try_get(task_id)
-        if task is WOULD_WAIT:  # let the threaded reader wait for the lock
-            rows = await self._read("get", _get_one, task_id)
-            return self._rows.task_from_join(rows) if rows else None
-        return task
+        """One task by id, or None: one statement on the reader's thread, which may wait for
+        a lock (`try_get` is the loop-thread read that never waits; call it first)."""
+        rows = await self._read("get", _get_one, task_id)
+        return self._rows.task_from_join(rows) if rows else None
 
     def try_get(self, task_id: str) -> Task | _WouldWait | None:
         """`get` on the loop's thread, without waiting: `WOULD_WAIT` if SQLite says it would
@@ -281,6 +291,8 @@ class Store:
         found = self._read_small("pending", _select_tasks, f"{sql} LIMIT {_INLINE_READ_ROWS + 1}", args)
         if found is WOULD_WAIT or len(found[0]) > _INLINE_READ_ROWS:
             found = await self._read("pending", _select_tasks, sql, args)
+        else:
+            self._after_read("pending")
         return self._rows.tasks(found)
 
     async def list_tasks(
@@ -294,6 +306,8 @@ class Store:
         )
         if found is WOULD_WAIT:
             found = await self._read("list", _select_tasks, sql, args)
+        else:
+            self._after_read("list")
         return self._rows.tasks(found)
 
     async def statuses(self, ids: Sequence[str]) -> dict[str, str]:

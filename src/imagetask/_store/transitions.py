@@ -285,6 +285,8 @@ def _claim(
     # The per-owner cap: count running tasks once, in this transaction (so across every
     # process), then keep the counts as this loop claims; owners at the cap are skipped by
     # the claim statement itself, so it never tests a count per queued row.
+    if per_owner < 1:  # no owner may run anything
+        limit = 0
     running = dict(conn.execute(_RUNNING_BY_OWNER).fetchall()) if limit > 0 else {}
     full = [owner for owner, count in running.items() if count >= per_owner]
     args = {
