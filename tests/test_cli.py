@@ -220,15 +220,21 @@ def test_ctrl_c_stops_watching_not_the_task(tmp_path):
 
     environ = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imagetask._cli", "--home", str(tmp_path), "generate", "interrupted",
-         "--provider", "fake", "--latency", "30"],
+        # faulthandler: should it hang, SIGABRT below prints where every thread is.
+        [sys.executable, "-X", "faulthandler", "-m", "imagetask._cli", "--home", str(tmp_path),
+         "generate", "interrupted", "--provider", "fake", "--latency", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while " running " not in (cli(tmp_path, "ls").stdout) and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"generate did not stop within 30 s of Ctrl-C; where it was:\n{err[-8000:]}")
     assert proc.returncode == 130, err
     assert "went back to the queue" in err and "--provider fake" in err  # the resume runs the work
     task_id = err.split("imagetask wait ")[1].split()[0]
