@@ -224,6 +224,9 @@ def test_ctrl_c_stops_watching_not_the_task(tmp_path):
         [sys.executable, "-X", "faulthandler", "-m", "imagetask._cli", "--home", str(tmp_path),
          "generate", "interrupted", "--provider", "fake", "--latency", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+        # A shell without job control starts background commands with SIGINT ignored, and
+        # Python keeps an ignored SIGINT ignored: give the command the default a user's has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while " running " not in (cli(tmp_path, "ls").stdout) and time.monotonic() < deadline:
