@@ -1391,7 +1391,9 @@ async def test_the_wal_stays_bounded_under_many_small_submits(tmp_path):
         for i in range(3000):
             await tm.submit(f"prompt {i}")
         wal = Path(str(tm.path) + "-wal")
-        assert wal.stat().st_size < 10 * 2**20, wal.stat().st_size
+        # Half of what it reaches with no checkpoint: on a loaded machine the checkpoint
+        # thread lags the loop's commits and the WAL peaks past 10 MB before it starts over.
+        assert wal.stat().st_size < 16 * 2**20, wal.stat().st_size
         assert len(await tm.list(limit=5)) == 5
 
 
