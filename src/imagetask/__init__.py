@@ -15,6 +15,7 @@ from ._exceptions import InsufficientCredits as InsufficientCredits
 from ._exceptions import ProviderError as ProviderError
 from ._exceptions import StoreError as StoreError
 from ._exceptions import TaskNotFound as TaskNotFound
+from ._exceptions import TooManyPending as TooManyPending
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WaitTimeout as WaitTimeout
 from ._manager import TaskManager as TaskManager
@@ -50,6 +51,7 @@ __all__ = [
     "TaskManager",
     "TaskNotFound",
     "TaskStatus",
+    "TooManyPending",
     "ValidationError",
     "WaitTimeout",
     "__version__",

@@ -102,3 +102,12 @@ def _check_id(task_id: object, field: str = "task_id") -> str:
     if not task_id.isascii() or "\x00" in task_id:  # no task id can be: and SQLite could not take it
         raise ValidationError(field, f"{task_id!r} is not a task id (26 ASCII letters and digits)")
     return task_id
+
+
+def _max_pending(value: object) -> int | None:
+    """``max_pending`` checked: None, or an integer of at least 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("max_pending", f"must be an integer >= 1, or None for no limit; got {value!r}")
+    return value

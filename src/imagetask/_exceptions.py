@@ -8,6 +8,7 @@ them all; each also mixes in the builtin a caller would naturally catch::
     ├── ConfigError                       the manager or a provider is misconfigured
     ├── TaskNotFound (LookupError)        no task has that id
     ├── InsufficientCredits               the owner cannot pay for the task; nothing was written
+    ├── TooManyPending                    the owner has max_pending unfinished tasks; nothing was written
     ├── WaitTimeout (TimeoutError)        wait() gave up; the task keeps running
     ├── ProviderError                     one generation call failed (code, retryable)
     └── StoreError                        the database is unusable (corrupt, too new, locked)
@@ -22,6 +23,7 @@ __all__ = [
     "ProviderError",
     "StoreError",
     "TaskNotFound",
+    "TooManyPending",
     "ValidationError",
     "WaitTimeout",
 ]
@@ -71,6 +73,26 @@ class InsufficientCredits(ImageTaskError):
         self.balance = balance
 
 
+class TooManyPending(ImageTaskError):
+    """The owner already has ``limit`` unfinished (queued or running) tasks; nothing was
+    written. Checked inside the submit's transaction, so two processes cannot both pass it.
+
+    Attributes:
+        owner: Whose tasks.
+        pending: How many of them were unfinished.
+        limit: The ``max_pending`` the submit was given.
+    """
+
+    def __init__(self, owner: str, pending: int, limit: int) -> None:
+        super().__init__(
+            f"owner {owner!r} has {pending} unfinished task(s), the limit (max_pending) is {limit}; "
+            "submit again once some have finished"
+        )
+        self.owner = owner
+        self.pending = pending
+        self.limit = limit
+
+
 class WaitTimeout(ImageTaskError, TimeoutError):
     """``wait()`` ran out of time; the task itself keeps running."""
 
@@ -118,6 +140,7 @@ for _cls in (
     ProviderError,
     StoreError,
     TaskNotFound,
+    TooManyPending,
     ValidationError,
     WaitTimeout,
 ):

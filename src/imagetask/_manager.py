@@ -26,6 +26,7 @@ from ._checks import (
     _check_path,
     _check_seconds,
     _iterable,
+    _max_pending,
 )
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._images import ImageStore
@@ -296,6 +297,7 @@ class TaskManager:
         owner: str = _config.DEFAULT_OWNER,
         idempotency_key: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        max_pending: int | None = None,
     ) -> Task:
         """Record a generation request and return it queued, without calling the provider.
 
@@ -312,10 +314,14 @@ class TaskManager:
             idempotency_key: Re-submitting the same request with the same key returns
                 the first task and charges nothing more.
             metadata: Your own JSON-able data, stored and returned untouched.
+            max_pending: Refuse the task when its owner already has this many unfinished
+                (queued or running) tasks; counted in the submit's transaction, so two
+                processes cannot both pass it. None: no limit.
 
         Raises:
             ValidationError: naming the bad field; nothing is written.
             InsufficientCredits: credits are on and the owner cannot pay; nothing is written.
+            TooManyPending: the owner is at ``max_pending``; nothing is written.
             ConfigError: the manager has no provider to validate against.
         """
         request = GenerationRequest(
@@ -330,7 +336,10 @@ class TaskManager:
             metadata=metadata,
         )
         self._require_open()
+        limit = _max_pending(max_pending)
         row = await self._intake.prepare(request)
+        if limit is not None:
+            row = row._replace(max_pending=limit)
         if not row.references:
             return await self._after_submit(row, await self._enqueue(row))
         # Its reference files may be deleted only if the row was not written, so a cancelled
@@ -347,7 +356,7 @@ class TaskManager:
         return task
 
     async def submit_many(
-        self, requests: Iterable[GenerationRequest | Mapping[str, Any]]
+        self, requests: Iterable[GenerationRequest | Mapping[str, Any]], *, max_pending: int | None = None
     ) -> builtins.list[Task]:
         """Submit many requests in one transaction: all are written, or none.
 
@@ -355,6 +364,7 @@ class TaskManager:
 
         Args:
             requests: ``GenerationRequest`` objects or dicts of ``submit``'s arguments.
+            max_pending: As in `submit`, for each owner, counting the batch's own tasks.
 
         Returns:
             The tasks, in the order of ``requests``.
@@ -362,10 +372,14 @@ class TaskManager:
         Raises:
             ValidationError: naming the request and field (``requests[3].prompt: ...``).
             InsufficientCredits: an owner cannot pay for its share; nothing is written.
+            TooManyPending: an owner would pass ``max_pending``; nothing is written.
         """
         store = self._require_open()
+        limit = _max_pending(max_pending)
         items = [GenerationRequest._coerce(item, i) for i, item in enumerate(_iterable("requests", requests))]
         rows = await self._intake.prepare_many(items)
+        if limit is not None:
+            rows = [row._replace(max_pending=limit) for row in rows]
         write = asyncio.ensure_future(store.submit(rows, atomic=True))
         cancelled = await to_the_end(write)
         failure = failure_of(write)

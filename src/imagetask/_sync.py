@@ -205,18 +205,21 @@ class SyncTaskManager:
         owner: str = _config.DEFAULT_OWNER,
         idempotency_key: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        max_pending: int | None = None,
     ) -> Task:
         """Same as `TaskManager.submit`, but blocking."""
         return self._call(
             self._async.submit(
                 prompt, n=n, model=model, aspect_ratio=aspect_ratio, size=size, images=images,
-                owner=owner, idempotency_key=idempotency_key, metadata=metadata,
+                owner=owner, idempotency_key=idempotency_key, metadata=metadata, max_pending=max_pending,
             )
         )  # fmt: skip
 
-    def submit_many(self, requests: Iterable[GenerationRequest | Mapping[str, Any]]) -> builtins.list[Task]:
+    def submit_many(
+        self, requests: Iterable[GenerationRequest | Mapping[str, Any]], *, max_pending: int | None = None
+    ) -> builtins.list[Task]:
         """Same as `TaskManager.submit_many`, but blocking."""
-        return self._call(self._async.submit_many(builtins.list(requests)))
+        return self._call(self._async.submit_many(builtins.list(requests), max_pending=max_pending))
 
     def poll(self, task_id: str) -> Task:
         """Same as `TaskManager.poll`, but blocking."""

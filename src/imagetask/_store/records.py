@@ -35,6 +35,9 @@ class SubmitRow(NamedTuple):
     params_json: str | None = None
     #: The name of the provider that validated it: only workers of that provider run it.
     provider: str = ""
+    #: Refuse the row (`TooManyPending`) when its owner already has this many unfinished
+    #: tasks, counted in the submit's transaction; None: no limit.
+    max_pending: int | None = None
 
 
 @attrs.frozen

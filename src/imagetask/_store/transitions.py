@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import _config
-from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, ValidationError
+from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooManyPending, ValidationError
 from .._models import StoredImage, TaskError, now_ms
 from .reads import _balance
 from .records import SubmitRow, Submitted
@@ -112,8 +112,9 @@ def _submit_rows(
 
 
 def _can_fail(row: SubmitRow) -> bool:
-    """Whether a submit can fail on its own: a key may be taken, a balance may be short."""
-    return row.idempotency_key is not None or (row.charge and row.cost > 0)
+    """Whether a submit can fail on its own: a key may be taken, a balance may be short, the
+    owner may have too many unfinished tasks."""
+    return row.idempotency_key is not None or (row.charge and row.cost > 0) or row.max_pending is not None
 
 
 def _insert_plain(
@@ -197,6 +198,14 @@ def _submit_one(conn: sqlite3.Connection, row: SubmitRow, refs: list[tuple[Any, 
                     f"different request (task {found['id']}); use a new key for a new request",
                 )
             return Submitted(found["id"], created=False, at=now)
+    if row.max_pending is not None:
+        # Counted inside this transaction (rows of the same batch included): two processes
+        # submitting for one owner at once cannot both pass the limit.
+        pending = conn.execute(
+            "SELECT count(*) FROM tasks WHERE owner = ? AND status IN ('queued', 'running')", (row.owner,)
+        ).fetchone()[0]
+        if pending >= row.max_pending:
+            raise TooManyPending(row.owner, pending, row.max_pending)
     if row.charge and row.cost > 0:
         paid = conn.execute(
             "UPDATE accounts SET balance = balance - ?, updated_at = ?"
