@@ -30,6 +30,8 @@ from ._records import Health as Health
 from ._records import PruneReport as PruneReport
 from ._sync import SyncCredits as SyncCredits
 from ._sync import SyncTaskManager as SyncTaskManager
+from ._tokens import TokenInfo as TokenInfo
+from ._tokens import Tokens as Tokens
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,8 @@ __all__ = [
     "TaskManager",
     "TaskNotFound",
     "TaskStatus",
+    "TokenInfo",
+    "Tokens",
     "TooManyPending",
     "ValidationError",
     "WaitTimeout",

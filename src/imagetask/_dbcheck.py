@@ -42,6 +42,7 @@ _PRIORITY = (
     "accounts",
     "tasks",
     "ledger",
+    "tokens",
     "task_images",
     "task_events",
 )

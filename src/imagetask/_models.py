@@ -219,6 +219,9 @@ class TaskEvent:
         detail: Why, where there is more to say: the error code and message of a retry or a
             failure, ``holder_gone`` for a lease taken back from a dead process, the reason
             of a cancel.
+        seq: Its place in the database's event log: it grows with every event of every task,
+            so "the events after ``seq``" resumes a feed (`TaskManager.watch`).
+        owner: The task's owner.
     """
 
     task_id: str
@@ -228,6 +231,8 @@ class TaskEvent:
     status: TaskStatus
     worker: str | None = None
     detail: str | None = None
+    seq: int = 0
+    owner: str = ""
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> TaskEvent:
@@ -240,6 +245,7 @@ class TaskEvent:
             status=_STATUSES[row["status"]],
             worker=row["worker"],
             detail=row["detail"],
+            seq=row["id"],
         )
 
     def _repr_html_(self) -> str:

@@ -9,8 +9,8 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 from ._exceptions import ImageTaskError, TaskNotFound, WaitTimeout
-from ._models import Task, TaskStatus
-from ._store import Changes, TaskStore
+from ._models import Task, TaskEvent, TaskStatus
+from ._store import WOULD_WAIT, Changes, TaskStore
 
 __all__ = ["Waiting"]
 
@@ -39,18 +39,24 @@ class Waiting:
         self._poll_interval = poll_interval
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        #: Set by every local terminal transition, for the feeds (`feed`).
+        self._changed = asyncio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._waiters)
 
     def notify(self, task_id: str) -> None:
         """Wake whoever waits for ``task_id`` (it reached a terminal state here)."""
+        self._changed.set()
         for fut in self._waiters.pop(task_id, ()):
             if not fut.done():
                 fut.set_result(None)
 
     async def close(self) -> None:
-        """Stop the watcher; every waiter raises `ImageTaskError`."""
+        """Stop the watcher; every waiter raises `ImageTaskError`; feeds end."""
+        self._closed = True
+        self._changed.set()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,6 +149,35 @@ class Waiting:
         finally:
             for task_id in list(futures):
                 unlisten(task_id)
+
+    async def feed(
+        self, after: int | None, owner: str | None, batch: int = 200
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Every event after ``after`` (None: from now on), as it commits (see `TaskManager.watch`).
+
+        A terminal transition made here wakes the feed at once; other commits (claims,
+        other processes) are found by looking again after a pause that doubles from
+        ``poll_interval / 10`` up to ``poll_interval`` and starts again after each find.
+        """
+        floor = self._poll_interval / 10
+        pause = floor
+        last = await self._store.last_event() if after is None else after
+        while not self._closed:
+            self._changed.clear()
+            found = self._store.try_events_after(last, owner, batch)
+            if found is WOULD_WAIT:
+                found = await self._store.events_after(last, owner, batch)
+            for event in found:
+                last = event.seq
+                yield event
+            if len(found) == batch:
+                continue
+            if found:
+                pause = floor
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._changed.wait()
+            pause = min(pause * 2, self._poll_interval)
 
     def _ensure_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():

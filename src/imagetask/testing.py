@@ -16,9 +16,10 @@ it went through. `Faults` injects those at named points of a manager's store::
 Operations (the names `fail`, `kill` and `call` take):
 
 - store transactions: ``submit``, ``claim``, ``heartbeat``, ``succeed``, ``retry``,
-  ``fail``, ``release``, ``cancel``, ``grant``, ``prune``;
+  ``fail``, ``release``, ``cancel``, ``grant``, ``prune``, ``tokens`` (creating or revoking
+  API tokens);
 - store reads: ``get``, ``pending``, ``list``, ``statuses``, ``events``, ``balance``,
-  ``health``, ``file_state``;
+  ``health``, ``file_state``, ``token`` (an API token's lookup), ``feed`` (the event feed);
 - ``write_image``: writing one image file (a generated image or a reference copy), after
   its temporary file was opened; ``sync_folder``: the fsync of an image's folder after the
   rename that made it visible (``durability="full"`` only).
@@ -45,10 +46,24 @@ __all__ = ["OPERATIONS", "Faults"]
 
 #: Store transactions: a fault fires inside the transaction or after its commit.
 _TRANSACTIONS = frozenset(
-    {"submit", "claim", "heartbeat", "succeed", "retry", "fail", "release", "cancel", "grant", "prune"}
+    {
+        "submit",
+        "claim",
+        "heartbeat",
+        "succeed",
+        "retry",
+        "fail",
+        "release",
+        "cancel",
+        "grant",
+        "prune",
+        "tokens",
+    }
 )
 #: Store reads: a fault fires before or after the read (there is no commit to die before).
-_READS = frozenset({"get", "pending", "list", "statuses", "events", "balance", "health", "file_state"})
+_READS = frozenset(
+    {"get", "pending", "list", "statuses", "events", "balance", "health", "file_state", "token", "feed"}
+)
 #: Image files: a fault fires while the file is written (``write_image``, with its
 #: temporary file open) or at the folder's fsync (``sync_folder``).
 _FILES = frozenset({"write_image", "sync_folder"})

@@ -25,6 +25,7 @@ from .. import (
     default_home,
 )
 from . import _commands as commands
+from . import _web as web
 from ._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
@@ -146,6 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=_seconds, default=30.0, help="seconds to let attempts finish (30)")
     _work_options(p)
     p.set_defaults(func=commands.worker)
+
+    p = sub.add_parser("serve", help="run the web app: JSON API, live page, event stream (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run generations in this process (default); --no-workers when `imagetask worker` runs them",
+    )
+    p.add_argument("--concurrency", type=_positive, default=4, help="generations at once (default 4)")
+    p.add_argument("--per-owner", type=_positive, default=4, help="running per owner (default 4)")
+    p.add_argument(
+        "--max-pending", type=_positive, default=100, help="unfinished tasks per owner before 429 (100)"
+    )
+    p.add_argument("--credits", action="store_true", help="charge each task's cost to its owner")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request"
+    )
+    _work_options(p)
+    p.set_defaults(func=web.serve)
+
+    p = sub.add_parser("token", help="API tokens of the web app: create (shown once), revoke, list")
+    p.add_argument("action", choices=["create", "revoke", "list"])
+    p.add_argument("target", nargs="?", help="create: the OWNER; revoke: the token or its id; list: an owner")
+    p.add_argument("--label", help="create: a note to tell tokens apart ('ci', 'laptop')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=web.token)
 
     p = sub.add_parser(
         "demo",

@@ -26,6 +26,7 @@ from .. import (
     __version__,
     default_home,
 )
+from .._jsonout import iso_time
 from ..providers import GEMINI_MODELS, FakeProvider, GeminiProvider, Provider
 from . import _output
 from ._sheet import write_sheet
@@ -159,7 +160,7 @@ async def events(args: argparse.Namespace) -> int:
         print(f"no transitions yet: the task is queued, waiting for a worker ({args.id})", file=sys.stderr)
     for e in found:
         detail = f"  {e.detail}" if e.detail else ""
-        print(f"{_output._time(e.at)}  {e.kind:<13} attempt {e.attempt}  -> {e.status.value}{detail}")
+        print(f"{iso_time(e.at)}  {e.kind:<13} attempt {e.attempt}  -> {e.status.value}{detail}")
     return EXIT_OK
 
 

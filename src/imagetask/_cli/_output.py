@@ -5,69 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
-from .. import Task, TaskEvent
+from .. import Task
+from .._jsonout import event_json, task_json
+from .._jsonout import iso_time as _time
 
 __all__ = ["describe", "dump_json", "event_json", "task_json", "task_line"]
-
-
-def _time(value: datetime | None) -> str | None:
-    """An ISO 8601 UTC time with milliseconds and a ``Z``, as JSON readers expect."""
-    if value is None:
-        return None
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def task_json(task: Task) -> dict[str, Any]:
-    """A task as a JSON object: `Task`'s field names, times as ISO 8601 UTC strings."""
-
-    def image(im: Any) -> dict[str, Any]:
-        return {
-            "path": str(im.path),
-            "mime": im.mime,
-            "width": im.width,
-            "height": im.height,
-            "sha256": im.sha256,
-            "size": im.size,
-        }
-
-    error = task.error
-    return {
-        "id": task.id,
-        "owner": task.owner,
-        "prompt": task.prompt,
-        "model": task.model,
-        "params": dict(task.params),
-        "status": task.status.value,
-        "images": [image(im) for im in task.images],
-        "references": [image(im) for im in task.references],
-        "error": None
-        if error is None
-        else {"code": error.code, "message": error.message, "retryable": error.retryable},
-        "attempts": task.attempts,
-        "max_attempts": task.max_attempts,
-        "cost": task.cost,
-        "metadata": dict(task.metadata),
-        "idempotency_key": task.idempotency_key,
-        "created_at": _time(task.created_at),
-        "started_at": _time(task.started_at),
-        "finished_at": _time(task.finished_at),
-    }
-
-
-def event_json(event: TaskEvent) -> dict[str, Any]:
-    """An event as a JSON object: `TaskEvent`'s field names."""
-    return {
-        "task_id": event.task_id,
-        "at": _time(event.at),
-        "kind": event.kind,
-        "attempt": event.attempt,
-        "status": event.status.value,
-        "worker": event.worker,
-        "detail": event.detail,
-    }
 
 
 def dump_json(value: Any) -> None:

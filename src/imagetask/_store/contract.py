@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._exceptions import ImageTaskError
 from .._models import StoredImage, Task, TaskError, TaskEvent
 from .records import Changes, Claimed, SubmitRow, Submitted, _WouldWait
+from .tokens import TokenRow
 
 if TYPE_CHECKING:
     from ..testing import Faults
@@ -155,4 +156,44 @@ class TaskStore(Protocol):
         """For the orphan sweep, about the given ids only: id -> (status, attempt counter, as
         stored: released attempts included) for those that exist, and every image path
         their rows point to."""
+        ...
+
+    # -- the web door: API tokens, and the event feed --
+
+    async def add_token(self, token_id: str, owner: str, digest: str, label: str | None) -> int:
+        """Store a token's id and digest (never the token itself); returns its creation time
+        (ms). A taken id raises (ids are random: the caller makes a new one)."""
+        ...
+
+    def try_token(self, token_id: str) -> TokenRow | _WouldWait | None:
+        """The token row (id, owner, digest, label, created_at ms, revoked_at ms or None)
+        read on the caller's thread without waiting, `WOULD_WAIT`, or None when unknown.
+        Asked once per web request, so it must cost a point read at most."""
+        ...
+
+    async def token(self, token_id: str) -> TokenRow | None:
+        """`try_token`, as a read that may wait."""
+        ...
+
+    async def tokens(self, owner: str | None) -> list[TokenRow]:
+        """Every token row (of ``owner``, if named), revoked ones included, oldest first."""
+        ...
+
+    async def revoke_tokens(self, token_id: str | None, owner: str | None) -> int:
+        """Mark one token (by id) or every live token of ``owner`` revoked; how many were."""
+        ...
+
+    def try_events_after(self, after: int, owner: str | None, limit: int) -> list[TaskEvent] | _WouldWait:
+        """Up to ``limit`` events with ``seq`` above ``after``, in commit order, of
+        ``owner``'s tasks only when named, each with its ``seq`` and ``owner`` set; read on
+        the caller's thread without waiting (`WOULD_WAIT`: use `events_after`). ``seq``
+        only grows: an event committed later never has a lower one."""
+        ...
+
+    async def events_after(self, after: int, owner: str | None, limit: int) -> list[TaskEvent]:
+        """`try_events_after`, as a read that may wait."""
+        ...
+
+    async def last_event(self) -> int:
+        """The highest ``seq`` so far (0 when there is no event)."""
         ...

@@ -124,11 +124,27 @@ _V3 = ["CREATE INDEX tasks_status ON tasks (status, id)"]
 # offline provider is never sent (and billed) to Gemini. '' (tasks from before): any worker.
 _V4 = ["ALTER TABLE tasks ADD COLUMN provider TEXT NOT NULL DEFAULT ''"]
 
+# API tokens of the web door: only a digest of each is kept; revoked ones stay, marked.
+_V5 = [
+    """
+    CREATE TABLE tokens (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        digest     TEXT NOT NULL,
+        label      TEXT,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    )
+    """,
+    "CREATE INDEX tokens_owner ON tokens (owner, created_at)",
+]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "tasks, images, events, accounts, ledger", _V1),
     (2, "tasks.released: attempts handed back at shutdown", _V2),
     (3, "tasks_status index: reads by status, newest first", _V3),
     (4, "tasks.provider: only that provider's workers run a task", _V4),
+    (5, "tokens: digests of the web door's API tokens", _V5),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

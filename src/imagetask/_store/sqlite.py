@@ -36,6 +36,7 @@ from .reads import (
 from .records import WOULD_WAIT, Changes, Claimed, SubmitRow, Submitted, Versions, _WouldWait
 from .rows import Rows
 from .schema import MIGRATIONS, migrate
+from .tokens import TokenRow, _add_token, _events_after, _last_event, _revoke_tokens, _token, _tokens
 from .transitions import (
     _cancel,
     _claim,
@@ -371,3 +372,43 @@ class Store:
     async def file_state(self, task_ids: Sequence[str]) -> tuple[dict[str, tuple[str, int]], set[str]]:
         """For the image sweep: (id -> (status, attempt)) and every referenced path."""
         return await self._read("file_state", _file_state, list(task_ids))
+
+    # -- the web door: API tokens, and the event feed --
+
+    async def add_token(self, token_id: str, owner: str, digest: str, label: str | None) -> int:
+        """Store a token's digest; returns when it was created (ms)."""
+        return await self._writer.write_small(1, _add_token, token_id, owner, digest, label)
+
+    def try_token(self, token_id: str) -> TokenRow | _WouldWait | None:
+        """One token row, read on the loop's thread (`WOULD_WAIT` if that would wait)."""
+        found = self._read_small("token", _token, token_id)
+        if found is not WOULD_WAIT:
+            self._after_read("token")
+        return found
+
+    async def token(self, token_id: str) -> TokenRow | None:
+        """One token row, on the reader's thread."""
+        return await self._read("token", _token, token_id)
+
+    async def tokens(self, owner: str | None) -> list[TokenRow]:
+        """Every token row (of ``owner``), oldest first."""
+        return await self._read("token", _tokens, owner)
+
+    async def revoke_tokens(self, token_id: str | None, owner: str | None) -> int:
+        """Revoke one token by id, or every live one of ``owner``."""
+        return await self._writer.write_small(1, _revoke_tokens, token_id, owner)
+
+    def try_events_after(self, after: int, owner: str | None, limit: int) -> list[TaskEvent] | _WouldWait:
+        """Events after ``after``, on the loop's thread (up to 200 at a time)."""
+        found = self._read_small("feed", _events_after, after, owner, min(limit, _INLINE_READ_ROWS))
+        if found is not WOULD_WAIT:
+            self._after_read("feed")
+        return found
+
+    async def events_after(self, after: int, owner: str | None, limit: int) -> list[TaskEvent]:
+        """Events after ``after``, on the reader's thread."""
+        return await self._read("feed", _events_after, after, owner, limit)
+
+    async def last_event(self) -> int:
+        """The highest event ``seq``."""
+        return await self._read("feed", _last_event)

@@ -16,6 +16,7 @@ from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooMa
 from .._models import StoredImage, TaskError, now_ms
 from .reads import _balance
 from .records import SubmitRow, Submitted
+from .tokens import _add_token, _revoke_tokens
 
 log = logging.getLogger("imagetask")
 _now = now_ms
@@ -598,4 +599,6 @@ _OPERATIONS: dict[Callable[..., Any], str] = {
     _cancel: "cancel",
     _grant: "grant",
     _prune_batch: "prune",
+    _add_token: "tokens",
+    _revoke_tokens: "tokens",
 }

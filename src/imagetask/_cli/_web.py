@@ -1,0 +1,89 @@
+"""`imagetask serve` (the web door, with uvicorn) and `imagetask token` (its API tokens)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import TaskManager
+from .._jsonout import iso_time
+from . import _output
+from ._commands import EXIT_OK, EXIT_USAGE, UsageError, database, reader, work_provider
+
+__all__ = ["serve", "token"]
+
+
+async def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..web import create_app
+    except ImportError as exc:
+        raise UsageError(
+            f"`imagetask serve` needs the web extra ({exc.name} is missing): pip install 'imagetask[web]'"
+        ) from None
+    provider = work_provider(args, required=True)
+    assert provider is not None
+    tm = TaskManager(
+        database(args),
+        provider=provider,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        per_owner=args.per_owner,
+        credits=args.credits,
+    )
+    app = create_app(tm, max_pending=args.max_pending)
+    print(
+        f"imagetask serve on http://{args.host}:{args.port}/ ({tm.path}; "
+        + (f"workers on {provider.name}" if args.workers else "no workers: run `imagetask worker` beside it")
+        + "); sign in with a token from `imagetask token create OWNER`",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+    )
+    await uvicorn.Server(config).serve()
+    return EXIT_OK
+
+
+async def token(args: argparse.Namespace) -> int:
+    async with reader(args) as tm:
+        if args.action == "create":
+            if args.target is None:
+                raise UsageError("token create: give the OWNER the token acts as")
+            secret = await tm.tokens.create(args.target, label=args.label)
+            if args.json:
+                _output.dump_json({"owner": args.target, "token": secret})
+            else:
+                print(secret)
+                print(
+                    f"a token for {args.target}; it is shown only this once: keep it somewhere safe",
+                    file=sys.stderr,
+                )
+            return EXIT_OK
+        if args.action == "revoke":
+            if args.target is None:
+                raise UsageError("token revoke: give the token, its id, or --owner OWNER")
+            done = await tm.tokens.revoke(args.target)
+            print("revoked" if done else f"{args.target}: no valid token with that id", file=sys.stderr)
+            return EXIT_OK if done else EXIT_USAGE
+        found = await tm.tokens.list(args.target)
+        if args.json:
+            _output.dump_json(
+                [
+                    {
+                        "id": t.id,
+                        "owner": t.owner,
+                        "label": t.label,
+                        "created_at": iso_time(t.created_at),
+                        "revoked_at": iso_time(t.revoked_at),
+                    }
+                    for t in found
+                ]
+            )
+        else:
+            for t in found:
+                state = "valid" if t.valid else f"revoked {iso_time(t.revoked_at)}"
+                print(f"{t.id}  {t.owner:<20}  {state:<32}  {t.label or ''}")
+    return EXIT_OK

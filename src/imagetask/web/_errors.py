@@ -1,0 +1,104 @@
+"""The web door's errors as JSON (``{"error": {"code", "message", "field"}}``), and reading a
+request body within its size cap."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .. import InsufficientCredits, TaskNotFound, TooManyPending, ValidationError
+from .._exceptions import ConfigError, StoreError
+
+__all__ = ["ApiError", "error_response", "read_body", "read_json"]
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP status, a stable code, a message, the field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, exc: Exception, retry_after: float) -> ApiError:
+        """The answer for an error the manager raised."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, ValidationError):
+            return cls(422, "invalid", str(exc).split(": ", 1)[-1], exc.field)
+        if isinstance(exc, TaskNotFound):
+            return not_found()
+        if isinstance(exc, InsufficientCredits):
+            return cls(402, "insufficient_credits", str(exc))
+        if isinstance(exc, TooManyPending):
+            return cls(
+                429, "too_many_pending", str(exc), headers={"Retry-After": str(max(1, round(retry_after)))}
+            )
+        if isinstance(exc, StoreError | ConfigError):
+            return cls(503, "unavailable", str(exc))
+        raise exc
+
+
+def not_found() -> ApiError:
+    """The same answer for "no such task" and "another owner's task": never tell them apart."""
+    return ApiError(404, "not_found", "no such task")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": error.code, "message": error.message, "field": error.field}},
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) one over ``limit`` bytes before reading it when its
+    length is declared, and as soon as it passes the limit when it is not."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+        if length > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"the request body is over {limit} bytes (max_body)")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, whatever its Content-Type says (the seed's page sends
+    ``text/plain``): 400 naming the problem when it is not one."""
+    body = await read_body(request, limit)
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", f"the body must be a JSON object, not {type(value).__name__}")
+    return value

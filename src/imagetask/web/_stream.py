@@ -1,0 +1,116 @@
+"""The push channel: one feed of the database's task events per app, fanned out to the open
+Server-Sent Events streams of each owner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .. import TaskEvent, TaskManager, TaskNotFound
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("imagetask.web")
+
+#: A comment line sent this often on an idle stream, so proxies keep it open.
+KEEPALIVE_SECONDS = 15.0
+#: Events queued for one slow stream before it is dropped (the client reconnects and resumes).
+_QUEUE = 1000
+
+
+class Hub:
+    """Fans the manager's event feed out to the streams, by owner."""
+
+    def __init__(self, manager: TaskManager, task_json: Callable[[Any], dict[str, Any]]) -> None:
+        self._manager = manager
+        self._task_json = task_json
+        self._streams: dict[str, set[asyncio.Queue[TaskEvent | None]]] = {}
+        self._feed: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
+        #: The seq of the last event fanned out (every event up to it went to the queues).
+        self._position = 0
+
+    @property
+    def streams(self) -> int:
+        """How many streams are open."""
+        return sum(len(queues) for queues in self._streams.values())
+
+    async def close(self) -> None:
+        if self._feed is not None:
+            self._feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed
+            self._feed = None
+        for queues in self._streams.values():
+            for queue in queues:
+                queue.put_nowait(None)
+
+    async def _run(self) -> None:
+        try:
+            async for event in self._manager.watch(after=self._position):
+                self._position = event.seq
+                for queue in list(self._streams.get(event.owner, ())):
+                    if queue.qsize() >= _QUEUE:
+                        queue.put_nowait(None)  # too far behind: end it; the client resumes
+                        self._streams[event.owner].discard(queue)
+                    else:
+                        queue.put_nowait(event)
+        except Exception:
+            log.exception("the event feed of the web streams stopped")
+            raise
+
+    async def _ensure_feed(self) -> None:
+        async with self._starting:
+            if self._feed is None or self._feed.done():
+                self._position = await self._manager.last_event()
+                self._feed = asyncio.create_task(self._run(), name="imagetask-web-feed")
+
+    async def events(self, owner: str, last_id: int | None) -> AsyncIterator[str]:
+        """The SSE messages of ``owner``'s task changes, after event ``last_id`` when given."""
+        queue: asyncio.Queue[TaskEvent | None] = asyncio.Queue()
+        await self._ensure_feed()
+        # No await between reading the position and joining: every later event reaches the
+        # queue, every earlier one (after ``last_id``) is read back from the database.
+        caught_up = self._position
+        self._streams.setdefault(owner, set()).add(queue)
+        try:
+            yield "retry: 3000\n\n"
+            after = caught_up if last_id is None else last_id
+            while after < caught_up:
+                found = await self._manager.events_after(after, owner=owner, limit=200)
+                for old in found:
+                    if old.seq > caught_up:
+                        break
+                    yield await self._message(old)
+                if len(found) < 200:
+                    break
+                after = found[-1].seq
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                    continue
+                if event is None:
+                    return
+                if last_id is not None and event.seq <= last_id:
+                    continue
+                yield await self._message(event)
+        finally:
+            queues = self._streams.get(owner)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._streams[owner]
+
+    async def _message(self, event: TaskEvent) -> str:
+        try:
+            task: Any = self._task_json(await self._manager.poll(event.task_id))
+        except TaskNotFound:  # pruned since
+            task = None
+        data = json.dumps({"seq": event.seq, "event": event.kind, "task_id": event.task_id, "task": task})
+        return f"id: {event.seq}\nevent: task\ndata: {data}\n\n"

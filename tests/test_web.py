@@ -1,0 +1,407 @@
+"""The web door: the JSON API, the seed's endpoints, auth and isolation, limits, the stream,
+through httpx against the ASGI app in-process and against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from imagetask import TaskManager
+from imagetask.providers import FakeProvider
+from imagetask.web import create_app
+from test_manager import png
+
+
+def snapshot(db: Path) -> list[Any]:
+    """Every row of every table (the test's independent view: a refused request changes none)."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        tables = [
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        ]
+        return [(t, conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
+    finally:
+        conn.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Web:
+    """An app on an open manager, tokens for alice and bob, and an httpx client."""
+
+    def __init__(self, tm: TaskManager, client: httpx.AsyncClient, alice: str, bob: str) -> None:
+        self.tm, self.client = tm, client
+        self.alice = {"Authorization": f"Bearer {alice}"}
+        self.bob = {"Authorization": f"Bearer {bob}"}
+
+
+@pytest.fixture
+async def web(tmp_path: Path) -> AsyncIterator[Web]:
+    async with TaskManager(
+        tmp_path / "t.db", provider=FakeProvider(latency=0.05), poll_interval=0.05, retry_delay=0.01
+    ) as tm:
+        alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+        app = create_app(tm, max_pending=5, max_body=64 * 1024, max_upload=512 * 1024)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield Web(tm, client, alice, bob)
+
+
+# --- the JSON API ---------------------------------------------------------------------------
+
+
+async def test_submit_answers_202_with_the_queued_task_and_poll_shows_it_end(web):
+    """POST /api/tasks answers 202 with the task (queued, owner from the token); GET of it
+    later shows it succeeded with image URLs by index, and no file paths anywhere."""
+    r = await web.client.post("/api/tasks", json={"prompt": "a lighthouse", "n": 2}, headers=web.alice)
+    assert r.status_code == 202
+    task = r.json()
+    assert task["status"] == "queued" and task["owner"] == "alice" and task["prompt"] == "a lighthouse"
+    await web.tm.wait(task["id"], timeout=10)
+    r = await web.client.get(f"/api/tasks/{task['id']}", headers=web.alice)
+    done = r.json()
+    assert r.status_code == 200 and done["status"] == "succeeded"
+    assert [im["url"] for im in done["images"]] == [f"/api/tasks/{task['id']}/images/{i}" for i in (0, 1)]
+    assert "path" not in json.dumps(done)
+
+
+async def test_images_have_a_strong_etag_immutable_caching_and_a_cached_thumbnail(web):
+    """An image answers its bytes with ETag = its sha256 and immutable caching; If-None-Match
+    gives 304; ?w=32 is a WebP at most 32 wide, written to the thumbnail cache once."""
+    task = (await web.client.post("/api/tasks", json={"prompt": "p"}, headers=web.alice)).json()
+    done = await web.tm.wait(task["id"], timeout=10)
+    r = await web.client.get(f"/api/tasks/{task['id']}/images/0", headers=web.alice)
+    assert r.status_code == 200 and r.content == done.images[0].path.read_bytes()
+    assert r.headers["etag"] == f'"{done.images[0].sha256}"'
+    assert "immutable" in r.headers["cache-control"]
+    again = await web.client.get(
+        f"/api/tasks/{task['id']}/images/0", headers={**web.alice, "If-None-Match": r.headers["etag"]}
+    )
+    assert again.status_code == 304 and again.content == b""
+    thumb = await web.client.get(f"/api/tasks/{task['id']}/images/0?w=32", headers=web.alice)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    with Image.open(__import__("io").BytesIO(thumb.content)) as im:
+        assert im.width <= 32
+    cache = web.tm.images_root.with_name(web.tm.images_root.name + "-thumbnails")
+    assert len(list(cache.rglob("*.webp"))) == 1
+    bad = await web.client.get(f"/api/tasks/{task['id']}/images/0?w=5", headers=web.alice)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "w"
+    missing = await web.client.get(f"/api/tasks/{task['id']}/images/7", headers=web.alice)
+    assert missing.status_code == 404
+
+
+async def test_list_pages_with_before_and_pending_lists_only_unfinished(web):
+    """GET /api/tasks pages newest first with next_before; /api/tasks/pending lists the
+    caller's queued and running tasks."""
+    await web.tm.aclose()  # no workers: the tasks stay queued
+    async with TaskManager(web.tm.path, provider=FakeProvider(), workers=False) as tm:
+        app = create_app(tm)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            ids = [
+                (await c.post("/api/tasks", json={"prompt": f"p{i}"}, headers=web.alice)).json()["id"]
+                for i in range(3)
+            ]
+            first = (await c.get("/api/tasks?limit=2", headers=web.alice)).json()
+            assert [t["id"] for t in first["tasks"]] == ids[::-1][:2] and first["next_before"] == ids[1]
+            rest = (
+                await c.get(f"/api/tasks?limit=2&before={first['next_before']}", headers=web.alice)
+            ).json()
+            assert [t["id"] for t in rest["tasks"]] == [ids[0]] and rest["next_before"] is None
+            pending = (await c.get("/api/tasks/pending", headers=web.alice)).json()
+            assert {t["id"] for t in pending["tasks"]} == set(ids)
+            cancelled = (await c.post(f"/api/tasks/{ids[0]}/cancel", headers=web.alice)).json()
+            assert cancelled["status"] == "cancelled"
+            events = (await c.get(f"/api/tasks/{ids[0]}/events", headers=web.alice)).json()["events"]
+            assert [e["kind"] for e in events] == ["cancelled"]
+
+
+async def test_multipart_submit_stores_the_reference_images(web):
+    """A multipart submit with two `images` files stores them as the task's references."""
+    files = [
+        ("images", ("a.png", png(color="red"), "image/png")),
+        ("images", ("b.png", png(color="blue"), "image/png")),
+    ]
+    r = await web.client.post(
+        "/api/tasks", data={"prompt": "mix these", "n": "1"}, files=files, headers=web.alice
+    )
+    assert r.status_code == 202, r.text
+    assert len(r.json()["references"]) == 2
+    task = await web.tm.poll(r.json()["id"])
+    assert [im.path.read_bytes() for im in task.references] == [png(color="red"), png(color="blue")]
+
+
+async def test_credits_answer_the_callers_balance(web):
+    """GET /api/credits answers the caller's own balance."""
+    await web.tm.credits.grant("alice", 7)
+    r = await web.client.get("/api/credits", headers=web.alice)
+    assert r.json() == {"owner": "alice", "balance": 7, "charging": False}
+
+
+# --- the seed's endpoints -------------------------------------------------------------------
+
+
+async def test_the_seeds_three_endpoints_with_its_field_names(web):
+    """The seed page's calls, as it sends them (a JSON string body, text/plain): generate
+    answers processing + taskId, pending lists it as pendingTasks, polling answers
+    processing then completed with image URLs."""
+    plain = {**web.alice, "Content-Type": "text/plain;charset=UTF-8"}
+    r = await web.client.post("/api/generate-image", content=json.dumps({"prompt": "a cat"}), headers=plain)
+    assert r.status_code == 200 and r.json()["status"] == "processing"
+    task_id = r.json()["taskId"]
+    pending = (await web.client.get("/api/generate-image/pending", headers=web.alice)).json()
+    assert [p["task_id"] for p in pending["pendingTasks"]] == [task_id]
+    assert (
+        pending["pendingTasks"][0]["prompt"] == "a cat"
+        and pending["pendingTasks"][0]["status"] == "processing"
+    )
+    await web.tm.wait(task_id, timeout=10)
+    poll = await web.client.post(
+        "/api/generate-image/polling", content=json.dumps({"taskId": task_id}), headers=plain
+    )
+    assert poll.json() == {"status": "completed", "images": [f"/api/tasks/{task_id}/images/0"]}
+
+
+async def test_the_seeds_polling_reports_a_failure_with_its_reason(tmp_path):
+    """A refused generation polls as failed with the error's code and message."""
+    async with TaskManager(
+        tmp_path / "t.db", provider=FakeProvider(outcomes=["refusal"]), poll_interval=0.05
+    ) as tm:
+        token = await tm.tokens.create("alice")
+        app = create_app(tm)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            h = {"Authorization": f"Bearer {token}"}
+            task_id = (await c.post("/api/generate-image", content='{"prompt": "x"}', headers=h)).json()[
+                "taskId"
+            ]
+            await tm.wait(task_id, timeout=10)
+            poll = (
+                await c.post(
+                    "/api/generate-image/polling", content=json.dumps({"taskId": task_id}), headers=h
+                )
+            ).json()
+    assert poll["status"] == "failed" and poll["error"]["code"] and poll["error"]["message"]
+
+
+# --- auth and isolation ---------------------------------------------------------------------
+
+
+async def test_missing_or_wrong_credentials_are_401_on_every_api_route(web):
+    """No header, a wrong token, a revoked token, another scheme: 401 with a JSON error."""
+    bad_token = {"Authorization": "Bearer itk_aaaaaaaaaaaa_" + "x" * 43}
+    revoked = await web.tm.tokens.create("carol")
+    await web.tm.tokens.revoke(revoked)
+    for headers in ({}, bad_token, {"Authorization": f"Bearer {revoked}"}, {"Authorization": "Basic abc"}):
+        for method, url in [("GET", "/api/tasks"), ("POST", "/api/tasks"), ("GET", "/api/tasks/pending"),
+                            ("GET", "/api/credits"), ("GET", "/api/stream"), ("POST", "/api/generate-image"),
+                            ("GET", "/api/generate-image/pending")]:  # fmt: skip
+            r = await web.client.request(method, url, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401, (method, url, headers)
+            assert r.json()["error"]["code"] == "unauthorized"
+
+
+async def test_another_owners_task_is_404_on_every_route_and_never_on_bobs_stream(web):
+    """Bob's token gets 404 for alice's task, image, thumbnail, events, cancel and seed poll,
+    exactly as for a task that does not exist; alice's task is untouched."""
+    task = (await web.client.post("/api/tasks", json={"prompt": "mine"}, headers=web.alice)).json()
+    await web.tm.wait(task["id"], timeout=10)
+    tid = task["id"]
+    for method, url in [("GET", f"/api/tasks/{tid}"), ("GET", f"/api/tasks/{tid}/images/0"),
+                        ("GET", f"/api/tasks/{tid}/images/0?w=64"), ("GET", f"/api/tasks/{tid}/events"),
+                        ("POST", f"/api/tasks/{tid}/cancel")]:  # fmt: skip
+        theirs = await web.client.request(method, url, headers=web.bob)
+        nothing = await web.client.request(method, url.replace(tid, "01" + "0" * 24), headers=web.bob)
+        assert theirs.status_code == nothing.status_code == 404, url
+        assert theirs.json() == nothing.json()
+    seed = await web.client.post("/api/generate-image/polling", json={"taskId": tid}, headers=web.bob)
+    assert seed.status_code == 404
+    assert (await web.client.get("/api/tasks", headers=web.bob)).json()["tasks"] == []
+    assert (await web.tm.poll(tid)).status.value == "succeeded"
+
+
+# --- limits: refused requests write nothing -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ('{"prompt": ', 400, None),
+        ("[1, 2]", 400, None),
+        ('{"prompt": "x", "colour": "red"}', 422, "colour"),
+        ('{"prompt": 5}', 422, "prompt"),
+        ('{"prompt": "x", "n": "2"}', 422, "n"),
+        ('{"prompt": "x", "n": 99}', 422, "n"),
+        ('{"n": 1}', 422, "prompt"),
+        ('{"prompt": "x", "aspect_ratio": "7:3"}', 422, "aspect_ratio"),
+        ('{"prompt": "x", "metadata": [1]}', 422, "metadata"),
+    ],
+)
+async def test_bad_submits_name_the_field_and_write_nothing(web, body, status, field):
+    """Bad JSON is 400; wrong types, unknown fields, out-of-range values are 422 naming the
+    field; the database is unchanged."""
+    before = snapshot(web.tm.path)
+    r = await web.client.post(
+        "/api/tasks", content=body, headers={**web.alice, "Content-Type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field
+    assert snapshot(web.tm.path) == before
+
+
+async def test_bodies_over_the_caps_are_413_and_write_nothing(web):
+    """A JSON body over max_body and an upload over max_upload are refused with 413."""
+    before = snapshot(web.tm.path)
+    big = json.dumps({"prompt": "x" * (70 * 1024)})
+    assert (await web.client.post("/api/tasks", content=big, headers=web.alice)).status_code == 413
+    files = [("images", ("a.png", b"\0" * (600 * 1024), "image/png"))]
+    r = await web.client.post("/api/tasks", data={"prompt": "x"}, files=files, headers=web.alice)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    assert snapshot(web.tm.path) == before
+
+
+async def test_an_owner_at_max_pending_gets_429_with_retry_after(tmp_path):
+    """With max_pending=2 and no workers, alice's third submit is 429 with Retry-After and no
+    row; bob may still submit."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+        app = create_app(tm, max_pending=2)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            for i in range(2):
+                r = await c.post(
+                    "/api/tasks", json={"prompt": f"p{i}"}, headers={"Authorization": f"Bearer {alice}"}
+                )
+                assert r.status_code == 202
+            before = snapshot(tm.path)
+            r = await c.post(
+                "/api/tasks", json={"prompt": "p3"}, headers={"Authorization": f"Bearer {alice}"}
+            )
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "too_many_pending"
+            assert snapshot(tm.path) == before
+            r = await c.post("/api/tasks", json={"prompt": "b"}, headers={"Authorization": f"Bearer {bob}"})
+            assert r.status_code == 202
+
+
+# --- the stream -----------------------------------------------------------------------------
+
+
+async def _read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` task messages of an open SSE response, with their ids."""
+    found: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line.startswith("id: "):
+            current["id"] = int(line[4:])
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+        elif line == "" and "data" in current:
+            found.append(current)
+            current = {}
+            if len(found) == count:
+                return found
+    return found
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[str, TaskManager, str, str]]:
+    """The app on a real uvicorn server on 127.0.0.1 (in this test's loop)."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(latency=0.2), poll_interval=0.05) as tm:
+        alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(create_app(tm), log_level="warning", lifespan="on"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", tm, alice, bob
+        finally:
+            server.should_exit = True
+            await serving
+            sock.close()
+
+
+async def test_the_stream_tells_each_owner_of_their_own_tasks_only_and_resumes(served):
+    """Over a real server: alice's stream (opened with a ticket, as EventSource must) carries
+    her task's claimed and succeeded events with the task, never bob's; reconnecting with
+    Last-Event-ID replays exactly what came after it."""
+    base, _, alice, bob = served
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        ticket = (await c.post("/api/stream/ticket", headers={"Authorization": f"Bearer {alice}"})).json()[
+            "ticket"
+        ]
+        async with c.stream("GET", f"/api/stream?ticket={ticket}") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            await asyncio.sleep(0.1)
+            await c.post("/api/tasks", json={"prompt": "bob's"}, headers={"Authorization": f"Bearer {bob}"})
+            mine = (
+                await c.post("/api/tasks", json={"prompt": "a"}, headers={"Authorization": f"Bearer {alice}"})
+            ).json()
+            got = await asyncio.wait_for(_read_events(stream, 2), 10)
+        assert [m["data"]["event"] for m in got] == ["claimed", "succeeded"]
+        assert all(m["data"]["task_id"] == mine["id"] for m in got)
+        assert got[1]["data"]["task"]["status"] == "succeeded" and got[1]["data"]["task"]["images"]
+        headers = {"Authorization": f"Bearer {alice}", "Last-Event-ID": str(got[0]["id"])}
+        async with c.stream("GET", "/api/stream", headers=headers) as again:
+            (replayed,) = await asyncio.wait_for(_read_events(again, 1), 10)
+        assert replayed["id"] == got[1]["id"]
+        bad = await c.get("/api/stream?ticket=forged.1.x")
+        assert bad.status_code == 401
+
+
+async def test_openapi_describes_the_api(web):
+    """/openapi.json is an OpenAPI 3.1 description listing the task routes."""
+    spec = (await web.client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.1")
+    assert {"/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/images/{index}"} <= set(spec["paths"])
+
+
+async def test_the_app_mounts_under_a_prefix_with_urls_under_it(tmp_path):
+    """Mounted at /gen in another Starlette app, the routes and the image URLs live under /gen."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), poll_interval=0.05) as tm:
+        token = await tm.tokens.create("alice")
+        outer = Starlette(routes=[Mount("/gen", app=create_app(tm))])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://t") as c:
+            h = {"Authorization": f"Bearer {token}"}
+            task = (await c.post("/gen/api/tasks", json={"prompt": "p"}, headers=h)).json()
+            await tm.wait(task["id"], timeout=10)
+            done = (await c.get(f"/gen/api/tasks/{task['id']}", headers=h)).json()
+            assert done["images"][0]["url"] == f"/gen/api/tasks/{task['id']}/images/0"
+            assert (await c.get(done["images"][0]["url"], headers=h)).status_code == 200
+
+
+async def test_an_auth_callable_signs_requests_in(tmp_path):
+    """With auth=callable (the embedding app's session), the owner it returns is used, and
+    None is a 401."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        app = create_app(tm, auth=lambda request: request.cookies.get("user"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.get("/api/credits")).status_code == 401
+            c.cookies.set("user", "dana")
+            assert (await c.get("/api/credits")).json()["owner"] == "dana"
+
+
+def test_import_imagetask_never_imports_the_web_door():
+    """`import imagetask` (and its CLI module) loads neither imagetask.web nor Starlette."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, imagetask, imagetask._cli; "
+        "assert 'imagetask.web' not in sys.modules and 'starlette' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
