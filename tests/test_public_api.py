@@ -13,6 +13,7 @@ def test_top_level_exports():
     assert imagetask.__all__ == [
         "ConfigError",
         "Credits",
+        "Feed",
         "GenerationRequest",
         "Health",
         "ImageTaskError",

@@ -14,7 +14,14 @@ from typing import Protocol
 
 import pytest
 
-from imagetask import InsufficientCredits, StoreError, TaskManager, TaskStatus, ValidationError
+from imagetask import (
+    InsufficientCredits,
+    StoreError,
+    TaskManager,
+    TaskStatus,
+    TooManyPending,
+    ValidationError,
+)
 from imagetask._models import StoredImage, TaskError, new_task_id, now_ms, task_id_ms
 from imagetask._store import SCHEMA_VERSION, WOULD_WAIT, Changes, Store, SubmitRow, Submitted, TaskStore
 from imagetask.providers import FakeProvider
@@ -1058,6 +1065,61 @@ class TestStoreContract:
         assert known == {s.id: ("succeeded", 1), q.id: ("queued", 0)}
         assert referenced == {"refs/s-0.png", "out/s-0.png"}
         assert await store.file_state([]) == ({}, set())
+
+    # -- max_pending, tokens, the event feed ------------------------------------------------
+
+    async def test_max_pending_is_counted_in_the_transaction_batch_included(self, store):
+        """A row with max_pending=2 is refused with TooManyPending when its owner has two
+        unfinished tasks, rows earlier in the same batch included; finished ones don't count."""
+        await submitted(store, row("alice"))
+        results = await store.submit(
+            [row("alice")._replace(max_pending=2), row("alice")._replace(max_pending=2)], atomic=False
+        )
+        assert isinstance(results[0], Submitted) and isinstance(results[1], TooManyPending)
+        assert results[1].pending == 2 and results[1].limit == 2
+        assert len(await store.pending("alice")) == 2
+
+    async def test_tokens_are_stored_by_id_and_revoked_once(self, store):
+        """add_token stores (id, owner, digest, label); try_token and token read it back;
+        revoke_tokens marks it revoked once (by id, or all of an owner's), never deletes it."""
+        created = await store.add_token("aaaaaaaaaaaa", "alice", "d1", "laptop")
+        await store.add_token("bbbbbbbbbbbb", "alice", "d2", None)
+        found = store.try_token("aaaaaaaaaaaa")
+        if found is WOULD_WAIT:
+            found = await store.token("aaaaaaaaaaaa")
+        assert found == ("aaaaaaaaaaaa", "alice", "d1", "laptop", created, None)
+        assert await store.token("cccccccccccc") is None
+        assert await store.revoke_tokens("aaaaaaaaaaaa", None) == 1
+        assert await store.revoke_tokens("aaaaaaaaaaaa", None) == 0
+        assert await store.revoke_tokens(None, "alice") == 1
+        rows = await store.tokens("alice")
+        assert [r[0] for r in rows] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"] and all(
+            r[5] is not None for r in rows
+        )
+        assert await store.tokens("bob") == []
+
+    async def test_the_feed_reads_events_in_commit_order_by_seq_and_owner(self, store):
+        """events_after answers events above a seq in commit order, each with its seq and its
+        task's owner, filtered by owner when named; last_event is the highest seq."""
+        assert await store.last_event() == 0
+        a, b = row("alice"), row("bob")
+        await running(store, a)
+        await running(store, b)
+        attempt = (await store.get(a.id)).attempts  # type: ignore[union-attr]
+        assert await store.succeed(a.id, attempt, "w1", [])
+        every = await store.events_after(0, None, 100)
+        assert [(e.task_id, e.kind) for e in every] == [
+            (a.id, "claimed"),
+            (b.id, "claimed"),
+            (a.id, "succeeded"),
+        ]
+        assert [e.seq for e in every] == sorted(e.seq for e in every) and len({e.seq for e in every}) == 3
+        assert [e.owner for e in every] == ["alice", "bob", "alice"]
+        assert await store.last_event() == every[-1].seq
+        mine = await store.events_after(every[0].seq, "alice", 100)
+        assert [e.kind for e in mine] == ["succeeded"]
+        inline = store.try_events_after(0, None, 2)
+        assert inline is WOULD_WAIT or inline == every[:2]
 
     # -- close -------------------------------------------------------------------------------
 

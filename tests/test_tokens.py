@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from imagetask import TaskStatus, ValidationError
+from imagetask import GenerationRequest, TaskStatus, ValidationError
 
 from conftest import sql
 
@@ -77,7 +77,7 @@ async def test_watch_yields_each_event_with_a_growing_seq_and_resumes_after_one(
     seen = []
 
     async def collect() -> None:
-        async for event in tm.watch(owner="alice"):
+        async for event in tm.feed.watch(owner="alice"):
             seen.append(event)
             if event.kind == "succeeded":
                 return
@@ -90,7 +90,7 @@ async def test_watch_yields_each_event_with_a_growing_seq_and_resumes_after_one(
     assert [e.kind for e in seen] == ["claimed", "succeeded"]
     assert all(e.task_id == task.id and e.owner == "alice" for e in seen)
     assert seen[0].seq < seen[1].seq and seen[1].status is TaskStatus.SUCCEEDED
-    resumed = tm.watch(after=seen[0].seq, owner="alice")
+    resumed = tm.feed.watch(after=seen[0].seq, owner="alice")
     assert (await anext(resumed)).seq == seen[1].seq
     await resumed.aclose()
 
@@ -99,7 +99,7 @@ async def test_watch_sees_another_managers_commits(make_manager):
     """Events committed through another manager on the same file reach the feed."""
     runner = await make_manager()
     watcher = await make_manager(workers=False)
-    feed = watcher.watch(after=0)
+    feed = watcher.feed.watch(after=0)
     task = await runner.submit("p")
     kinds = []
     async with asyncio.timeout(10):
@@ -108,3 +108,18 @@ async def test_watch_sees_another_managers_commits(make_manager):
             if event.kind == "succeeded":
                 break
     assert kinds == ["claimed", "succeeded"] and event.task_id == task.id
+
+
+async def test_feed_read_pages_past_the_inline_read_of_200(make_manager):
+    """feed.read(after, limit=500) answers every event when there are more than 200 (the
+    inline read stops at 200; the rest comes from the reader), in seq order."""
+    tm = await make_manager(concurrency=16, per_owner=16)
+    tasks = await tm.submit_many([GenerationRequest(f"p{i}") for i in range(130)])
+    async for _ in tm.as_completed([t.id for t in tasks]):
+        pass
+    found = await tm.feed.read(0, limit=500)
+    assert len(found) == 260 and [e.seq for e in found] == sorted(e.seq for e in found)
+    assert found[-1].seq == await tm.feed.last_seq()
+    assert len(await tm.feed.read(0, limit=100)) == 100
+    with pytest.raises(ValidationError):
+        await tm.feed.read(-1)

@@ -18,6 +18,7 @@ from ._exceptions import TaskNotFound as TaskNotFound
 from ._exceptions import TooManyPending as TooManyPending
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WaitTimeout as WaitTimeout
+from ._feed import Feed as Feed
 from ._manager import TaskManager as TaskManager
 from ._models import GenerationRequest as GenerationRequest
 from ._models import StoredImage as StoredImage
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "Credits",
+    "Feed",
     "GenerationRequest",
     "Health",
     "ImageTaskError",

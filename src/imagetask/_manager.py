@@ -29,6 +29,7 @@ from ._checks import (
     _max_pending,
 )
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
+from ._feed import Feed
 from ._images import ImageStore
 from ._intake import Intake, failure_of, queued_task, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
@@ -148,6 +149,7 @@ class TaskManager:
         self.storage_timeout = float(storage_timeout)
         self.credits = Credits(self)
         self.tokens = Tokens(self)
+        self.feed = Feed(self)
         # The manager and its workers see the store only through its contract.
         self._store: TaskStore = Store(self.path, self.images_root, durability, faults)
         self._images = ImageStore(self.images_root, sync_dirs=durability == "full", faults=faults)
@@ -489,49 +491,6 @@ class TaskManager:
         """
         await self.poll(task_id)
         return tuple(await self._store.events(task_id))
-
-    async def watch(
-        self, *, after: int | None = None, owner: str | None = None
-    ) -> AsyncGenerator[TaskEvent, None]:
-        """Yield every task event as it commits, in commit order, until the manager closes.
-
-        Each event carries its ``seq``: pass the last one seen as ``after`` to resume
-        where a feed stopped (after a reconnect, a restart). Events of this process's own
-        terminal transitions arrive at once; others (claims, other processes) within
-        ``poll_interval``. It reads only the database.
-
-        Args:
-            after: Start after this ``seq``; None: with the next event to commit.
-            owner: Only the events of this owner's tasks.
-        """
-        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
-            raise ValidationError("after", f"must be an event seq (an integer >= 0) or None, got {after!r}")
-        if owner is not None:
-            _check_owner(owner)
-        self._require_open()
-        async with contextlib.aclosing(self._waiting.feed(after, owner)) as events:
-            async for event in events:
-                yield event
-
-    async def events_after(
-        self, after: int, *, owner: str | None = None, limit: int = 200
-    ) -> tuple[TaskEvent, ...]:
-        """Up to ``limit`` events with ``seq`` above ``after``, in commit order (of ``owner``'s
-        tasks only, if named): one read of what `watch` would yield."""
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ValidationError("after", f"must be an event seq (an integer >= 0), got {after!r}")
-        _check_limit(limit)
-        if owner is not None:
-            _check_owner(owner)
-        store = self._require_open()
-        found = store.try_events_after(after, owner, limit)
-        if found is WOULD_WAIT or (limit > len(found) == 200):  # the inline read stops at 200
-            found = await store.events_after(after, owner, limit)
-        return tuple(found)
-
-    async def last_event(self) -> int:
-        """The highest event ``seq`` so far (0 when no task has had a transition)."""
-        return await self._require_open().last_event()
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Wait until the task is terminal and return it.

@@ -51,7 +51,7 @@ class Hub:
 
     async def _run(self) -> None:
         try:
-            async for event in self._manager.watch(after=self._position):
+            async for event in self._manager.feed.watch(after=self._position):
                 self._position = event.seq
                 for queue in list(self._streams.get(event.owner, ())):
                     if queue.qsize() >= _QUEUE:
@@ -66,7 +66,7 @@ class Hub:
     async def _ensure_feed(self) -> None:
         async with self._starting:
             if self._feed is None or self._feed.done():
-                self._position = await self._manager.last_event()
+                self._position = await self._manager.feed.last_seq()
                 self._feed = asyncio.create_task(self._run(), name="imagetask-web-feed")
 
     async def events(self, owner: str, last_id: int | None) -> AsyncIterator[str]:
@@ -81,7 +81,7 @@ class Hub:
             yield "retry: 3000\n\n"
             after = caught_up if last_id is None else last_id
             while after < caught_up:
-                found = await self._manager.events_after(after, owner=owner, limit=200)
+                found = await self._manager.feed.read(after, owner=owner, limit=200)
                 for old in found:
                     if old.seq > caught_up:
                         break
