@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import subprocess
 import sys
 import threading
@@ -11,10 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import uvicorn
 
 from imagetask import (
     ConfigError,
     InsufficientCredits,
+    RemoteTaskManager,
+    SyncRemoteTaskManager,
     SyncTaskManager,
     TaskManager,
     TaskNotFound,
@@ -23,6 +27,7 @@ from imagetask import (
     WaitTimeout,
 )
 from imagetask.providers import FakeProvider
+from imagetask.web import create_app
 
 from conftest import sql
 
@@ -60,9 +65,83 @@ class _Wrapped:
         return call
 
 
-@pytest.fixture(params=["async", "sync"])
+class Remote:
+    """The scenarios' manager over HTTP: a real uvicorn server on 127.0.0.1 in front of a
+    TaskManager, and one RemoteTaskManager (or SyncRemoteTaskManager) per owner, each with
+    that owner's token. Calls go to the client of the owner they name, or of the task they
+    name; granting credits and pruning, which HTTP does not offer, go to the server's
+    manager (the operator's side)."""
+
+    def __init__(self, server_tm: TaskManager, base: str, sync: bool) -> None:
+        self.server_tm, self.base, self.sync = server_tm, base, sync
+        self.clients: dict[str, Any] = {}
+        self.owners: dict[str, str] = {}
+        self.credits = _RemoteCredits(self)
+
+    async def client(self, owner: str = "default") -> Any:
+        if owner not in self.clients:
+            token = await self.server_tm.tokens.create(owner)
+            if self.sync:
+                made = await asyncio.to_thread(
+                    SyncRemoteTaskManager, self.base, token=token, poll_interval=0.2
+                )
+                self.clients[owner] = Blocking(made)
+            else:
+                self.clients[owner] = await RemoteTaskManager(
+                    self.base, token=token, poll_interval=0.2
+                ).open()
+        return self.clients[owner]
+
+    async def close(self) -> None:
+        for c in self.clients.values():
+            await (asyncio.to_thread(c.tm.close) if self.sync else c.aclose())
+
+    async def submit(self, prompt: str, **kw: Any) -> Any:
+        task = await (await self.client(kw.get("owner", "default"))).submit(prompt, **kw)
+        self.owners[task.id] = task.owner
+        return task
+
+    async def submit_many(self, requests: list[Any]) -> Any:
+        tasks = await (await self.client()).submit_many(requests)
+        self.owners.update({t.id: t.owner for t in tasks})
+        return tasks
+
+    async def pending(self, owner: str = "default") -> Any:
+        return await (await self.client(owner)).pending(owner)
+
+    async def list(self, owner: str = "default", **kw: Any) -> Any:
+        return await (await self.client(owner)).list(owner=owner, **kw)
+
+    async def as_completed(self, ids: list[str], timeout: float | None = None) -> AsyncIterator[Any]:
+        async for task in (await self.client(self.owners.get(ids[0], "default"))).as_completed(ids, timeout):
+            yield task
+
+    async def prune(self, older_than: float) -> Any:
+        return await self.server_tm.prune(older_than)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        async def by_task(task_id: str, *args: Any, **kw: Any) -> Any:
+            client = await self.client(self.owners.get(task_id, "default"))
+            return await getattr(client, name)(task_id, *args, **kw)
+
+        return by_task
+
+
+class _RemoteCredits:
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+
+    async def grant(self, owner: str, amount: int) -> int:
+        return await self.remote.server_tm.credits.grant(owner, amount)
+
+    async def balance(self, owner: str) -> int:
+        return await (await self.remote.client(owner)).credits.balance(owner)
+
+
+@pytest.fixture(params=["async", "sync", "remote", "remote-sync"])
 async def make_any(request, db_path) -> AsyncIterator[Callable[..., Any]]:
-    """Build a TaskManager, or a SyncTaskManager behind `Blocking`, on the test's database."""
+    """Build a TaskManager, a SyncTaskManager behind `Blocking`, or remote managers behind
+    `Remote` in front of a real server, on the test's database."""
     opened: list[Any] = []
 
     async def make(**options: Any) -> Any:
@@ -73,6 +152,27 @@ async def make_any(request, db_path) -> AsyncIterator[Callable[..., Any]]:
             tm = await TaskManager(db_path, **options).open()
             opened.append(tm.aclose)
             return tm
+        if request.param.startswith("remote"):
+            server_tm = await TaskManager(db_path, **options).open()
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            server = uvicorn.Server(uvicorn.Config(create_app(server_tm), log_level="warning"))
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started:
+                await asyncio.sleep(0.01)
+            remote = Remote(
+                server_tm, f"http://127.0.0.1:{sock.getsockname()[1]}", request.param == "remote-sync"
+            )
+
+            async def stop() -> None:
+                await remote.close()
+                server.should_exit = True
+                await serving
+                sock.close()
+                await server_tm.aclose()
+
+            opened.append(stop)
+            return remote
         sync = await asyncio.to_thread(SyncTaskManager, db_path, **options)
         opened.append(lambda: asyncio.to_thread(sync.close, cancel_running=True))
         return Blocking(sync)

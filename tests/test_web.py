@@ -405,3 +405,18 @@ def test_import_imagetask_never_imports_the_web_door():
         "assert 'imagetask.web' not in sys.modules and 'starlette' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_the_apps_lifespan_opens_and_closes_a_manager_it_was_given_closed(tmp_path):
+    """Run on its own (no request at all), the app opens a manager that is not open at
+    startup and closes it at shutdown; a manager opened by the caller stays open."""
+    tm = TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False)
+    app = create_app(tm)
+    async with app.router.lifespan_context(app):
+        assert tm.is_open
+    assert not tm.is_open
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as mine:
+        app = create_app(mine)
+        async with app.router.lifespan_context(app):
+            pass
+        assert mine.is_open

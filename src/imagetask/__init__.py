@@ -29,7 +29,10 @@ from ._models import TaskStatus as TaskStatus
 from ._records import Credits as Credits
 from ._records import Health as Health
 from ._records import PruneReport as PruneReport
+from ._remote import RemoteCredits as RemoteCredits
+from ._remote import RemoteTaskManager as RemoteTaskManager
 from ._sync import SyncCredits as SyncCredits
+from ._sync import SyncRemoteTaskManager as SyncRemoteTaskManager
 from ._sync import SyncTaskManager as SyncTaskManager
 from ._tokens import TokenInfo as TokenInfo
 from ._tokens import Tokens as Tokens
@@ -46,8 +49,11 @@ __all__ = [
     "InsufficientCredits",
     "ProviderError",
     "PruneReport",
+    "RemoteCredits",
+    "RemoteTaskManager",
     "StoreError",
     "SyncCredits",
+    "SyncRemoteTaskManager",
     "SyncTaskManager",
     "Task",
     "TaskError",

@@ -97,6 +97,8 @@ class StoredImage:
         index: Position among the task's images (or reference images).
         provenance: What the provider said about this image (finish reason, model
             version, response id, token usage, text), when it said anything.
+        url: Where the web app serves it, for a task read through `RemoteTaskManager`
+            (``path`` is then its downloaded copy); None for a local task.
     """
 
     path: Path
@@ -107,6 +109,7 @@ class StoredImage:
     size: int
     index: int = 0
     provenance: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    url: str | None = attrs.field(default=None, eq=False, repr=False)
 
     def open(self) -> Image.Image:
         """Open the image with Pillow."""

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _config
 from ._exceptions import ConfigError
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .providers.base import Provider
     from .testing import Faults
 
-__all__ = ["SyncCredits", "SyncTaskManager"]
+__all__ = ["SyncCredits", "SyncRemoteTaskManager", "SyncTaskManager"]
 
 T = TypeVar("T")
 
@@ -80,6 +80,10 @@ class SyncTaskManager:
             retry_delay=retry_delay, credits=credits, durability=durability,
             poll_interval=poll_interval, storage_timeout=storage_timeout, faults=faults,
         )  # fmt: skip
+        self._start(manager)
+
+    def _start(self, manager: TaskManager) -> None:
+        """Run ``manager`` on a new event loop in a daemon thread, and open it there."""
         self._async = manager
         self.credits = SyncCredits(self)
         self._loop = asyncio.new_event_loop()
@@ -304,3 +308,49 @@ def _as_coroutine(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
 
 SyncTaskManager.__module__ = "imagetask"
 SyncCredits.__module__ = "imagetask"
+
+
+class SyncRemoteTaskManager(SyncTaskManager):
+    """Same as `RemoteTaskManager`, but blocking (its methods are `SyncTaskManager`'s).
+
+    Takes the same arguments as `RemoteTaskManager`. What only a local database can do
+    (``health``, ``prune``, ``gallery``, granting credits) raises `ConfigError`.
+    """
+
+    def __init__(self, base_url: str, **options: Any) -> None:
+        from ._remote import RemoteTaskManager
+
+        self._closed = True
+        # A RemoteTaskManager has the methods this class calls, with the same signatures.
+        self._start(cast("TaskManager", RemoteTaskManager(base_url, **options)))
+
+    @property
+    def path(self) -> Path:
+        """A remote manager has no database file here."""
+        raise ConfigError(f"{self._async!r} has no local database file")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"SyncRemoteTaskManager({self._async!r}, state={state})"
+
+    def health(self) -> Health:
+        """Not available over HTTP."""
+        raise ConfigError("health() reads the database itself: run `imagetask doctor` where it is")
+
+    def prune(self, older_than: float) -> PruneReport:
+        """Not available over HTTP."""
+        raise ConfigError("prune() runs where the database is: `imagetask prune --older-than 30d`")
+
+    def gallery(self, owner: str | None = None, limit: int = 24) -> None:
+        """Not available over HTTP yet."""
+        raise ConfigError("the notebook gallery needs a local TaskManager")
+
+    def close(self, *, cancel_running: bool = False) -> None:
+        """Close the HTTP connections (the server's tasks go on; safe to call twice)."""
+        if self._closed:
+            return
+        try:
+            self._call(self._async.aclose())
+        finally:
+            self._closed = True
+            self._stop_loop()

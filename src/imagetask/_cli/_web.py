@@ -40,8 +40,15 @@ async def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # Open event streams never end on their own: give them a few seconds at shutdown, then
+    # close them, so Ctrl-C or SIGTERM does not wait for every browser tab to go away.
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
     )
     await uvicorn.Server(config).serve()
     return EXIT_OK

@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import Task, TaskManager, TaskNotFound, ValidationError
+from .. import GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
 from .._jsonout import event_json, task_json
 from ._auth import Auth, AuthCallable
 from ._errors import ApiError, error_response, not_found, read_body, read_json
@@ -30,6 +30,8 @@ STATIC = Path(__file__).with_name("static")
 #: The fields a submit accepts (JSON, or multipart form fields beside the ``images`` files).
 _SUBMIT_FIELDS = {"prompt", "n", "model", "aspect_ratio", "size", "metadata", "idempotency_key"}
 _FIELD_LIST = ", ".join(sorted(_SUBMIT_FIELDS))
+#: The most submits one batch may hold.
+_MAX_BATCH = 100
 #: The seed page's names for them.
 _SEED_FIELDS = {
     "prompt": "prompt",
@@ -75,7 +77,7 @@ def create_app(
     """
     thumbs = thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails")
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
-    state: dict[str, Any] = {}
+    hub = Hub(manager)
 
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
@@ -94,7 +96,14 @@ def create_app(
                 }
                 for i, image in enumerate(found["images"])
             ]
-            found["references"] = [{k: v for k, v in im.items() if k != "path"} for im in found["references"]]
+            found["references"] = [
+                {
+                    "index": i,
+                    "url": f"{prefix}/api/tasks/{task.id}/references/{i}",
+                    **{k: v for k, v in image.items() if k != "path"},
+                }
+                for i, image in enumerate(found["references"])
+            ]
             return found
 
         return render
@@ -119,6 +128,25 @@ def create_app(
             fields["idempotency_key"] = key
         task = await _submit(manager, owner, fields, images, max_pending)
         return JSONResponse(as_json(request)(task), status_code=202)
+
+    async def submit_batch(request: Request) -> Response:
+        owner = await access.owner(request)
+        body = await read_json(request, max_body)
+        items = body.get("requests")
+        if set(body) != {"requests"} or not isinstance(items, list) or not 1 <= len(items) <= _MAX_BATCH:
+            raise ApiError(422, "invalid", f'send {{"requests": [1 to {_MAX_BATCH} submits]}}', "requests")
+        requests = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ApiError(422, "invalid", "must be a JSON object", f"requests[{i}]")
+            try:
+                requests.append(_request(owner, _checked_fields(item)))
+            except ApiError as exc:
+                exc.field = f"requests[{i}].{exc.field}"
+                raise
+        tasks = await manager.submit_many(requests, max_pending=max_pending)
+        render = as_json(request)
+        return JSONResponse({"tasks": [render(t) for t in tasks]}, status_code=202)
 
     async def get_task(request: Request) -> Response:
         owner = await access.owner(request)
@@ -160,6 +188,13 @@ def create_app(
         index = _int_param(request.path_params["index"], "index", 0, 1000)
         return await image_response(request, task, index, thumbs)
 
+    async def reference(request: Request) -> Response:
+        owner = await access.owner(request)
+        task = await own_task(request, owner)
+        _only(request.query_params, {"w"})
+        index = _int_param(request.path_params["index"], "index", 0, 1000)
+        return await image_response(request, task, index, thumbs, references=True)
+
     async def credits(request: Request) -> Response:
         owner = await access.owner(request)
         balance = await manager.credits.balance(owner)
@@ -177,9 +212,8 @@ def create_app(
         owner = await access.owner(request, ticket=True)
         raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         last_id = None if raw in (None, "") else _int_param(raw, "Last-Event-ID", 0, 2**62)
-        hub = state["hub"]
         return StreamingResponse(
-            hub.events(owner, last_id),
+            hub.events(owner, last_id, as_json(request)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -250,15 +284,13 @@ def create_app(
         try:
             yield
         finally:
-            await state["hub"].close()
+            await hub.close()
             if opened:
                 await manager.aclose()
 
     def guarded(endpoint: Any) -> Any:
         async def run(request: Request) -> Response:
             try:
-                if "hub" not in state:
-                    state["hub"] = Hub(manager, as_json(request))
                 return await endpoint(request)  # type: ignore[no-any-return]
             except Exception as exc:
                 return error_response(ApiError.of(exc, retry_after=max(manager.poll_interval, 1.0) * 5))
@@ -270,12 +302,14 @@ def create_app(
         Route("/openapi.json", guarded(spec), methods=["GET"]),
         Route("/api/me", guarded(me), methods=["GET"]),
         Route("/api/tasks", guarded(submit), methods=["POST"]),
+        Route("/api/tasks/batch", guarded(submit_batch), methods=["POST"]),
         Route("/api/tasks", guarded(list_tasks), methods=["GET"]),
         Route("/api/tasks/pending", guarded(pending), methods=["GET"]),
         Route("/api/tasks/{task_id}", guarded(get_task), methods=["GET"]),
         Route("/api/tasks/{task_id}/cancel", guarded(cancel), methods=["POST"]),
         Route("/api/tasks/{task_id}/events", guarded(events), methods=["GET"]),
         Route("/api/tasks/{task_id}/images/{index}", guarded(image), methods=["GET"]),
+        Route("/api/tasks/{task_id}/references/{index}", guarded(reference), methods=["GET"]),
         Route("/api/credits", guarded(credits), methods=["GET"]),
         Route("/api/stream", guarded(stream), methods=["GET"]),
         Route("/api/stream/ticket", guarded(ticket), methods=["POST"]),
@@ -354,9 +388,11 @@ async def _submit_input(
     return fields, images
 
 
-async def _submit(
-    manager: TaskManager, owner: str, fields: dict[str, Any], images: list[bytes], max_pending: int | None
-) -> Task:
+def _checked_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A submit's JSON fields with their types checked (the manager checks the values)."""
+    for name in fields:
+        if name not in _SUBMIT_FIELDS:
+            raise ApiError(422, "invalid", f"unknown field; use {_FIELD_LIST}", name)
     if "prompt" not in fields:
         raise ApiError(422, "invalid", "is required", "prompt")
     for name in ("prompt", "model", "aspect_ratio", "size", "idempotency_key"):
@@ -369,15 +405,36 @@ async def _submit(
     metadata = fields.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError(422, "invalid", "must be a JSON object", "metadata")
-    return await manager.submit(
+    return fields
+
+
+def _request(owner: str, fields: dict[str, Any], images: list[bytes] | None = None) -> GenerationRequest:
+    return GenerationRequest(
         fields["prompt"],
-        n=n,
+        n=fields.get("n", 1),
         model=fields.get("model"),
         aspect_ratio=fields.get("aspect_ratio"),
         size=fields.get("size"),
-        images=images,
+        images=tuple(images or ()),
         owner=owner,
         idempotency_key=fields.get("idempotency_key"),
-        metadata=metadata,
+        metadata=fields.get("metadata"),
+    )
+
+
+async def _submit(
+    manager: TaskManager, owner: str, fields: dict[str, Any], images: list[bytes], max_pending: int | None
+) -> Task:
+    request = _request(owner, _checked_fields(fields), images)
+    return await manager.submit(
+        request.prompt,
+        n=request.n,
+        model=request.model,
+        aspect_ratio=request.aspect_ratio,
+        size=request.size,
+        images=images,
+        owner=owner,
+        idempotency_key=request.idempotency_key,
+        metadata=request.metadata,
         max_pending=max_pending,
     )

@@ -25,6 +25,7 @@ class ApiError(Exception):
         message: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,6 +33,8 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers or {}
+        #: Machine-readable particulars (a balance and a cost, a limit), for clients.
+        self.details = details
 
     @classmethod
     def of(cls, exc: Exception, retry_after: float) -> ApiError:
@@ -43,10 +46,15 @@ class ApiError(Exception):
         if isinstance(exc, TaskNotFound):
             return not_found()
         if isinstance(exc, InsufficientCredits):
-            return cls(402, "insufficient_credits", str(exc))
+            details = {"owner": exc.owner, "cost": exc.cost, "balance": exc.balance}
+            return cls(402, "insufficient_credits", str(exc), details=details)
         if isinstance(exc, TooManyPending):
             return cls(
-                429, "too_many_pending", str(exc), headers={"Retry-After": str(max(1, round(retry_after)))}
+                429,
+                "too_many_pending",
+                str(exc),
+                headers={"Retry-After": str(max(1, round(retry_after)))},
+                details={"owner": exc.owner, "pending": exc.pending, "limit": exc.limit},
             )
         if isinstance(exc, StoreError | ConfigError):
             return cls(503, "unavailable", str(exc))
@@ -59,11 +67,10 @@ def not_found() -> ApiError:
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": error.code, "message": error.message, "field": error.field}},
-        status_code=error.status,
-        headers=error.headers,
-    )
+    body: dict[str, Any] = {"code": error.code, "message": error.message, "field": error.field}
+    if error.details is not None:
+        body["details"] = error.details
+    return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

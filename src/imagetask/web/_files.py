@@ -21,11 +21,17 @@ MAX_THUMB_WIDTH = 2048
 _CACHE = "private, max-age=31536000, immutable"
 
 
-async def image_response(request: Request, task: Task, index: int, thumbs: Path) -> Response:
-    """The task's image ``index`` (``?w=N``: a WebP at most N pixels wide), with a strong ETag."""
-    if not 0 <= index < len(task.images):
-        raise ApiError(404, "not_found", f"task {task.id} has no image {index}")
-    image = task.images[index]
+async def image_response(
+    request: Request, task: Task, index: int, thumbs: Path, *, references: bool = False
+) -> Response:
+    """The task's image ``index`` (or reference image, with ``references``; ``?w=N``: a WebP
+    at most N pixels wide), with a strong ETag."""
+    images = task.references if references else task.images
+    if not 0 <= index < len(images):
+        raise ApiError(
+            404, "not_found", f"task {task.id} has no {'reference ' if references else ''}image {index}"
+        )
+    image = images[index]
     width = _width(request.query_params.get("w"))
     etag = f'"{image.sha256}"' if width is None else f'"{image.sha256}-w{width}"'
     headers = {"ETag": etag, "Cache-Control": _CACHE}

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .. import TaskEvent, TaskManager, TaskNotFound
+from .. import Task, TaskEvent, TaskManager, TaskNotFound
 
 __all__ = ["Hub"]
 
@@ -25,9 +25,8 @@ _QUEUE = 1000
 class Hub:
     """Fans the manager's event feed out to the streams, by owner."""
 
-    def __init__(self, manager: TaskManager, task_json: Callable[[Any], dict[str, Any]]) -> None:
+    def __init__(self, manager: TaskManager) -> None:
         self._manager = manager
-        self._task_json = task_json
         self._streams: dict[str, set[asyncio.Queue[TaskEvent | None]]] = {}
         self._feed: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -69,8 +68,11 @@ class Hub:
                 self._position = await self._manager.feed.last_seq()
                 self._feed = asyncio.create_task(self._run(), name="imagetask-web-feed")
 
-    async def events(self, owner: str, last_id: int | None) -> AsyncIterator[str]:
-        """The SSE messages of ``owner``'s task changes, after event ``last_id`` when given."""
+    async def events(
+        self, owner: str, last_id: int | None, render: Callable[[Task], dict[str, Any]]
+    ) -> AsyncIterator[str]:
+        """The SSE messages of ``owner``'s task changes, after event ``last_id`` when given;
+        ``render`` turns a task into its JSON (with URLs under the stream's own prefix)."""
         queue: asyncio.Queue[TaskEvent | None] = asyncio.Queue()
         await self._ensure_feed()
         # No await between reading the position and joining: every later event reaches the
@@ -85,7 +87,7 @@ class Hub:
                 for old in found:
                     if old.seq > caught_up:
                         break
-                    yield await self._message(old)
+                    yield await self._message(old, render)
                 if len(found) < 200:
                     break
                 after = found[-1].seq
@@ -99,7 +101,7 @@ class Hub:
                     return
                 if last_id is not None and event.seq <= last_id:
                     continue
-                yield await self._message(event)
+                yield await self._message(event, render)
         finally:
             queues = self._streams.get(owner)
             if queues is not None:
@@ -107,9 +109,9 @@ class Hub:
                 if not queues:
                     del self._streams[owner]
 
-    async def _message(self, event: TaskEvent) -> str:
+    async def _message(self, event: TaskEvent, render: Callable[[Task], dict[str, Any]]) -> str:
         try:
-            task: Any = self._task_json(await self._manager.poll(event.task_id))
+            task: Any = render(await self._manager.poll(event.task_id))
         except TaskNotFound:  # pruned since
             task = None
         data = json.dumps({"seq": event.seq, "event": event.kind, "task_id": event.task_id, "task": task})

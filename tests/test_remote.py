@@ -1,0 +1,142 @@
+"""RemoteTaskManager: what only the HTTP door does (the shared scenarios run in test_sync.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from imagetask import (
+    ConfigError,
+    RemoteTaskManager,
+    StoreError,
+    SyncRemoteTaskManager,
+    TaskManager,
+    TaskNotFound,
+    TooManyPending,
+    ValidationError,
+)
+from imagetask.providers import FakeProvider
+from imagetask.web import create_app
+
+
+async def _serve(app: Any) -> AsyncIterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[TaskManager, str, str]]:
+    """A real server in front of a manager with workers; alice's token."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(latency=0.1), poll_interval=0.05) as tm:
+        token = await tm.tokens.create("alice")
+        async for base in _serve(create_app(tm, max_pending=2)):
+            yield tm, base, token
+
+
+async def test_images_are_downloaded_once_and_checked(server, tmp_path):
+    """wait() returns the task with each image downloaded into `images` under its sha256
+    (the bytes match the server's file), and `url` pointing at the server."""
+    tm, base, token = server
+    async with RemoteTaskManager(base, token=token, images=tmp_path / "dl") as remote:
+        task = await remote.submit("a boat", n=2)
+        done = await remote.wait(task.id, timeout=10)
+    local = await tm.poll(task.id)
+    for mine, theirs in zip(done.images, local.images, strict=True):
+        assert (
+            mine.path.parent.parent == tmp_path / "dl" and mine.path.read_bytes() == theirs.path.read_bytes()
+        )
+        assert hashlib.sha256(mine.path.read_bytes()).hexdigest() == theirs.sha256
+        assert mine.url is not None and mine.url.startswith(base + "/api/tasks/")
+
+
+async def test_without_download_only_urls_are_given(server, tmp_path):
+    """download=False writes no file; each image still has its url."""
+    _, base, token = server
+    async with RemoteTaskManager(base, token=token, images=tmp_path / "dl", download=False) as remote:
+        done = await remote.wait((await remote.submit("x")).id, timeout=10)
+    assert done.images[0].url and not (tmp_path / "dl").exists()
+
+
+async def test_wait_polls_when_the_stream_is_down(tmp_path):
+    """With the event stream answering 503, wait() still returns the finished task, by
+    polling every poll_interval."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(latency=0.2), poll_interval=0.05) as tm:
+        token = await tm.tokens.create("alice")
+
+        async def down(request: Any) -> JSONResponse:
+            return JSONResponse({"error": {"code": "down", "message": "no stream", "field": None}}, 503)
+
+        app = Starlette(routes=[Route("/api/stream", down), Mount("/", create_app(tm))])
+        async for base in _serve(app):
+            async with RemoteTaskManager(
+                base, token=token, poll_interval=0.1, images=tmp_path / "dl"
+            ) as remote:
+                task = await remote.submit("p")
+                done = await remote.wait(task.id, timeout=10)
+                assert done.ok and done.images[0].path.is_file()
+
+
+async def test_errors_over_http_are_the_local_ones(server, tmp_path):
+    """An unknown id is TaskNotFound (also in as_completed, before anything is yielded),
+    another owner is a ValidationError naming owner, max_pending is TooManyPending with its
+    numbers, a bad token fails at open with ConfigError, no server is a StoreError."""
+    tm, base, token = server
+    async with RemoteTaskManager(base, token=token, images=tmp_path / "dl") as remote:
+        with pytest.raises(TaskNotFound):
+            await remote.poll("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        with pytest.raises(TaskNotFound):
+            async for _ in remote.as_completed(["01ARZ3NDEKTSV4RRFFQ69G5FAV"], timeout=5):
+                pass
+        with pytest.raises(ValidationError) as caught:
+            await remote.submit("p", owner="bob")
+        assert caught.value.field == "owner"
+        await tm.aclose()  # keep the tasks queued: workers no longer run them
+    async with TaskManager(tm.path, provider=FakeProvider(), workers=False) as quiet:
+        token = await quiet.tokens.create("carol")
+        async for quiet_base in _serve(create_app(quiet, max_pending=2)):
+            async with RemoteTaskManager(quiet_base, token=token) as remote:
+                await remote.submit("1")
+                await remote.submit("2")
+                with pytest.raises(TooManyPending) as full:
+                    await remote.submit("3")
+                assert (full.value.owner, full.value.pending, full.value.limit) == ("carol", 2, 2)
+            with pytest.raises(ConfigError):
+                await RemoteTaskManager(quiet_base, token="itk_aaaaaaaaaaaa_" + "x" * 43).open()
+    with pytest.raises(StoreError):
+        await RemoteTaskManager(base, token=token).open()  # that server has stopped
+
+
+async def test_the_sync_remote_door_blocks_and_says_what_it_cannot_do(server):
+    """SyncRemoteTaskManager submits and waits blocking (from a thread, as a script would);
+    health and prune, which need the database itself, raise ConfigError."""
+    _, base, token = server
+
+    def blocking() -> None:
+        with SyncRemoteTaskManager(base, token=token) as remote:
+            assert remote.wait(remote.submit("p").id, timeout=10).ok
+            with pytest.raises(ConfigError):
+                remote.health()
+            with pytest.raises(ConfigError):
+                remote.prune(0)
+
+    await asyncio.to_thread(blocking)
