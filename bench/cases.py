@@ -923,6 +923,11 @@ def startup_cli_ls(tmp: Path, quick: bool) -> dict[str, float]:
     return _process_rate(cmd, 3 if quick else 15)
 
 
+import web_cases  # noqa: E402  (bench/ is not a package: its folder is on the path)
+
+web_cases.register(case, n_ops)
+
+
 def main() -> None:
     import argparse
 

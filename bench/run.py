@@ -40,6 +40,7 @@ REPS = {
     "imagetask.claim_finish": 3,
     "stdlib.claim_finish_file": 3,
     "memory.drain_100k": 1,
+    "web.sse_streams": 1,
     "imagetask.drain": 3,
     "asyncio.drain": 3,
 }
@@ -70,6 +71,8 @@ TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
      "imagetask.pending_all_big", "<=", 1.2),
     ("list(status=...) page, 1,000,000 vs 1,000 finished rows", "ops", "imagetask.list_failed_1k",
      "imagetask.list_failed_big", "<=", 1.2),
+    ("poll over HTTP (uvicorn, token, task JSON) vs a bare Starlette route, same read", "ops", "web.poll",
+     "starlette.poll", ">=", 0.8),
     ("makespan / ideal (L=100 ms, N=1,000, C=16)", "ratio", "e2e.makespan", None, "<=", 1.05),
     ("same-process wake-up p50 (ms)", "p50_us", "wake.same_process", None, "<", 2000),
     ("peak RSS: 1,000,000 / 1,000 finished rows", "rss_peak_mb", "memory.finished_big",
@@ -88,6 +91,7 @@ REFERENCES: list[tuple[str, str, str]] = [
      "aiosqlite.submit_one_hop"),
     ("`imagetask ls` (a whole command) vs `python -c 'import sqlite3'`", "startup.cli_ls",
      "startup.python_sqlite"),
+    ("POST /api/tasks vs GET of the bare Starlette route", "web.submit", "starlette.poll"),
 ]  # fmt: skip
 
 
