@@ -47,16 +47,33 @@ class Web:
         self.bob = {"Authorization": f"Bearer {bob}"}
 
 
-@pytest.fixture
-async def web(tmp_path: Path) -> AsyncIterator[Web]:
+@pytest.fixture(params=["asgi", "uvicorn"])
+async def web(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Web]:
+    """The app on an open manager, called in-process (ASGI) or over a real uvicorn server."""
     async with TaskManager(
         tmp_path / "t.db", provider=FakeProvider(latency=0.05), poll_interval=0.05, retry_delay=0.01
     ) as tm:
         alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
         app = create_app(tm, max_pending=5, max_body=64 * 1024, max_upload=512 * 1024)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield Web(tm, client, alice, bob)
+        if request.param == "asgi":
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield Web(tm, client, alice, bob)
+            return
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                yield Web(tm, client, alice, bob)
+        finally:
+            server.should_exit = True
+            await serving
+            sock.close()
 
 
 # --- the JSON API ---------------------------------------------------------------------------
@@ -214,11 +231,16 @@ async def test_missing_or_wrong_credentials_are_401_on_every_api_route(web):
 async def test_another_owners_task_is_404_on_every_route_and_never_on_bobs_stream(web):
     """Bob's token gets 404 for alice's task, image, thumbnail, events, cancel and seed poll,
     exactly as for a task that does not exist; alice's task is untouched."""
-    task = (await web.client.post("/api/tasks", json={"prompt": "mine"}, headers=web.alice)).json()
+    files = [("images", ("a.png", png(), "image/png"))]
+    task = (
+        await web.client.post("/api/tasks", data={"prompt": "mine"}, files=files, headers=web.alice)
+    ).json()
     await web.tm.wait(task["id"], timeout=10)
     tid = task["id"]
+    assert (await web.client.get(f"/api/tasks/{tid}/references/0", headers=web.alice)).status_code == 200
     for method, url in [("GET", f"/api/tasks/{tid}"), ("GET", f"/api/tasks/{tid}/images/0"),
                         ("GET", f"/api/tasks/{tid}/images/0?w=64"), ("GET", f"/api/tasks/{tid}/events"),
+                        ("GET", f"/api/tasks/{tid}/references/0"),
                         ("POST", f"/api/tasks/{tid}/cancel")]:  # fmt: skip
         theirs = await web.client.request(method, url, headers=web.bob)
         nothing = await web.client.request(method, url.replace(tid, "01" + "0" * 24), headers=web.bob)
