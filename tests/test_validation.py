@@ -287,3 +287,21 @@ async def test_a_file_that_is_not_an_image_is_named_in_the_error(make_manager, t
     with pytest.raises(ValidationError) as info:
         await tm.submit("fine", images=[path])
     assert str(path) in str(info.value) and "0x" not in str(info.value)
+
+
+async def test_an_eps_reference_is_refused_without_reaching_ghostscript(make_manager):
+    """An EPS file given as a reference image is a ValidationError naming images[0]; Pillow is
+    never asked to hand it to Ghostscript (only plain decoders are allowed)."""
+    tm = await make_manager(workers=False)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    with pytest.raises(ValidationError) as caught:
+        await tm.submit("x", images=[eps])
+    assert caught.value.field == "images[0]" and "Ghostscript" not in str(caught.value)
+
+
+async def test_metadata_with_a_lone_surrogate_is_refused(make_manager):
+    """Metadata holding a lone surrogate (valid in ASCII JSON, not in UTF-8) is refused."""
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError) as caught:
+        await tm.submit("x", metadata={"k": "\ud800"})
+    assert caught.value.field == "metadata" and "surrogate" in str(caught.value)

@@ -4,6 +4,7 @@ through httpx against the ASGI app in-process and against a real uvicorn server.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import sqlite3
@@ -96,7 +97,8 @@ async def test_submit_answers_202_with_the_queued_task_and_poll_shows_it_end(web
 
 async def test_images_have_a_strong_etag_immutable_caching_and_a_cached_thumbnail(web):
     """An image answers its bytes with ETag = its sha256 and immutable caching; If-None-Match
-    gives 304; ?w=32 is a WebP at most 32 wide, written to the thumbnail cache once."""
+    gives 304; ?w=32 is a WebP 64 wide (the next of the fixed widths), written to the
+    thumbnail cache once; a width past the image's own is the image's width."""
     task = (await web.client.post("/api/tasks", json={"prompt": "p"}, headers=web.alice)).json()
     done = await web.tm.wait(task["id"], timeout=10)
     r = await web.client.get(f"/api/tasks/{task['id']}/images/0", headers=web.alice)
@@ -109,10 +111,13 @@ async def test_images_have_a_strong_etag_immutable_caching_and_a_cached_thumbnai
     assert again.status_code == 304 and again.content == b""
     thumb = await web.client.get(f"/api/tasks/{task['id']}/images/0?w=32", headers=web.alice)
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
-    with Image.open(__import__("io").BytesIO(thumb.content)) as im:
-        assert im.width <= 32
+    with Image.open(io.BytesIO(thumb.content)) as im:
+        assert im.width == 64
+    wide = await web.client.get(f"/api/tasks/{task['id']}/images/0?w=2000", headers=web.alice)
+    with Image.open(io.BytesIO(wide.content)) as im:
+        assert im.width == done.images[0].width
     cache = web.tm.images_root.with_name(web.tm.images_root.name + "-thumbnails")
-    assert len(list(cache.rglob("*.webp"))) == 1
+    assert len(list(cache.rglob("*.webp"))) == 2
     bad = await web.client.get(f"/api/tasks/{task['id']}/images/0?w=5", headers=web.alice)
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "w"
     missing = await web.client.get(f"/api/tasks/{task['id']}/images/7", headers=web.alice)
@@ -442,3 +447,57 @@ async def test_the_apps_lifespan_opens_and_closes_a_manager_it_was_given_closed(
         async with app.router.lifespan_context(app):
             pass
         assert mine.is_open
+
+
+async def test_thumbnails_asked_at_once_are_made_once_and_whole(web):
+    """Twenty requests at once for the same new thumbnail all answer the same whole WebP,
+    and the cache holds one file and no temporary one."""
+    task = (await web.client.post("/api/tasks", json={"prompt": "p"}, headers=web.alice)).json()
+    await web.tm.wait(task["id"], timeout=10)
+    url = f"/api/tasks/{task['id']}/images/0?w=100"
+    answers = await asyncio.gather(*(web.client.get(url, headers=web.alice) for _ in range(20)))
+    assert {r.status_code for r in answers} == {200} and len({r.content for r in answers}) == 1
+    with Image.open(io.BytesIO(answers[0].content)) as im:
+        im.load()
+    cache = web.tm.images_root.with_name(web.tm.images_root.name + "-thumbnails")
+    assert [p.name.endswith(".webp") for p in cache.rglob("*") if p.is_file()] == [True]
+
+
+async def test_a_16_bit_reference_gets_a_thumbnail(web):
+    """A 16-bit greyscale PNG reference is stored, and its thumbnail is a WebP, not a 500."""
+    buf = io.BytesIO()
+    Image.new("I;16", (40, 40), 1000).save(buf, format="PNG")
+    files = [("images", ("deep.png", buf.getvalue(), "image/png"))]
+    r = await web.client.post("/api/tasks", data={"prompt": "p"}, files=files, headers=web.alice)
+    assert r.status_code == 202, r.text
+    thumb = await web.client.get(f"/api/tasks/{r.json()['id']}/references/0?w=64", headers=web.alice)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/api/tasks?limit=%C2%B2", "/api/tasks?limit=" + "9" * 5000, "/api/tasks/{id}/images/%C2%B2",
+     "/api/tasks/{id}/images/0?w=%C2%B2", "/api/stream?ticket=a.1.%C3%A9", "/api/stream?ticket=a.%C2%B2.b"],
+)  # fmt: skip
+async def test_odd_numbers_and_tickets_are_4xx_never_5xx(web, url):
+    """Unicode digits, 5,000-digit numbers and non-ASCII tickets are refused (401/404/422), not 500."""
+    task = (await web.client.post("/api/tasks", json={"prompt": "p"}, headers=web.alice)).json()
+    headers = {} if "ticket" in url else web.alice
+    r = await web.client.get(url.replace("{id}", task["id"]), headers=headers)
+    assert 400 <= r.status_code < 500, (url, r.status_code, r.text[:200])
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"prompt": "x", "metadata": {"k": "\\ud800"}}', '{"prompt": "x", "\\ud800": 1}', "[" * 60000],
+)
+async def test_surrogates_and_deep_nesting_are_refused_and_write_nothing(web, body):
+    """A lone surrogate in metadata or in a field name, and JSON nested 60,000 deep, are 4xx,
+    nothing is written, and the owner's task list still answers."""
+    before = snapshot(web.tm.path)
+    r = await web.client.post(
+        "/api/tasks", content=body, headers={**web.alice, "Content-Type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500, r.text[:200]
+    assert snapshot(web.tm.path) == before
+    assert (await web.client.get("/api/tasks", headers=web.alice)).status_code == 200

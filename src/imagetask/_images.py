@@ -89,6 +89,10 @@ def inspect(data: bytes) -> Inspected:
     return Inspected(mime, width, height)
 
 
+#: What Pillow may open: the stored formats, and those a reference image is converted from.
+_READ_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 @contextlib.contextmanager
 def _opened(data: bytes) -> Iterator[Image.Image]:
     """Pillow's image of ``data`` (header read, pixels not yet decoded). Its own
@@ -98,7 +102,8 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
+        # Only formats with a plain decoder: never EPS or PDF, which Pillow hands to Ghostscript.
+        im = Image.open(io.BytesIO(data), formats=_READ_FORMATS)
     with im:
         yield im
 

@@ -473,6 +473,11 @@ def _check_metadata(metadata: object) -> str:
     _check_metadata_shape(metadata)
     try:
         text = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+        # ASCII JSON escapes a lone surrogate ("\ud800") that no UTF-8 reader can take back:
+        # such metadata would be stored, then break every answer that carries it.
+        json.dumps(dict(metadata), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValidationError("metadata", "contains a lone surrogate, which is not valid Unicode") from None
     except (TypeError, ValueError) as exc:
         raise ValidationError("metadata", f"must be JSON-serialisable: {exc}") from None
     if len(text.encode()) > _config.MAX_METADATA_BYTES:

@@ -12,15 +12,15 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
 from .._jsonout import event_json, task_json
 from ._auth import Auth, AuthCallable
-from ._errors import ApiError, error_response, not_found, read_body, read_json
-from ._files import image_response
+from ._errors import ApiError, AsciiJSON, digits, error_response, not_found, read_body, read_json
+from ._files import Thumbnails, image_response
 from ._openapi import openapi
 from ._stream import Hub
 
@@ -75,7 +75,7 @@ def create_app(
         secret: The key that signs stream tickets; give every process behind one address the
             same one (default: random for this app).
     """
-    thumbs = thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails")
+    thumbs = Thumbnails(thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails"))
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager)
 
@@ -127,7 +127,7 @@ def create_app(
         if key is not None and "idempotency_key" not in fields:
             fields["idempotency_key"] = key
         task = await _submit(manager, owner, fields, images, max_pending)
-        return JSONResponse(as_json(request)(task), status_code=202)
+        return AsciiJSON(as_json(request)(task), status_code=202)
 
     async def submit_batch(request: Request) -> Response:
         owner = await access.owner(request)
@@ -146,11 +146,11 @@ def create_app(
                 raise
         tasks = await manager.submit_many(requests, max_pending=max_pending)
         render = as_json(request)
-        return JSONResponse({"tasks": [render(t) for t in tasks]}, status_code=202)
+        return AsciiJSON({"tasks": [render(t) for t in tasks]}, status_code=202)
 
     async def get_task(request: Request) -> Response:
         owner = await access.owner(request)
-        return JSONResponse(as_json(request)(await own_task(request, owner)))
+        return AsciiJSON(as_json(request)(await own_task(request, owner)))
 
     async def list_tasks(request: Request) -> Response:
         owner = await access.owner(request)
@@ -162,24 +162,22 @@ def create_app(
         tasks = await manager.list(owner=owner, status=status, limit=limit, before=before)
         render = as_json(request)
         more = len(tasks) == limit
-        return JSONResponse(
-            {"tasks": [render(t) for t in tasks], "next_before": tasks[-1].id if more else None}
-        )
+        return AsciiJSON({"tasks": [render(t) for t in tasks], "next_before": tasks[-1].id if more else None})
 
     async def pending(request: Request) -> Response:
         owner = await access.owner(request)
         render = as_json(request)
-        return JSONResponse({"tasks": [render(t) for t in await manager.pending(owner=owner)]})
+        return AsciiJSON({"tasks": [render(t) for t in await manager.pending(owner=owner)]})
 
     async def cancel(request: Request) -> Response:
         owner = await access.owner(request)
         task = await own_task(request, owner)
-        return JSONResponse(as_json(request)(await manager.cancel(task.id)))
+        return AsciiJSON(as_json(request)(await manager.cancel(task.id)))
 
     async def events(request: Request) -> Response:
         owner = await access.owner(request)
         task = await own_task(request, owner)
-        return JSONResponse({"events": [event_json(e) for e in await manager.events(task.id)]})
+        return AsciiJSON({"events": [event_json(e) for e in await manager.events(task.id)]})
 
     async def image(request: Request) -> Response:
         owner = await access.owner(request)
@@ -198,15 +196,15 @@ def create_app(
     async def credits(request: Request) -> Response:
         owner = await access.owner(request)
         balance = await manager.credits.balance(owner)
-        return JSONResponse({"owner": owner, "balance": balance, "charging": manager.charging})
+        return AsciiJSON({"owner": owner, "balance": balance, "charging": manager.charging})
 
     async def me(request: Request) -> Response:
         owner = await access.owner(request)
-        return JSONResponse({"owner": owner, "charging": manager.charging, "max_pending": max_pending})
+        return AsciiJSON({"owner": owner, "charging": manager.charging, "max_pending": max_pending})
 
     async def ticket(request: Request) -> Response:
         owner = await access.owner(request)
-        return JSONResponse({"ticket": access.ticket_for(owner), "expires_in": 300})
+        return AsciiJSON({"ticket": access.ticket_for(owner), "expires_in": 300})
 
     async def stream(request: Request) -> Response:
         owner = await access.owner(request, ticket=True)
@@ -229,7 +227,7 @@ def create_app(
                 raise ApiError(422, "invalid", f"unknown field; use {', '.join(sorted(_SEED_FIELDS))}", name)
             fields[_SEED_FIELDS[name]] = value
         task = await _submit(manager, owner, fields, [], max_pending)
-        return JSONResponse({"status": "processing", "taskId": task.id})
+        return AsciiJSON({"status": "processing", "taskId": task.id})
 
     async def seed_polling(request: Request) -> Response:
         owner = await access.owner(request)
@@ -240,18 +238,18 @@ def create_app(
         request.path_params["task_id"] = task_id
         task = await own_task(request, owner)
         if not task.done:
-            return JSONResponse({"status": "processing"})
+            return AsciiJSON({"status": "processing"})
         if task.ok:
             urls = [item["url"] for item in as_json(request)(task)["images"]]
-            return JSONResponse({"status": "completed", "images": urls})
+            return AsciiJSON({"status": "completed", "images": urls})
         error = task.error
         reason = {"code": error.code, "message": error.message} if error else {"code": task.status.value}
-        return JSONResponse({"status": "failed", "error": reason})
+        return AsciiJSON({"status": "failed", "error": reason})
 
     async def seed_pending(request: Request) -> Response:
         owner = await access.owner(request)
         found = await manager.pending(owner=owner)
-        return JSONResponse(
+        return AsciiJSON(
             {
                 "pendingTasks": [
                     {
@@ -273,7 +271,7 @@ def create_app(
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def spec(request: Request) -> Response:
-        return JSONResponse(openapi(base(request)))
+        return AsciiJSON(openapi(base(request)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -329,10 +327,7 @@ def _only(query: Mapping[str, str], allowed: set[str]) -> None:
             raise ApiError(422, "invalid", f"unknown query parameter; use {', '.join(sorted(allowed))}", name)
 
 
-def _int_param(value: str, field: str, low: int, high: int) -> int:
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise ApiError(422, "invalid", f"must be an integer from {low} to {high}, got {value!r}", field)
-    return int(value)
+_int_param = digits  # the one parser of integer parameters
 
 
 async def _submit_input(
@@ -348,7 +343,7 @@ async def _submit_input(
                     422, "invalid", f"unknown field; use {', '.join(sorted(_SUBMIT_FIELDS))}", name
                 )
         return body, []
-    raw = await read_body(request, max_upload)
+    raw = await read_body(request, max_upload, "max_upload")
 
     # The form is parsed from the body already read (its size checked), not from the socket.
     async def replay() -> dict[str, Any]:
@@ -383,7 +378,7 @@ async def _submit_input(
 
         try:
             fields["metadata"] = json.loads(fields["metadata"])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(422, "invalid", "must be a JSON object", "metadata") from None
     return fields, images
 

@@ -64,10 +64,13 @@ class Auth:
 
     def _check_ticket(self, ticket: str) -> str | None:
         parts = ticket.split(".")
-        if len(parts) != 3 or not parts[1].isdigit():
+        if len(parts) != 3 or not ticket.isascii() or not parts[1].isdigit() or len(parts[1]) > 12:
             return None
         name, expires, signature = parts[0], int(parts[1]), parts[2]
-        if not hmac.compare_digest(signature, self._sign(name, expires)) or expires < time.time():
+        if (
+            not hmac.compare_digest(signature.encode(), self._sign(name, expires).encode())
+            or expires < time.time()
+        ):
             return None
         try:
             return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()

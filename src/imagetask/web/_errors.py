@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from .. import InsufficientCredits, TaskNotFound, TooManyPending, ValidationError
 from .._exceptions import ConfigError, StoreError
 
-__all__ = ["ApiError", "error_response", "read_body", "read_json"]
+__all__ = ["ApiError", "AsciiJSON", "digits", "error_response", "read_body", "read_json"]
 
 
 class ApiError(Exception):
@@ -66,14 +66,29 @@ def not_found() -> ApiError:
     return ApiError(404, "not_found", "no such task")
 
 
+class AsciiJSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: an answer that echoes odd input (a lone
+    surrogate in a field name) is still valid UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def digits(value: str, field: str, low: int, high: int) -> int:
+    """An integer parameter from ASCII digits (not "²", not 5,000 of them), in range, or 422."""
+    if not (0 < len(value) <= 19 and value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise ApiError(422, "invalid", f"must be an integer from {low} to {high}, got {value[:40]!r}", field)
+    return int(value)
+
+
 def error_response(error: ApiError) -> JSONResponse:
     body: dict[str, Any] = {"code": error.code, "message": error.message, "field": error.field}
     if error.details is not None:
         body["details"] = error.details
-    return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
+    return AsciiJSON({"error": body}, status_code=error.status, headers=error.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, name: str = "max_body") -> bytes:
     """The whole body, refusing (413) one over ``limit`` bytes before reading it when its
     length is declared, and as soon as it passes the limit when it is not."""
     declared = request.headers.get("content-length")
@@ -83,19 +98,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise ApiError(400, "bad_request", "Content-Length is not a number") from None
         if length > limit:
-            raise too_large(limit)
+            raise too_large(limit, name)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large(limit)
+            raise too_large(limit, name)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def too_large(limit: int) -> ApiError:
-    return ApiError(413, "too_large", f"the request body is over {limit} bytes (max_body)")
+def too_large(limit: int, name: str = "max_body") -> ApiError:
+    return ApiError(413, "too_large", f"the request body is over {limit} bytes ({name})")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -106,6 +121,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_json", f"the body must be a JSON object, not {type(value).__name__}")
     return value

@@ -4,7 +4,9 @@ thumbnails cached on disk under the image's digest."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from starlette.requests import Request
@@ -13,7 +15,7 @@ from starlette.responses import FileResponse, Response
 from .. import Task
 from ._errors import ApiError
 
-__all__ = ["MAX_THUMB_WIDTH", "MIN_THUMB_WIDTH", "image_response"]
+__all__ = ["MAX_THUMB_WIDTH", "MIN_THUMB_WIDTH", "Thumbnails", "image_response"]
 
 MIN_THUMB_WIDTH = 16
 MAX_THUMB_WIDTH = 2048
@@ -21,38 +23,71 @@ MAX_THUMB_WIDTH = 2048
 _CACHE = "private, max-age=31536000, immutable"
 
 
+class Thumbnails:
+    """Downscaled WebP copies, cached on disk under the image's digest and one of a few
+    widths (a request's ``w`` is rounded up to the next of `WIDTHS`, at most the image's own
+    width), so the cache holds at most a handful per image. Each is made once: a second
+    request for the same one waits for the first; at most two are made at a time."""
+
+    #: The widths thumbnails are made at.
+    WIDTHS = (64, 128, 256, 512, 1024, 2048)
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._making: dict[str, asyncio.Lock] = {}
+        self._gate = asyncio.Semaphore(2)
+
+    def width_for(self, asked: int, image_width: int) -> int:
+        step = next((w for w in self.WIDTHS if w >= asked), self.WIDTHS[-1])
+        return min(step, image_width)
+
+    async def get(self, source: Path, sha256: str, width: int) -> Path:
+        target = self.folder / sha256[:2] / f"{sha256}-w{width}.webp"
+        if target.is_file():
+            return target
+        lock = self._making.setdefault(target.name, asyncio.Lock())
+        try:
+            async with lock:
+                if not target.is_file():
+                    async with self._gate:
+                        await asyncio.to_thread(_make_thumbnail, source, target, width)
+        finally:
+            if not lock.locked():
+                self._making.pop(target.name, None)
+        return target
+
+
 async def image_response(
-    request: Request, task: Task, index: int, thumbs: Path, *, references: bool = False
+    request: Request, task: Task, index: int, thumbs: Thumbnails, *, references: bool = False
 ) -> Response:
     """The task's image ``index`` (or reference image, with ``references``; ``?w=N``: a WebP
-    at most N pixels wide), with a strong ETag."""
+    about N pixels wide), with a strong ETag."""
     images = task.references if references else task.images
     if not 0 <= index < len(images):
-        raise ApiError(
-            404, "not_found", f"task {task.id} has no {'reference ' if references else ''}image {index}"
-        )
+        kind = "reference image" if references else "image"
+        raise ApiError(404, "not_found", f"task {task.id} has no {kind} {index}")
     image = images[index]
-    width = _width(request.query_params.get("w"))
+    asked = _width(request.query_params.get("w"))
+    width = None if asked is None else thumbs.width_for(asked, image.width)
     etag = f'"{image.sha256}"' if width is None else f'"{image.sha256}-w{width}"'
-    headers = {"ETag": etag, "Cache-Control": _CACHE}
+    headers = {"ETag": etag, "Cache-Control": _CACHE, "X-Content-Type-Options": "nosniff"}
     if etag in _etags(request.headers.get("if-none-match", "")):
         return Response(status_code=304, headers=headers)
+    if not image.path.is_file():
+        raise ApiError(410, "gone", f"the file of image {index} of task {task.id} is missing")
     if width is None:
-        if not image.path.is_file():
-            raise ApiError(410, "gone", f"the file of image {index} of task {task.id} is missing")
         return FileResponse(image.path, media_type=image.mime, headers=headers)
-    cached = thumbs / image.sha256[:2] / f"{image.sha256}-w{width}.webp"
-    if not cached.is_file():
-        if not image.path.is_file():
-            raise ApiError(410, "gone", f"the file of image {index} of task {task.id} is missing")
-        await asyncio.to_thread(_make_thumbnail, image.path, cached, width)
-    return FileResponse(cached, media_type="image/webp", headers=headers)
+    return FileResponse(
+        await thumbs.get(image.path, image.sha256, width), media_type="image/webp", headers=headers
+    )
 
 
 def _width(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or not MIN_THUMB_WIDTH <= int(value) <= MAX_THUMB_WIDTH:
+    if not (value.isascii() and value.isdigit() and len(value) <= 5):
+        value = "0"
+    if not MIN_THUMB_WIDTH <= int(value) <= MAX_THUMB_WIDTH:
         raise ApiError(
             422, "invalid", f"must be a width from {MIN_THUMB_WIDTH} to {MAX_THUMB_WIDTH} pixels", "w"
         )
@@ -64,12 +99,22 @@ def _etags(header: str) -> set[str]:
 
 
 def _make_thumbnail(source: Path, target: Path, width: int) -> None:
-    """Write a WebP of ``source`` at most ``width`` wide, atomically (a reader never sees half)."""
+    """Write a WebP of ``source`` ``width`` wide, atomically under a name of its own (another
+    process may be writing the same one: the last rename wins, both whole)."""
     from PIL import Image
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(source) as im:
-        im.thumbnail((width, width * 4))
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        im.save(tmp, format="WEBP", quality=80)
-    os.replace(tmp, target)
+    with Image.open(source) as opened:
+        opened.thumbnail((width, width * 4))
+        im: Image.Image = opened
+        if im.mode not in ("RGB", "RGBA"):  # 16-bit, palette, CMYK...: WebP takes RGB(A)
+            im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                im.save(out, format="WEBP", quality=80)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
