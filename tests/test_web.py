@@ -501,3 +501,79 @@ async def test_surrogates_and_deep_nesting_are_refused_and_write_nothing(web, bo
     assert 400 <= r.status_code < 500, r.text[:200]
     assert snapshot(web.tm.path) == before
     assert (await web.client.get("/api/tasks", headers=web.alice)).status_code == 200
+
+
+async def _stream_ended(response: httpx.Response) -> bool:
+    async for _ in response.aiter_lines():
+        pass
+    return True
+
+
+async def test_revoking_a_token_ends_its_streams_and_its_tickets(served_fast):
+    """A stream opened with a token ends at the next keepalive once the token is revoked, and
+    a ticket minted with it no longer opens a stream."""
+    base, tm, alice, _ = served_fast
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        ticket = (await c.post("/api/stream/ticket", headers=bearer(alice))).json()["ticket"]
+        async with c.stream("GET", "/api/stream", headers=bearer(alice)) as stream:
+            await tm.tokens.revoke(alice)
+            assert await asyncio.wait_for(_stream_ended(stream), 5)
+        assert (await c.get(f"/api/stream?ticket={ticket}")).status_code == 401
+
+
+async def test_streams_end_when_the_manager_closes(served_fast):
+    """When the manager closes under a mounted app (its lifespan does not run), open streams
+    end instead of hanging with nothing to say."""
+    base, tm, alice, _ = served_fast
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/api/stream", headers=bearer(alice)) as stream:
+            await tm.aclose()
+            assert await asyncio.wait_for(_stream_ended(stream), 5)
+
+
+@pytest.fixture
+async def served_fast(tmp_path: Path) -> AsyncIterator[tuple[str, TaskManager, str, str]]:
+    """A real server whose streams send a keepalive every 0.2 s."""
+    tm = await TaskManager(tmp_path / "t.db", provider=FakeProvider(), poll_interval=0.05).open()
+    alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(tm, keepalive=0.2)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", tm, alice, bob
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+        await tm.aclose()
+
+
+async def test_cookie_signed_writes_from_another_site_are_refused(tmp_path):
+    """With auth= reading a cookie, a POST the browser marks cross-site (Sec-Fetch-Site, or an
+    Origin of another host) is 403 and writes nothing; the same POST from the app's own page
+    is accepted; reads are not affected; a non-imagetask Authorization header reaches auth."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        app = create_app(
+            tm, auth=lambda request: request.cookies.get("user") or request.headers.get("x-user")
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app.test") as c:
+            c.cookies.set("user", "dana")
+            before = snapshot(tm.path)
+            for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example"}):
+                r = await c.post("/api/tasks", json={"prompt": "x"}, headers=headers)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site"
+                r = await c.post("/api/generate-image", content='{"prompt": "x"}', headers=headers)
+                assert r.status_code == 403
+            assert snapshot(tm.path) == before
+            ok = await c.post("/api/tasks", json={"prompt": "x"}, headers={"Sec-Fetch-Site": "same-origin"})
+            assert ok.status_code == 202
+            assert (await c.get("/api/tasks", headers={"Sec-Fetch-Site": "cross-site"})).status_code == 200
+            c.cookies.clear()
+            r = await c.get("/api/credits", headers={"Authorization": "Basic abc", "x-user": "erin"})
+            assert r.json()["owner"] == "erin"

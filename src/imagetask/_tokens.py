@@ -118,6 +118,16 @@ class Tokens:
             return None
         return owner
 
+    async def get(self, token_id: str) -> TokenInfo | None:
+        """What is known of the token with this id (revoked or not), or None."""
+        if not isinstance(token_id, str) or _ID.fullmatch(token_id) is None:
+            return None
+        store = self._manager._require_open()
+        found = store.try_token(token_id.removeprefix("itk_"))
+        if found is WOULD_WAIT:
+            found = await store.token(token_id.removeprefix("itk_"))
+        return None if found is None else TokenInfo._from_row(found)
+
     async def revoke(self, token_or_id: str) -> bool:
         """Revoke a token, given the token or its id; False when there was no valid one.
 

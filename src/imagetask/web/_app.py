@@ -18,7 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
 from .._jsonout import event_json, task_json
-from ._auth import Auth, AuthCallable
+from ._auth import TICKET_SECONDS, Auth, AuthCallable
 from ._errors import ApiError, AsciiJSON, digits, error_response, not_found, read_body, read_json
 from ._files import Thumbnails, image_response
 from ._openapi import openapi
@@ -54,6 +54,7 @@ def create_app(
     max_pending: int | None = 100,
     thumbnails: Path | None = None,
     secret: bytes | None = None,
+    keepalive: float = 15.0,
 ) -> Starlette:
     """An ASGI app serving ``manager``'s tasks over HTTP.
 
@@ -74,10 +75,12 @@ def create_app(
         thumbnails: Where downscaled images are cached (default: beside the image folder).
         secret: The key that signs stream tickets; give every process behind one address the
             same one (default: random for this app).
+        keepalive: Seconds between the comments an idle stream gets (so proxies keep it);
+            each also checks that the stream's token was not revoked meanwhile.
     """
     thumbs = Thumbnails(thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails"))
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
-    hub = Hub(manager)
+    hub = Hub(manager, keepalive)
 
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
@@ -203,15 +206,15 @@ def create_app(
         return AsciiJSON({"owner": owner, "charging": manager.charging, "max_pending": max_pending})
 
     async def ticket(request: Request) -> Response:
-        owner = await access.owner(request)
-        return AsciiJSON({"ticket": access.ticket_for(owner), "expires_in": 300})
+        who = await access.identity(request)
+        return AsciiJSON({"ticket": access.ticket_for(who), "expires_in": TICKET_SECONDS})
 
     async def stream(request: Request) -> Response:
-        owner = await access.owner(request, ticket=True)
+        who = await access.identity(request, ticket=True)
         raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         last_id = None if raw in (None, "") else _int_param(raw, "Last-Event-ID", 0, 2**62)
         return StreamingResponse(
-            hub.events(owner, last_id, as_json(request)),
+            hub.events(who.owner, last_id, as_json(request), lambda: access.still_valid(who)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )

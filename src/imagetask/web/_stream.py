@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .. import Task, TaskEvent, TaskManager, TaskNotFound
+from .. import ConfigError, Task, TaskEvent, TaskManager, TaskNotFound
 
 __all__ = ["Hub"]
 
@@ -25,8 +25,9 @@ _QUEUE = 1000
 class Hub:
     """Fans the manager's event feed out to the streams, by owner."""
 
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: TaskManager, keepalive: float = KEEPALIVE_SECONDS) -> None:
         self._manager = manager
+        self._keepalive = keepalive
         self._streams: dict[str, set[asyncio.Queue[TaskEvent | None]]] = {}
         self._feed: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -58,9 +59,18 @@ class Hub:
                         self._streams[event.owner].discard(queue)
                     else:
                         queue.put_nowait(event)
+        except ConfigError:  # the manager closed: nothing more will come
+            pass
         except Exception:
-            log.exception("the event feed of the web streams stopped")
+            log.exception("the event feed of the web streams stopped; the streams end, and clients reconnect")
             raise
+        finally:
+            # The feed ended (an error, or the manager closed): end every stream now rather
+            # than leave it open with nothing coming; clients reconnect and resume.
+            for queues in self._streams.values():
+                for queue in queues:
+                    queue.put_nowait(None)
+            self._streams.clear()
 
     async def _ensure_feed(self) -> None:
         async with self._starting:
@@ -69,10 +79,15 @@ class Hub:
                 self._feed = asyncio.create_task(self._run(), name="imagetask-web-feed")
 
     async def events(
-        self, owner: str, last_id: int | None, render: Callable[[Task], dict[str, Any]]
+        self,
+        owner: str,
+        last_id: int | None,
+        render: Callable[[Task], dict[str, Any]],
+        alive: Callable[[], Awaitable[bool]],
     ) -> AsyncIterator[str]:
         """The SSE messages of ``owner``'s task changes, after event ``last_id`` when given;
-        ``render`` turns a task into its JSON (with URLs under the stream's own prefix)."""
+        ``render`` turns a task into its JSON (with URLs under the stream's own prefix);
+        ``alive`` is asked at every keepalive: False (its token was revoked) ends the stream."""
         queue: asyncio.Queue[TaskEvent | None] = asyncio.Queue()
         await self._ensure_feed()
         # No await between reading the position and joining: every later event reaches the
@@ -93,8 +108,10 @@ class Hub:
                 after = found[-1].seq
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                    event = await asyncio.wait_for(queue.get(), self._keepalive)
                 except TimeoutError:
+                    if not await alive():
+                        return
                     yield ": keepalive\n\n"
                     continue
                 if event is None:
