@@ -27,6 +27,7 @@ from imagetask import (
 )
 from imagetask.providers import FakeProvider
 from imagetask.web import create_app
+from test_manager import png
 
 
 async def _serve(app: Any) -> AsyncIterator[str]:
@@ -140,3 +141,59 @@ async def test_the_sync_remote_door_blocks_and_says_what_it_cannot_do(server):
                 remote.prune(0)
 
     await asyncio.to_thread(blocking)
+
+
+def _evil_task(sha: str, url: str, images: int = 1) -> dict[str, Any]:
+    image = {"index": 0, "url": url, "mime": "image/png", "width": 8, "height": 8, "sha256": sha, "size": 10}
+    return {
+        "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "owner": "alice", "prompt": "p", "model": "fake", "params": {},
+        "status": "succeeded", "images": [dict(image, index=i) for i in range(images)], "references": [],
+        "error": None, "attempts": 1, "max_attempts": 3, "cost": 1, "metadata": {},
+        "idempotency_key": None, "created_at": None, "started_at": None, "finished_at": None,
+    }  # fmt: skip
+
+
+async def test_a_lying_server_cannot_steer_the_client(tmp_path):
+    """A server answering with image URLs on another host and a sha256 that is a path: the
+    client never requests another host (it builds image URLs itself), refuses the bad digest
+    with StoreError, writes nothing outside its images folder, and does not send a task id
+    that is not one (poll('../../credits') is TaskNotFound without a request)."""
+    seen: list[str] = []
+    png_bytes = png()
+    sha = hashlib.sha256(png_bytes).hexdigest()
+
+    async def me(request: Any) -> JSONResponse:
+        return JSONResponse({"owner": "alice"})
+
+    async def task(request: Any) -> JSONResponse:
+        seen.append(str(request.url))
+        if request.query_params.get("bad") or "BADSHA" in request.path_params["task_id"]:
+            return JSONResponse(_evil_task("../../outside", "https://evil.example/steal"))
+        return JSONResponse(_evil_task(sha, ".evil.example/steal", images=2))
+
+    async def image(request: Any) -> Any:
+        seen.append(str(request.url))
+        from starlette.responses import Response
+
+        return Response(png_bytes, media_type="image/png")
+
+    app = Starlette(
+        routes=[
+            Route("/api/me", me),
+            Route("/api/tasks/{task_id}", task),
+            Route("/api/tasks/{task_id}/images/{index}", image),
+        ]
+    )
+    async for base in _serve(app):
+        async with RemoteTaskManager(base, token="itk_x", images=tmp_path / "dl") as remote:
+            done = await remote.poll("01ARZ3NDEKTSV4RRFFQ69G5FAV")  # two images, one sha: one download
+            assert [im.path.read_bytes() for im in done.images] == [png_bytes, png_bytes]
+            assert all(im.url and im.url.startswith(base + "/api/tasks/") for im in done.images)
+            with pytest.raises(StoreError):
+                await remote.poll("01ARZ3NDEKTSV4RRFFQ69GBADSHA")
+            with pytest.raises(TaskNotFound):
+                await remote.poll("../../credits")
+    assert all(url.startswith(base) for url in seen)
+    assert not (tmp_path / "outside").exists() and [p.name for p in (tmp_path / "dl").rglob("*.png")] == [
+        f"{sha}.png"
+    ]

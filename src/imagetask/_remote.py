@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import tempfile
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +49,8 @@ __all__ = ["RemoteCredits", "RemoteTaskManager"]
 
 log = logging.getLogger("imagetask")
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 _SERVER_LIMIT = "is set by the server over HTTP (create_app(max_pending=...))"
 _EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
@@ -109,8 +113,6 @@ class RemoteTaskManager:
             raise ConfigError(f"base_url: must be an http:// or https:// URL, got {base_url!r}")
         _check_arg_seconds("poll_interval", poll_interval)
         self.base_url = base_url.rstrip("/")
-        parsed = httpx.URL(self.base_url)
-        self._origin = f"{parsed.scheme}://{parsed.netloc.decode()}"
         root = (
             Path(images) if images is not None else Path(platformdirs.user_cache_dir("imagetask")) / "remote"
         )
@@ -227,8 +229,7 @@ class RemoteTaskManager:
 
     async def poll(self, task_id: str) -> Task:
         """Same as `TaskManager.poll`: one request."""
-        _check_id(task_id)
-        return await self._task(await self._get(f"/api/tasks/{task_id}", task_id=task_id))
+        return await self._task(await self._get(f"/api/tasks/{_path_id(task_id)}", task_id=task_id))
 
     async def pending(self, owner: str | None = None) -> builtins.list[Task]:
         """Same as `TaskManager.pending`, for the token's owner."""
@@ -253,14 +254,13 @@ class RemoteTaskManager:
 
     async def events(self, task_id: str) -> tuple[TaskEvent, ...]:
         """Same as `TaskManager.events`."""
-        _check_id(task_id)
-        found = await self._get(f"/api/tasks/{task_id}/events", task_id=task_id)
+        found = await self._get(f"/api/tasks/{_path_id(task_id)}/events", task_id=task_id)
         return tuple(_event(e) for e in found["events"])
 
     async def cancel(self, task_id: str) -> Task:
         """Same as `TaskManager.cancel`."""
-        _check_id(task_id)
-        return await self._task(await self._send("POST", f"/api/tasks/{task_id}/cancel", task_id=task_id))
+        path = f"/api/tasks/{_path_id(task_id)}/cancel"
+        return await self._task(await self._send("POST", path, task_id=task_id))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Same as `TaskManager.wait`: told by the server's event stream, polling while it is down."""
@@ -320,7 +320,13 @@ class RemoteTaskManager:
                     first = False
                     data: str | None = None
                     async for line in lines:
-                        if line.startswith("id: "):
+                        if line.startswith(":"):  # a keepalive: look, in case an event was missed
+                            for task in await self._poll_all(left, False):
+                                left.discard(task.id)
+                                yield task
+                            if not left:
+                                return
+                        elif line.startswith("id: "):
                             last = int(line[4:])
                         elif line.startswith("data: "):
                             data = line[6:]
@@ -408,10 +414,15 @@ class RemoteTaskManager:
     # -- tasks from JSON --
 
     async def _task(self, data: Mapping[str, Any]) -> Task:
-        images = tuple(self._image(im) for im in data["images"])
-        references = tuple(self._image(im) for im in data.get("references", ()))
+        task_id = _task_id(data.get("id"))
+        images = tuple(self._image(task_id, "images", i, im) for i, im in enumerate(data["images"]))
+        references = tuple(
+            self._image(task_id, "references", i, im) for i, im in enumerate(data.get("references", ()))
+        )
         if self.download:
-            await asyncio.gather(*(self._fetch(im) for im in images + references if im.url is not None))
+            # One download per file: a task may hold the same picture twice (the same sha256).
+            unique = {im.path: im for im in images + references}
+            await asyncio.gather(*(self._fetch(im) for im in unique.values()))
         error = data.get("error")
         return Task(
             id=data["id"],
@@ -435,18 +446,24 @@ class RemoteTaskManager:
             finished_at=_time(data.get("finished_at")),
         )
 
-    def _image(self, data: Mapping[str, Any]) -> StoredImage:
-        sha = data["sha256"]
-        url = data.get("url")
+    def _image(self, task_id: str, kind: str, index: int, data: Mapping[str, Any]) -> StoredImage:
+        """An image of a task from the server's JSON. Its file name comes from its digest,
+        checked to be one; its URL is built here from the task id and index, never taken
+        from the answer (which could point the token at another host)."""
+        sha, mime = data.get("sha256"), data.get("mime")
+        if not isinstance(sha, str) or _SHA256.fullmatch(sha) is None or mime not in _EXT:
+            raise StoreError(
+                f"{self.base_url} described an image of task {task_id} with a bad sha256 or mime"
+            )
         return StoredImage(
-            path=self.images_root / sha[:2] / f"{sha}{_EXT.get(data['mime'], '')}",
-            mime=data["mime"],
+            path=self.images_root / sha[:2] / f"{sha}{_EXT[mime]}",
+            mime=mime,
             width=data["width"],
             height=data["height"],
             sha256=sha,
             size=data["size"],
-            index=data.get("index", 0),
-            url=None if url is None else self._origin + url,  # the server answers paths from its root
+            index=index,
+            url=f"{self.base_url}/api/tasks/{task_id}/{kind}/{index}",
         )
 
     async def _fetch(self, image: StoredImage) -> None:
@@ -466,10 +483,34 @@ class RemoteTaskManager:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write under a temporary name of its own, then rename: a reader never sees half a file,
+    and two writers of the same file (two tasks with one picture) both end whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _task_id(value: object) -> str:
+    """A task id as the server may send it: letters and digits only (it goes into URLs)."""
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
+        raise StoreError(f"the server sent a task id that is not one: {str(value)[:40]!r}")
+    return value
+
+
+def _path_id(task_id: str) -> str:
+    """``task_id`` for a URL path: an id with other characters than letters and digits is
+    no task's (and could escape the path), so it is not found, without asking."""
+    _check_id(task_id)
+    if _ID.fullmatch(task_id) is None:
+        raise TaskNotFound(task_id)
+    return task_id
 
 
 def _fields(
