@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import TaskManager
@@ -32,7 +33,9 @@ async def serve(args: argparse.Namespace) -> int:
         per_owner=args.per_owner,
         credits=args.credits,
     )
-    app = create_app(tm, max_pending=args.max_pending)
+    # Every process serving one address must sign stream tickets with the same key.
+    secret = os.environ.get("IMAGETASK_TICKET_SECRET")
+    app = create_app(tm, max_pending=args.max_pending, secret=secret.encode() if secret else None)
     print(
         f"imagetask serve on http://{args.host}:{args.port}/ ({tm.path}; "
         + (f"workers on {provider.name}" if args.workers else "no workers: run `imagetask worker` beside it")

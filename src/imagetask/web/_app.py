@@ -3,6 +3,7 @@ the page, each route acting as the one owner its request is signed in as."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -30,6 +31,8 @@ STATIC = Path(__file__).with_name("static")
 #: The fields a submit accepts (JSON, or multipart form fields beside the ``images`` files).
 _SUBMIT_FIELDS = {"prompt", "n", "model", "aspect_ratio", "size", "metadata", "idempotency_key"}
 _FIELD_LIST = ", ".join(sorted(_SUBMIT_FIELDS))
+#: Multipart submits parsed at once (each is held in memory meanwhile).
+_UPLOADS_AT_ONCE = 4
 #: The most submits one batch may hold.
 _MAX_BATCH = 100
 #: The seed page's names for them.
@@ -81,6 +84,9 @@ def create_app(
     thumbs = Thumbnails(thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails"))
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager, keepalive)
+    # A multipart body is held in memory while it is parsed (the raw body, then the form's
+    # copy): a few at a time keep a burst of big uploads from taking gigabytes.
+    uploads = asyncio.Semaphore(_UPLOADS_AT_ONCE)
 
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
@@ -125,7 +131,7 @@ def create_app(
 
     async def submit(request: Request) -> Response:
         owner = await access.owner(request)
-        fields, images = await _submit_input(request, max_body, max_upload)
+        fields, images = await _submit_input(request, max_body, max_upload, uploads)
         key = request.headers.get("idempotency-key")
         if key is not None and "idempotency_key" not in fields:
             fields["idempotency_key"] = key
@@ -334,7 +340,7 @@ _int_param = digits  # the one parser of integer parameters
 
 
 async def _submit_input(
-    request: Request, max_body: int, max_upload: int
+    request: Request, max_body: int, max_upload: int, uploads: asyncio.Semaphore
 ) -> tuple[dict[str, Any], list[bytes]]:
     """A submit's fields and reference images, from JSON or a multipart form."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -346,6 +352,11 @@ async def _submit_input(
                     422, "invalid", f"unknown field; use {', '.join(sorted(_SUBMIT_FIELDS))}", name
                 )
         return body, []
+    async with uploads:
+        return await _read_form(request, max_upload)
+
+
+async def _read_form(request: Request, max_upload: int) -> tuple[dict[str, Any], list[bytes]]:
     raw = await read_body(request, max_upload, "max_upload")
 
     # The form is parsed from the body already read (its size checked), not from the socket.

@@ -1,0 +1,87 @@
+"""`imagetask token` and `imagetask serve`: a real command, a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from imagetask._cli import main
+
+
+def test_token_create_list_revoke(tmp_path, capsys):
+    """create prints a token (and says it is shown once); list shows its id and owner but
+    never the secret; revoke by id marks it revoked; revoking again exits 2."""
+    home = str(tmp_path)
+    assert main(["--home", home, "token", "create", "alice", "--label", "ci"]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert token.startswith("itk_") and "shown only this once" in out.err
+    assert main(["--home", home, "token", "list", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["owner"] == "alice" and listed["label"] == "ci" and listed["revoked_at"] is None
+    assert token.split("_")[2] not in json.dumps(listed)
+    assert main(["--home", home, "token", "revoke", listed["id"]]) == 0
+    assert main(["--home", home, "token", "revoke", listed["id"]]) == 2
+    assert main(["--home", home, "token", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["revoked_at"] is not None
+
+
+def test_serve_answers_with_a_token_and_stops_on_sigterm(tmp_path):
+    """`imagetask serve --provider fake` serves the API: a token from `token create` signs a
+    submit that then succeeds; SIGTERM shuts the server down cleanly within seconds (uvicorn
+    then ends the process by that same signal, as servers do), and the token is never logged."""
+    home = str(tmp_path)
+    env = {**os.environ, "IMAGETASK_HOME": home}
+    token = subprocess.run(
+        [sys.executable, "-m", "imagetask", "token", "create", "alice"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imagetask",
+        "serve",
+        "--port",
+        str(port),
+        "--provider",
+        "fake",
+        "--latency",
+        "0.1",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/openapi.json", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    proc.stderr.read() if proc.stderr else ""
+                )
+                time.sleep(0.1)
+        headers = {"Authorization": f"Bearer {token}"}
+        task = httpx.post(base + "/api/tasks", json={"prompt": "a kite"}, headers=headers).json()
+        for _ in range(100):
+            done = httpx.get(f"{base}/api/tasks/{task['id']}", headers=headers).json()
+            if done["status"] == "succeeded":
+                break
+            time.sleep(0.1)
+        assert done["status"] == "succeeded" and done["owner"] == "alice"
+        assert httpx.get(base + "/api/credits").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Application shutdown complete" in err and token not in err
