@@ -525,10 +525,12 @@ async def test_streams_end_when_the_manager_closes(served_fast):
     """When the manager closes under a mounted app (its lifespan does not run), open streams
     end instead of hanging with nothing to say."""
     base, tm, alice, _ = served_fast
-    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-        async with c.stream("GET", "/api/stream", headers=bearer(alice)) as stream:
-            await tm.aclose()
-            assert await asyncio.wait_for(_stream_ended(stream), 5)
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=10) as c,
+        c.stream("GET", "/api/stream", headers=bearer(alice)) as stream,
+    ):
+        await tm.aclose()
+        assert await asyncio.wait_for(_stream_ended(stream), 5)
 
 
 @pytest.fixture

@@ -354,3 +354,6 @@ class SyncRemoteTaskManager(SyncTaskManager):
         finally:
             self._closed = True
             self._stop_loop()
+
+
+SyncRemoteTaskManager.__module__ = "imagetask"

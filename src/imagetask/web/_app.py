@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -26,6 +28,22 @@ from ._openapi import openapi
 from ._stream import Hub
 
 __all__ = ["create_app"]
+
+
+class _TaskIdConvertor(Convertor[str]):
+    """A task id in a path: 26 letters and digits. Anything else is no task's, and a route
+    such as ``/api/tasks/batch`` is not mistaken for one."""
+
+    regex = "[0-9A-Za-z]{26}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("imagetask_id", _TaskIdConvertor())
 
 STATIC = Path(__file__).with_name("static")
 #: The fields a submit accepts (JSON, or multipart form fields beside the ``images`` files).
@@ -156,6 +174,9 @@ def create_app(
         tasks = await manager.submit_many(requests, max_pending=max_pending)
         render = as_json(request)
         return AsciiJSON({"tasks": [render(t) for t in tasks]}, status_code=202)
+
+    async def tasks_route(request: Request) -> Response:
+        return await (submit(request) if request.method == "POST" else list_tasks(request))
 
     async def get_task(request: Request) -> Response:
         owner = await access.owner(request)
@@ -308,15 +329,14 @@ def create_app(
         Route("/", guarded(page), methods=["GET"]),
         Route("/openapi.json", guarded(spec), methods=["GET"]),
         Route("/api/me", guarded(me), methods=["GET"]),
-        Route("/api/tasks", guarded(submit), methods=["POST"]),
+        Route("/api/tasks", guarded(tasks_route), methods=["GET", "POST"]),
         Route("/api/tasks/batch", guarded(submit_batch), methods=["POST"]),
-        Route("/api/tasks", guarded(list_tasks), methods=["GET"]),
         Route("/api/tasks/pending", guarded(pending), methods=["GET"]),
-        Route("/api/tasks/{task_id}", guarded(get_task), methods=["GET"]),
-        Route("/api/tasks/{task_id}/cancel", guarded(cancel), methods=["POST"]),
-        Route("/api/tasks/{task_id}/events", guarded(events), methods=["GET"]),
-        Route("/api/tasks/{task_id}/images/{index}", guarded(image), methods=["GET"]),
-        Route("/api/tasks/{task_id}/references/{index}", guarded(reference), methods=["GET"]),
+        Route("/api/tasks/{task_id:imagetask_id}", guarded(get_task), methods=["GET"]),
+        Route("/api/tasks/{task_id:imagetask_id}/cancel", guarded(cancel), methods=["POST"]),
+        Route("/api/tasks/{task_id:imagetask_id}/events", guarded(events), methods=["GET"]),
+        Route("/api/tasks/{task_id:imagetask_id}/images/{index}", guarded(image), methods=["GET"]),
+        Route("/api/tasks/{task_id:imagetask_id}/references/{index}", guarded(reference), methods=["GET"]),
         Route("/api/credits", guarded(credits), methods=["GET"]),
         Route("/api/stream", guarded(stream), methods=["GET"]),
         Route("/api/stream/ticket", guarded(ticket), methods=["POST"]),
@@ -325,7 +345,16 @@ def create_app(
         Route("/api/generate-image/pending", guarded(seed_pending), methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Routing's own answers (no such path, a wrong method) in the API's JSON error shape.
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return error_response(
+            ApiError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+        )
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.imagetask = manager
     return app
 
