@@ -85,3 +85,39 @@ def test_serve_answers_with_a_token_and_stops_on_sigterm(tmp_path):
         _, err = proc.communicate(timeout=15)
     assert proc.returncode in (0, -signal.SIGTERM), err
     assert "Application shutdown complete" in err and token not in err
+
+
+def test_serve_without_workers_needs_no_key(tmp_path):
+    """`imagetask serve --no-workers` with no API key starts (it only validates against
+    Gemini's model table; `imagetask worker` runs the tasks) and accepts a Gemini submit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    env["IMAGETASK_HOME"] = str(tmp_path)
+    token = subprocess.run(
+        [sys.executable, "-m", "imagetask", "token", "create", "alice"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "imagetask", "serve", "--no-workers", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/openapi.json", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        r = httpx.post(
+            base + "/api/tasks",
+            json={"prompt": "x", "model": "gemini-2.5-flash-image"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert "no workers" in err

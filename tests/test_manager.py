@@ -630,16 +630,22 @@ async def test_no_provider_and_workers_fails_at_open_saying_how(tmp_path):
     assert "FakeProvider" in str(err.value)
 
 
-async def test_no_provider_can_still_read_but_not_submit(make_manager):
-    """A manager without a provider polls, lists and cancels, and its submit raises ConfigError."""
+async def test_without_workers_or_a_key_it_reads_and_submits_for_gemini(make_manager, monkeypatch):
+    """A manager with no workers, no provider and no key polls, lists and cancels, and its
+    submits are validated and priced against Gemini's model table (for an `imagetask worker`
+    with a key to run); a model only FakeProvider serves is refused by name."""
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
     writer = await make_manager(workers=False)
     task = await writer.submit("made elsewhere")
     reader = TaskManager(writer.path, workers=False)
-    assert reader.provider is None
+    assert reader.provider is not None and reader.provider.name == "gemini"
     async with reader:
         assert (await reader.poll(task.id)).id == task.id
-        with pytest.raises(ConfigError, match="provider"):
-            await reader.submit("x")
+        assert (await reader.submit("x")).model.startswith("gemini-")
+        with pytest.raises(ValidationError) as caught:
+            await reader.submit("x", model="fake")
+        assert caught.value.field == "model"
         assert (await reader.cancel(task.id)).status is TaskStatus.CANCELLED
 
 

@@ -197,3 +197,62 @@ async def test_a_lying_server_cannot_steer_the_client(tmp_path):
     assert not (tmp_path / "outside").exists() and [p.name for p in (tmp_path / "dl").rglob("*.png")] == [
         f"{sha}.png"
     ]
+
+
+async def test_wait_outlives_a_server_restart(tmp_path):
+    """The server goes away while a task is waited for (no workers yet, so it is queued), and
+    comes back on the same port with workers: wait() keeps polling through the outage and
+    returns the finished task."""
+    db = tmp_path / "t.db"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+
+    async def serve(tm: TaskManager) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(tm), log_level="warning", timeout_graceful_shutdown=0.5)
+        )
+        task = asyncio.create_task(server.serve(sockets=[s]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        return server, task
+
+    async with TaskManager(db, provider=FakeProvider(), workers=False) as first:
+        token = await first.tokens.create("alice")
+        server, serving = await serve(first)
+        remote = await RemoteTaskManager(
+            f"http://127.0.0.1:{port}", token=token, poll_interval=0.1, images=tmp_path / "dl"
+        ).open()
+        task = await remote.submit("p")
+        waiting = asyncio.create_task(remote.wait(task.id, timeout=30))
+        await asyncio.sleep(0.3)
+        server.should_exit = True
+        await serving
+    await asyncio.sleep(0.5)  # down: the client polls into a closed port
+    assert not waiting.done()
+    async with TaskManager(db, provider=FakeProvider(), poll_interval=0.05) as second:
+        server, serving = await serve(second)
+        try:
+            done = await waiting
+            assert done.ok and done.images[0].path.is_file()
+        finally:
+            await remote.aclose()
+            server.should_exit = True
+            await serving
+
+
+async def test_a_manager_without_workers_validates_against_gemini_without_a_key(tmp_path, monkeypatch):
+    """TaskManager(workers=False) with no provider and no key validates and prices against
+    Gemini's model table, and its tasks are Gemini's (a FakeProvider worker leaves them)."""
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    async with TaskManager(tmp_path / "t.db", workers=False) as tm:
+        task = await tm.submit("x", model="gemini-3-pro-image-preview", size="4K")
+        assert task.cost == 6 and tm.provider is not None and tm.provider.name == "gemini"
+        with pytest.raises(ValidationError):
+            await tm.submit("x", model="fake")

@@ -579,3 +579,12 @@ async def test_cookie_signed_writes_from_another_site_are_refused(tmp_path):
             c.cookies.clear()
             r = await c.get("/api/credits", headers={"Authorization": "Basic abc", "x-user": "erin"})
             assert r.json()["owner"] == "erin"
+
+
+async def test_the_seeds_errors_name_the_field_as_the_page_sent_it(web):
+    """A bad numberOfImages or aspectRatio on the original endpoint is a 422 naming that same
+    field, not this library's name for it."""
+    for body, field in (({"prompt": "x", "numberOfImages": 99}, "numberOfImages"),
+                        ({"prompt": "x", "aspectRatio": "7:3"}, "aspectRatio")):  # fmt: skip
+        r = await web.client.post("/api/generate-image", content=json.dumps(body), headers=web.alice)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field

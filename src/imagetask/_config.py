@@ -73,9 +73,11 @@ def api_key_from_env() -> str | None:
     return None
 
 
-def default_provider() -> Provider | None:
-    """Gemini when an API key is in the environment, else None (the caller must pass one)."""
-    if api_key_from_env() is None:
+def default_provider(*, workers: bool = True) -> Provider | None:
+    """Gemini when an API key is in the environment, else None (the caller must pass one).
+    A manager without workers gets Gemini all the same: it only validates and prices against
+    Gemini's model table, which needs no key (its tasks run in an `imagetask worker`)."""
+    if api_key_from_env() is None and workers:
         return None
     from .providers.gemini import GeminiProvider
 

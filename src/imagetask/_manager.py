@@ -135,7 +135,9 @@ class TaskManager:
         self.path = db.expanduser().absolute()
         root = Path(images) if images is not None else self.path.parent / _config.IMAGES_DIR
         self.images_root = root.expanduser().absolute()
-        self.provider: Provider | None = provider if provider is not None else _config.default_provider()
+        self.provider: Provider | None = (
+            provider if provider is not None else _config.default_provider(workers=bool(workers))
+        )
         self.concurrency = concurrency
         self.per_owner = per_owner
         self.workers = workers

@@ -87,10 +87,12 @@ class RemoteTaskManager:
 
     Args:
         base_url: Where the app is (``http://127.0.0.1:8000``, or its mount prefix).
-        token: A token from ``imagetask token create OWNER``; None when ``headers`` or your
-            ``client`` sign the requests in another way.
-        images: The download folder (default: the user's cache folder).
-        download: False to leave images on the server (then only ``url`` is of use).
+        token: A token from ``imagetask token create OWNER``; None when ``headers`` sign the
+            requests in another way.
+        images: The download folder (default: ``imagetask/remote`` in the user's cache folder,
+            such as ``~/.cache/imagetask/remote``).
+        download: False to leave images on the server: each image's ``url`` is then where
+            to get it, and its ``path`` (where it would have been saved) does not exist.
         timeout: Seconds for each HTTP request.
         poll_interval: Seconds between polls while the event stream is unavailable.
         headers: More headers for every request.
@@ -347,10 +349,13 @@ class RemoteTaskManager:
                     exc,
                     self.poll_interval,
                 )
-                for task in await self._poll_all(left, first):
-                    left.discard(task.id)
-                    yield task
-                first = False
+                try:
+                    for task in await self._poll_all(left, first):
+                        left.discard(task.id)
+                        yield task
+                    first = False
+                except StoreError as down:  # the server itself is away (a restart): wait for it
+                    log.info("%s; trying again in %g s", down, self.poll_interval)
                 if left:
                     await asyncio.sleep(self.poll_interval)
 

@@ -8,6 +8,7 @@ import sys
 
 from .. import TaskManager
 from .._jsonout import iso_time
+from ..providers import GeminiProvider
 from . import _output
 from ._commands import EXIT_OK, EXIT_USAGE, UsageError, database, reader, work_provider
 
@@ -23,8 +24,9 @@ async def serve(args: argparse.Namespace) -> int:
         raise UsageError(
             f"`imagetask serve` needs the web extra ({exc.name} is missing): pip install 'imagetask[web]'"
         ) from None
-    provider = work_provider(args, required=True)
-    assert provider is not None
+    # Without workers this process only validates and prices requests: Gemini's model table
+    # needs no key (the tasks run in an `imagetask worker`), unless --provider fake is asked.
+    provider = work_provider(args, required=args.workers) or GeminiProvider()
     tm = TaskManager(
         database(args),
         provider=provider,

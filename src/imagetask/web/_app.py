@@ -252,11 +252,18 @@ def create_app(
         owner = await access.owner(request)
         body = await read_json(request, max_body)
         fields: dict[str, Any] = {}
+        sent: dict[str, str] = {}  # our field name -> the name the page used, for errors
         for name, value in body.items():
             if name not in _SEED_FIELDS:
                 raise ApiError(422, "invalid", f"unknown field; use {', '.join(sorted(_SEED_FIELDS))}", name)
             fields[_SEED_FIELDS[name]] = value
-        task = await _submit(manager, owner, fields, [], max_pending)
+            sent[_SEED_FIELDS[name]] = name
+        try:
+            task = await _submit(manager, owner, fields, [], max_pending)
+        except Exception as exc:
+            error = ApiError.of(exc, retry_after=max(manager.poll_interval, 1.0) * 5)
+            error.field = sent.get(error.field or "", error.field)
+            raise error from None
         return AsciiJSON({"status": "processing", "taskId": task.id})
 
     async def seed_polling(request: Request) -> Response:

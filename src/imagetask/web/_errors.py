@@ -47,7 +47,8 @@ class ApiError(Exception):
             return not_found()
         if isinstance(exc, InsufficientCredits):
             details = {"owner": exc.owner, "cost": exc.cost, "balance": exc.balance}
-            return cls(402, "insufficient_credits", str(exc), details=details)
+            message = f"owner {exc.owner!r} has {exc.balance} credit(s) but the task costs {exc.cost}"
+            return cls(402, "insufficient_credits", message, details=details)
         if isinstance(exc, TooManyPending):
             return cls(
                 429,
