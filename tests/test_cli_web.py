@@ -15,6 +15,34 @@ import httpx
 from imagetask._cli import main
 
 
+def _token(env: dict[str, str]) -> str:
+    """`imagetask token create alice` in a new process; the token it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagetask", "token", "create", "alice"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+
+
+def _serve(env: dict[str, str], *options: str) -> tuple[subprocess.Popen[str], str]:
+    """`imagetask serve` on a free port of 127.0.0.1, once it answers; (process, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "imagetask", "serve", "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(base + "/openapi.json", timeout=1)
+            return proc, base
+        except httpx.TransportError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(f"imagetask serve did not start: {proc.communicate()[1]}") from None
+            time.sleep(0.1)
+
+
 def test_token_create_list_revoke(tmp_path, capsys):
     """create prints a token (and says it is shown once); list shows its id and owner but
     never the secret; revoke by id marks it revoked; revoking again exits 2."""
@@ -37,40 +65,10 @@ def test_serve_answers_with_a_token_and_stops_on_sigterm(tmp_path):
     """`imagetask serve --provider fake` serves the API: a token from `token create` signs a
     submit that then succeeds; SIGTERM shuts the server down cleanly within seconds (uvicorn
     then ends the process by that same signal, as servers do), and the token is never logged."""
-    home = str(tmp_path)
-    env = {**os.environ, "IMAGETASK_HOME": home}
-    token = subprocess.run(
-        [sys.executable, "-m", "imagetask", "token", "create", "alice"],
-        env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "imagetask",
-        "serve",
-        "--port",
-        str(port),
-        "--provider",
-        "fake",
-        "--latency",
-        "0.1",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "IMAGETASK_HOME": str(tmp_path)}
+    token = _token(env)
+    proc, base = _serve(env, "--provider", "fake", "--latency", "0.1")
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, (
-                    proc.stderr.read() if proc.stderr else ""
-                )
-                time.sleep(0.1)
         headers = {"Authorization": f"Bearer {token}"}
         task = httpx.post(base + "/api/tasks", json={"prompt": "a kite"}, headers=headers).json()
         for _ in range(100):
@@ -92,25 +90,9 @@ def test_serve_without_workers_needs_no_key(tmp_path):
     Gemini's model table; `imagetask worker` runs the tasks) and accepts a Gemini submit."""
     env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     env["IMAGETASK_HOME"] = str(tmp_path)
-    token = subprocess.run(
-        [sys.executable, "-m", "imagetask", "token", "create", "alice"],
-        env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "imagetask", "serve", "--no-workers", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    token = _token(env)
+    proc, base = _serve(env, "--no-workers")
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
         r = httpx.post(
             base + "/api/tasks",
             json={"prompt": "x", "model": "gemini-2.5-flash-image"},
