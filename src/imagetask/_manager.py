@@ -543,18 +543,7 @@ class TaskManager:
     async def health(self) -> Health:
         """Check the database: schema version, integrity (a full ``quick_check``, which reads
         every page: seconds on a big file), WAL size, tasks by status, expired leases."""
-        found = await self._require_open().health()
-        counts = {status.value: found["counts"].get(status.value, 0) for status in TaskStatus}
-        return Health(
-            path=self.path,
-            images_root=self.images_root,
-            schema_version=found["schema_version"],
-            integrity=found["integrity"],
-            wal_bytes=found["wal_bytes"],
-            counts=counts,
-            expired_leases=found["expired_leases"],
-            durability=found["durability"],
-        )
+        return Health._of(self.path, self.images_root, await self._require_open().health())
 
     def gallery(self, owner: str | None = None, limit: int = 24) -> None:
         """Show the latest tasks as a live grid in a Jupyter notebook: images as inline

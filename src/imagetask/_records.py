@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import _config
 from ._checks import _check_owner
 from ._exceptions import ValidationError
+from ._models import TaskStatus
 
 if TYPE_CHECKING:
     from ._manager import TaskManager
@@ -67,6 +68,21 @@ class Health:
     def ok(self) -> bool:
         """True when the integrity check passed."""
         return self.integrity == "ok"
+
+    @classmethod
+    def _of(cls, path: Path, images_root: Path, found: Mapping[str, Any]) -> Health:
+        """The report of what `TaskStore.health` found (every status counted, zeros too)."""
+        counts = {status.value: found["counts"].get(status.value, 0) for status in TaskStatus}
+        return cls(
+            path=path,
+            images_root=images_root,
+            schema_version=found["schema_version"],
+            integrity=found["integrity"],
+            wal_bytes=found["wal_bytes"],
+            counts=counts,
+            expired_leases=found["expired_leases"],
+            durability=found["durability"],
+        )
 
 
 class Credits:
