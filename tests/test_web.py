@@ -4,6 +4,7 @@ through httpx against the ASGI app in-process and against a real uvicorn server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -39,6 +40,24 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@contextlib.asynccontextmanager
+async def uvicorn_serving(app: Any, **config: Any) -> AsyncIterator[str]:
+    """``app`` on a real uvicorn server on a free port of 127.0.0.1, in this test's loop; its
+    base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, **config))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
 class Web:
     """An app on an open manager, tokens for alice and bob, and an httpx client."""
 
@@ -61,20 +80,8 @@ async def web(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[W
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 yield Web(tm, client, alice, bob)
             return
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        try:
-            base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                yield Web(tm, client, alice, bob)
-        finally:
-            server.should_exit = True
-            await serving
-            sock.close()
+        async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+            yield Web(tm, client, alice, bob)
 
 
 # --- the JSON API ---------------------------------------------------------------------------
@@ -345,18 +352,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[str, TaskManager, str, s
     """The app on a real uvicorn server on 127.0.0.1 (in this test's loop)."""
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(latency=0.2), poll_interval=0.05) as tm:
         alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(tm), log_level="warning", lifespan="on"))
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}", tm, alice, bob
-        finally:
-            server.should_exit = True
-            await serving
-            sock.close()
+        async with uvicorn_serving(create_app(tm), lifespan="on") as base:
+            yield base, tm, alice, bob
 
 
 async def test_the_stream_tells_each_owner_of_their_own_tasks_only_and_resumes(served):
@@ -538,21 +535,10 @@ async def served_fast(tmp_path: Path) -> AsyncIterator[tuple[str, TaskManager, s
     """A real server whose streams send a keepalive every 0.2 s."""
     tm = await TaskManager(tmp_path / "t.db", provider=FakeProvider(), poll_interval=0.05).open()
     alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(tm, keepalive=0.2)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    )
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", tm, alice, bob
+        async with uvicorn_serving(create_app(tm, keepalive=0.2), lifespan="off") as base:
+            yield base, tm, alice, bob
     finally:
-        server.should_exit = True
-        await serving
-        sock.close()
         await tm.aclose()
 
 
