@@ -163,7 +163,7 @@ def test_wait_times_out_with_exit_1(tmp_path):
 
 def test_credits_prune_and_sheet(tmp_path):
     """credits grant/balance print the balance; a bad amount exits 2; prune --dry-run deletes
-    nothing; sheet writes a PNG of the latest images."""
+    nothing; ls prints a header row, then the task; sheet writes a PNG of the latest images."""
     import json
 
     from PIL import Image
@@ -174,7 +174,8 @@ def test_credits_prune_and_sheet(tmp_path):
     cli(tmp_path, "generate", "for the sheet", "--provider", "fake", "--latency", "0")
     dry = cli(tmp_path, "prune", "--older-than", "0s", "--dry-run")
     assert "would delete 1" in dry.stdout
-    assert "succeeded" in cli(tmp_path, "ls").stdout
+    header, line = cli(tmp_path, "ls").stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "MODEL", "PROMPT"] and " succeeded " in line
     out = tmp_path / "sheet.png"
     made = cli(tmp_path, "sheet", "-o", str(out))
     assert made.returncode == 0 and "1 image" in made.stdout

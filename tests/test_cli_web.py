@@ -103,3 +103,13 @@ def test_serve_without_workers_needs_no_key(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     assert "no workers" in err
+
+
+def test_token_list_has_a_header_and_the_creation_time(tmp_path, capsys):
+    """`token list` prints a header row, then one line per token with its creation time."""
+    assert main(["--home", str(tmp_path), "token", "create", "bob"]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(tmp_path), "token", "list"]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split() == ["ID", "OWNER", "CREATED", "STATE", "LABEL"]
+    assert " bob " in line and "valid" in line and "Z" in line

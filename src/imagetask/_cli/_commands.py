@@ -135,8 +135,10 @@ async def ls(args: argparse.Namespace) -> int:
         _output.dump_json([_output.task_json(t) for t in tasks])
     elif not tasks:
         print("no tasks", file=sys.stderr)
-    for task in tasks if not args.json else ():
-        print(_output.task_line(task))
+    else:
+        print(_output.TASK_HEADER)
+        for task in tasks:
+            print(_output.task_line(task))
     return EXIT_OK
 
 

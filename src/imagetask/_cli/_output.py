@@ -11,12 +11,16 @@ from .. import Task
 from .._jsonout import event_json, task_json
 from .._jsonout import iso_time as _time
 
-__all__ = ["describe", "dump_json", "event_json", "task_json", "task_line"]
+__all__ = ["TASK_HEADER", "describe", "dump_json", "event_json", "task_json", "task_line"]
 
 
 def dump_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+
+
+#: The header of `task_line`'s columns.
+TASK_HEADER = f"{'ID':<26}  {'STATUS':<9}  {'MODEL':<26}  PROMPT"
 
 
 def task_line(task: Task) -> str:

@@ -94,8 +94,11 @@ async def token(args: argparse.Namespace) -> int:
                     for t in found
                 ]
             )
+        elif not found:
+            print("no tokens; create one with `imagetask token create OWNER`", file=sys.stderr)
         else:
+            print(f"{'ID':<12}  {'OWNER':<20}  {'CREATED':<24}  {'STATE':<32}  LABEL")
             for t in found:
                 state = "valid" if t.valid else f"revoked {iso_time(t.revoked_at)}"
-                print(f"{t.id}  {t.owner:<20}  {state:<32}  {t.label or ''}")
+                print(f"{t.id}  {t.owner:<20}  {iso_time(t.created_at):<24}  {state:<32}  {t.label or ''}")
     return EXIT_OK
