@@ -6,7 +6,7 @@
 - ``reads``: every read statement;
 - ``commit``: batching writes into transactions, answering callers, checkpoints;
 - ``connections``: how each connection is opened and set up;
-- ``rows``: turning rows into `Task` and `StoredImage` records;
+- ``rows``: rows into `Task` and `StoredImage` records, and a submit's record into its row;
 - ``writer``: the write side, one object: both write connections, group commit, loop-thread
   commits, the checkpoint schedule;
 - ``sqlite``: the SQLite store that composes them: its read connections, and every method of

@@ -1,12 +1,14 @@
-"""Row decoding: the one place that turns the store's rows into `Task` and `StoredImage`
-records (by column name; the point read's joined rows by the column order it selects)."""
+"""Rows and records, both ways: the one place that turns the store's rows into `Task` and
+`StoredImage` records (by column name; the point read's joined rows by the column order it
+selects), and the one place a submitted `SubmitRow` maps to the columns it inserts."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import attrs
 
 from .._models import _STATUSES, StoredImage, Task, TaskError, TaskList, _json_object
-from .records import Claimed
+from .records import Claimed, SubmitRow
 
 __all__ = ["TASK_COLUMNS", "Rows", "task_from_row"]
 
@@ -144,3 +146,62 @@ class Rows:
             index=r["idx"],
             provenance=json.loads(r["provenance"]),
         )
+
+
+# -- a submit, record to row --
+
+
+def _params_json(params: Mapping[str, Any]) -> str:
+    """The stored JSON of a task's params (few distinct values: cached when hashable)."""
+    try:
+        return _params_json_of(tuple(sorted(params.items())))
+    except TypeError:  # an unhashable value
+        return json.dumps(params, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _params_json_of(items: tuple[tuple[str, Any], ...]) -> str:
+    return json.dumps(dict(items), sort_keys=True)
+
+
+#: The one place a submitted row maps to the columns of ``tasks``: each column, and the
+#: expression over the `SubmitRow` (``row``) and the transaction's time (``now``) that fills it.
+_SUBMIT_COLUMNS: dict[str, str] = {
+    "id": "row.id",
+    "owner": "row.owner",
+    "prompt": "row.prompt",
+    "model": "row.model",
+    "params": "row.params_json or params_json(row.params)",
+    "status": "'queued'",
+    "attempt": "0",
+    "max_attempts": "row.max_attempts",
+    "cost": "row.cost",
+    "refs": "len(row.references)",
+    "idempotency_key": "row.idempotency_key",
+    "fingerprint": "row.fingerprint",
+    "metadata": "row.metadata_json",
+    "run_after": "now",
+    "created_at": "now",
+    "updated_at": "now",
+    "provider": "row.provider",
+}
+#: Columns whose value is a constant are written as SQL literals, not bound per row.
+_SUBMIT_CONSTANTS = {c: e for c, e in _SUBMIT_COLUMNS.items() if e in ("'queued'", "0")}
+_SUBMIT_BOUND = [c for c in _SUBMIT_COLUMNS if c not in _SUBMIT_CONSTANTS]
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_SUBMIT_COLUMNS)}) VALUES "
+    f"({', '.join(_SUBMIT_CONSTANTS.get(c, '?') for c in _SUBMIT_COLUMNS)})"
+)
+
+
+def _values_function() -> Callable[[SubmitRow, int], tuple[Any, ...]]:
+    """``task_values(row, now)``: the values of `_INSERT_TASK`, generated from
+    `_SUBMIT_COLUMNS` (one tuple per row: the bulk insert's hot loop)."""
+    namespace: dict[str, Any] = {"params_json": _params_json}
+    values = ", ".join(_SUBMIT_COLUMNS[c] for c in _SUBMIT_BOUND)
+    exec(f"def task_values(row, now):\n    return ({values},)\n", namespace)
+    function: Callable[[SubmitRow, int], tuple[Any, ...]] = namespace["task_values"]
+    return function
+
+
+_task_values = _values_function()
