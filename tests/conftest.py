@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -229,3 +232,24 @@ def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tmpfs]:
             _run("umount", str(mnt))
         except subprocess.CalledProcessError:
             _run("umount", "-l", str(mnt))  # still busy: detach it now, freed when let go
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_serving(app: Any, **config: Any) -> AsyncIterator[str]:
+    """``app`` on a real uvicorn server on a free port of 127.0.0.1, in this test's loop; its
+    base URL. Stopped (its connections given a second) on the way out."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config.setdefault("timeout_graceful_shutdown", 1)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()

@@ -29,20 +29,7 @@ from imagetask.providers import FakeProvider
 from imagetask.web import create_app
 from test_manager import png
 
-
-async def _serve(app: Any) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
+from conftest import uvicorn_serving
 
 
 @pytest.fixture
@@ -50,7 +37,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[TaskManager, str, str]]:
     """A real server in front of a manager with workers; alice's token."""
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(latency=0.1), poll_interval=0.05) as tm:
         token = await tm.tokens.create("alice")
-        async for base in _serve(create_app(tm, max_pending=2)):
+        async with uvicorn_serving(create_app(tm, max_pending=2)) as base:
             yield tm, base, token
 
 
@@ -88,13 +75,13 @@ async def test_wait_polls_when_the_stream_is_down(tmp_path):
             return JSONResponse({"error": {"code": "down", "message": "no stream", "field": None}}, 503)
 
         app = Starlette(routes=[Route("/api/stream", down), Mount("/", create_app(tm))])
-        async for base in _serve(app):
-            async with RemoteTaskManager(
-                base, token=token, poll_interval=0.1, images=tmp_path / "dl"
-            ) as remote:
-                task = await remote.submit("p")
-                done = await remote.wait(task.id, timeout=10)
-                assert done.ok and done.images[0].path.is_file()
+        async with (
+            uvicorn_serving(app) as base,
+            RemoteTaskManager(base, token=token, poll_interval=0.1, images=tmp_path / "dl") as remote,
+        ):
+            task = await remote.submit("p")
+            done = await remote.wait(task.id, timeout=10)
+            assert done.ok and done.images[0].path.is_file()
 
 
 async def test_errors_over_http_are_the_local_ones(server, tmp_path):
@@ -114,7 +101,7 @@ async def test_errors_over_http_are_the_local_ones(server, tmp_path):
         await tm.aclose()  # keep the tasks queued: workers no longer run them
     async with TaskManager(tm.path, provider=FakeProvider(), workers=False) as quiet:
         token = await quiet.tokens.create("carol")
-        async for quiet_base in _serve(create_app(quiet, max_pending=2)):
+        async with uvicorn_serving(create_app(quiet, max_pending=2)) as quiet_base:
             async with RemoteTaskManager(quiet_base, token=token) as remote:
                 await remote.submit("1")
                 await remote.submit("2")
@@ -184,15 +171,17 @@ async def test_a_lying_server_cannot_steer_the_client(tmp_path):
             Route("/api/tasks/{task_id}/images/{index}", image),
         ]
     )
-    async for base in _serve(app):
-        async with RemoteTaskManager(base, token="itk_x", images=tmp_path / "dl") as remote:
-            done = await remote.poll("01ARZ3NDEKTSV4RRFFQ69G5FAV")  # two images, one sha: one download
-            assert [im.path.read_bytes() for im in done.images] == [png_bytes, png_bytes]
-            assert all(im.url and im.url.startswith(base + "/api/tasks/") for im in done.images)
-            with pytest.raises(StoreError):
-                await remote.poll("01ARZ3NDEKTSV4RRFFQ69GBADSHA")
-            with pytest.raises(TaskNotFound):
-                await remote.poll("../../credits")
+    async with (
+        uvicorn_serving(app) as base,
+        RemoteTaskManager(base, token="itk_x", images=tmp_path / "dl") as remote,
+    ):
+        done = await remote.poll("01ARZ3NDEKTSV4RRFFQ69G5FAV")  # two images, one sha: one download
+        assert [im.path.read_bytes() for im in done.images] == [png_bytes, png_bytes]
+        assert all(im.url and im.url.startswith(base + "/api/tasks/") for im in done.images)
+        with pytest.raises(StoreError):
+            await remote.poll("01ARZ3NDEKTSV4RRFFQ69GBADSHA")
+        with pytest.raises(TaskNotFound):
+            await remote.poll("../../credits")
     assert all(url.startswith(base) for url in seen)
     assert not (tmp_path / "outside").exists() and [p.name for p in (tmp_path / "dl").rglob("*.png")] == [
         f"{sha}.png"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import uvicorn
 
 from imagetask import (
     ConfigError,
@@ -29,7 +27,7 @@ from imagetask import (
 from imagetask.providers import FakeProvider
 from imagetask.web import create_app
 
-from conftest import sql
+from conftest import sql, uvicorn_serving
 
 # -- one suite, both managers -----------------------------------------------------------------
 
@@ -154,21 +152,12 @@ async def make_any(request, db_path) -> AsyncIterator[Callable[..., Any]]:
             return tm
         if request.param.startswith("remote"):
             server_tm = await TaskManager(db_path, **options).open()
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            server = uvicorn.Server(uvicorn.Config(create_app(server_tm), log_level="warning"))
-            serving = asyncio.create_task(server.serve(sockets=[sock]))
-            while not server.started:
-                await asyncio.sleep(0.01)
-            remote = Remote(
-                server_tm, f"http://127.0.0.1:{sock.getsockname()[1]}", request.param == "remote-sync"
-            )
+            serving = uvicorn_serving(create_app(server_tm))
+            remote = Remote(server_tm, await serving.__aenter__(), request.param == "remote-sync")
 
             async def stop() -> None:
                 await remote.close()
-                server.should_exit = True
-                await serving
-                sock.close()
+                await serving.__aexit__(None, None, None)
                 await server_tm.aclose()
 
             opened.append(stop)

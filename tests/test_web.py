@@ -4,10 +4,8 @@ through httpx against the ASGI app in-process and against a real uvicorn server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
-import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,13 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from imagetask import TaskManager
 from imagetask.providers import FakeProvider
 from imagetask.web import create_app
 from test_manager import png
+
+from conftest import uvicorn_serving
 
 
 def snapshot(db: Path) -> list[Any]:
@@ -38,24 +37,6 @@ def snapshot(db: Path) -> list[Any]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@contextlib.asynccontextmanager
-async def uvicorn_serving(app: Any, **config: Any) -> AsyncIterator[str]:
-    """``app`` on a real uvicorn server on a free port of 127.0.0.1, in this test's loop; its
-    base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, **config))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
 
 
 class Web:
