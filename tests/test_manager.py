@@ -150,6 +150,29 @@ async def test_wait_in_the_working_process_wakes_on_a_signal_not_a_timer(make_ma
     assert done.ok
 
 
+async def test_waiters_get_the_task_a_local_end_committed_without_reading_it(make_manager):
+    """A task that ends in this process reaches wait() and as_completed() as its own terminal
+    transition committed it (no read of the task after the first), and equal, field for
+    field, to what a poll reads from the database: a success with its images, a failure with
+    its error."""
+    faults = Faults()
+    provider = FakeProvider(latency=0.05, outcomes=["ok", "ok", "permanent", "ok"])
+    tm = await make_manager(provider=provider, poll_interval=3600, faults=faults)
+    task = await tm.submit("wait for me", metadata={"k": [1, 2]})
+    done = await tm.wait(task.id, timeout=10)
+    assert faults.hits["get"] == 1  # wait's own first read; the end came with the task
+    assert done.ok and len(done.images) == 1
+    assert done == await tm.poll(task.id)
+    ids = [(await tm.submit(f"t{i}", n=2 if i == 0 else 1)).id for i in range(3)]
+    faults.hits.clear()
+    seen = [t async for t in tm.as_completed(ids, timeout=10)]
+    assert faults.hits["get"] == 0
+    assert {t.id for t in seen} == set(ids)
+    assert {t.status for t in seen} == {TaskStatus.SUCCEEDED, TaskStatus.FAILED}
+    for t in seen:
+        assert t == await tm.poll(t.id)
+
+
 async def test_wait_timeout_leaves_the_task_running(make_manager):
     """wait(timeout) raises WaitTimeout (a TimeoutError) and the task keeps running."""
     tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))

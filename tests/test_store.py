@@ -618,6 +618,22 @@ class TestStoreContract:
         assert await store.list_tasks(None, None, 10, None) == [task]  # a page carries them too
         assert await store.list_tasks(None, "succeeded", 10, None) == [task]
 
+    async def test_succeed_and_fail_return_the_task_as_committed(self, store):
+        """succeed() and fail() return the task their transaction committed, equal field for
+        field to a get() right after (references and images included); None when fenced out."""
+        refs = (image(store, "refs/r-0.png"),)
+        ok, bad = row(references=refs)._replace(metadata_json='{"k": 1}'), row()
+        await store.submit([ok, bad], atomic=True)
+        await store.claim("w1", 2, 4, 60)
+        images = [image(store, f"out/{ok.id}-0.png", 0)]
+        done = await store.succeed(ok.id, 1, "w1", images)
+        assert done is not None and done == await store.get(ok.id)
+        assert done.references == refs and done.images == tuple(images) and done.ok
+        failed = await store.fail(bad.id, 1, "w1", ERROR)
+        assert failed is not None and failed == await store.get(bad.id) and failed.error == ERROR
+        assert await store.succeed(ok.id, 1, "w1", images) is None
+        assert await store.fail(bad.id, 1, "w1", ERROR) is None
+
     async def test_terminal_states_never_change(self, store):
         """Once succeeded, a task cannot be failed, cancelled, retried or re-claimed."""
         r = row()

@@ -37,7 +37,8 @@ class Waiting:
         self._store = store
         self._poll = poll
         self._poll_interval = poll_interval
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        #: Each waiter's future gets the task as it ended here, or None: then it reads it.
+        self._waiters: dict[str, set[asyncio.Future[Task | None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         #: Set by every local terminal transition, for the feeds (`feed`).
         self._changed = asyncio.Event()
@@ -46,12 +47,13 @@ class Waiting:
     def __len__(self) -> int:
         return len(self._waiters)
 
-    def notify(self, task_id: str) -> None:
-        """Wake whoever waits for ``task_id`` (it reached a terminal state here)."""
+    def notify(self, task_id: str, task: Task | None = None) -> None:
+        """Wake whoever waits for ``task_id``: it reached a terminal state here, and ``task``
+        is what that transition committed (None: the waiters read the task themselves)."""
         self._changed.set()
         for fut in self._waiters.pop(task_id, ()):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(task)
 
     async def close(self) -> None:
         """Stop the watcher; every waiter raises `ImageTaskError`; feeds end."""
@@ -68,10 +70,10 @@ class Waiting:
                     fut.set_exception(closed)
         self._waiters.clear()
 
-    def _listen(self, task_id: str, fut: asyncio.Future[None]) -> None:
+    def _listen(self, task_id: str, fut: asyncio.Future[Task | None]) -> None:
         self._waiters.setdefault(task_id, set()).add(fut)
 
-    def _unlisten(self, task_id: str, fut: asyncio.Future[None]) -> None:
+    def _unlisten(self, task_id: str, fut: asyncio.Future[Task | None]) -> None:
         waiters = self._waiters.get(task_id)
         if waiters is not None:
             waiters.discard(fut)
@@ -81,7 +83,7 @@ class Waiting:
     async def wait(self, task_id: str, timeout: float | None) -> Task:
         """Until the task is terminal (see `TaskManager.wait`)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[Task | None] = loop.create_future()
         self._listen(task_id, fut)
         try:
             async with asyncio.timeout(timeout):
@@ -90,7 +92,9 @@ class Waiting:
                     if task.done:
                         return task
                     self._ensure_watcher()
-                    await fut
+                    ended = await fut
+                    if ended is not None:  # ended here: the transition's own record, no read
+                        return ended
                     fut = loop.create_future()
                     self._listen(task_id, fut)
         except TimeoutError:
@@ -104,12 +108,13 @@ class Waiting:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Register first, then read: a task that ends between the two is not missed. One
-        # batched status read for all ids, then one read per task as it ends.
+        # batched status read for all ids; then each task as it ends here comes with its
+        # record, and one that ended elsewhere is read.
         woken: asyncio.Queue[str] = asyncio.Queue()
-        futures: dict[str, asyncio.Future[None]] = {}
+        futures: dict[str, asyncio.Future[Task | None]] = {}
 
         def listen(task_id: str) -> None:
-            fut = loop.create_future()
+            fut: asyncio.Future[Task | None] = loop.create_future()
             fut.add_done_callback(lambda f: woken.put_nowait(task_id) if not f.cancelled() else None)
             futures[task_id] = fut
             self._listen(task_id, fut)
@@ -140,8 +145,8 @@ class Waiting:
                 fut = futures.pop(task_id, None)
                 if fut is None:  # a wake-up for a task already yielded above: nothing to do
                     continue
-                fut.result()  # raises if the manager closed meanwhile
-                task = await self._poll(task_id)
+                ended = fut.result()  # raises if the manager closed meanwhile
+                task = ended if ended is not None else await self._poll(task_id)
                 if not task.done:  # woken early (a change from another process): listen again
                     listen(task_id)
                     continue

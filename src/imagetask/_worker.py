@@ -21,6 +21,7 @@ import errno
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 
@@ -28,13 +29,14 @@ from . import _config
 from ._exceptions import ProviderError, StoreError
 from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage
-from ._models import StoredImage, TaskError, TaskStatus, now_ms
+from ._models import StoredImage, Task, TaskError, TaskStatus, now_ms
 from ._store import Claimed, TaskStore, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
 __all__ = ["Worker", "backoff", "claim_ahead"]
 
 log = logging.getLogger("imagetask")
+T = TypeVar("T")
 
 
 def claim_ahead(concurrency: int) -> int:
@@ -106,7 +108,7 @@ class Worker:
         retry_delay: float,
         poll_interval: float,
         storage_timeout: float,
-        on_terminal: Callable[[str], None],
+        on_terminal: Callable[[str, Task | None], None],
     ) -> None:
         self.store = store
         self.images = images
@@ -119,6 +121,8 @@ class Worker:
         self.retry_delay = retry_delay
         self.poll_interval = poll_interval
         self.storage_timeout = storage_timeout
+        #: Told of each task that ended here: with the task as committed, or None when this
+        #: worker does not know its end (fenced out: whoever took it may have ended it).
         self.on_terminal = on_terminal
         #: host/boot/pid/start/token: the lease holder, told apart when provably gone.
         self.id = new_worker_id()
@@ -280,7 +284,7 @@ class Worker:
                     continue
                 damaged_pause = 0.0
                 for task_id in ended:
-                    self.on_terminal(task_id)
+                    self.on_terminal(task_id, None)
                 for c in claimed:
                     log.info("task %s: attempt %d started on %s", c.id, c.attempt, self.id)
                     old = self._running.get(c.id)
@@ -318,7 +322,7 @@ class Worker:
         except Exception:
             return  # nothing was claimed
         for task_id in ended:
-            self.on_terminal(task_id)
+            self.on_terminal(task_id, None)
         for c in claimed:
             try:
                 if await self.store.release(c.id, c.attempt, self.id):
@@ -376,8 +380,9 @@ class Worker:
             log.exception("task %s: attempt %d crashed in imagetask itself", c.id, c.attempt)
             error = TaskError("internal_error", f"imagetask failed: {type(exc).__name__}: {exc}")
             try:
-                if await self.store.fail(c.id, c.attempt, self.id, error):
-                    self.on_terminal(c.id)
+                failed = await self.store.fail(c.id, c.attempt, self.id, error)
+                if failed is not None:
+                    self.on_terminal(c.id, failed)
             except Exception:
                 log.exception("task %s: recording the failure failed; its lease will expire", c.id)
         finally:
@@ -433,24 +438,27 @@ class Worker:
                     log.info(
                         "task %s: attempt %d stopped while its images could not be stored", c.id, c.attempt
                     )
-                    self.on_terminal(c.id)
+                    self.on_terminal(c.id, None)
                     return
                 error = _storage_error(exc, self.images.root, self.storage_timeout)
         if error is None:
-            if await self._record(c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)):
+            done = await self._record(
+                c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)
+            )
+            if done is not None:
                 log.info("task %s: succeeded with %d image(s)", c.id, len(stored))
-                self.on_terminal(c.id)
+                self.on_terminal(c.id, done)
             elif await self._committed_already(c, stored):
                 log.info(
                     "task %s: succeeded with %d image(s) (an earlier try had committed)", c.id, len(stored)
                 )
-                self.on_terminal(c.id)
+                self.on_terminal(c.id, None)
             else:
                 await asyncio.to_thread(self.images.delete, [im.path for im in stored])
                 log.info(
                     "task %s: attempt %d finished after losing its claim; result dropped", c.id, c.attempt
                 )
-                self.on_terminal(c.id)  # whoever took it may have ended it: waiters look again
+                self.on_terminal(c.id, None)  # whoever took it may have ended it: waiters look again
             return
         retry_limit = RETRY_LIMITS.get(error.code)
         within_limit = retry_limit is None or c.retries.get(error.code, 0) < retry_limit
@@ -462,13 +470,16 @@ class Worker:
                 log.info(
                     "task %s: attempt %d failed (%s), retrying in %.1f s", c.id, c.attempt, error.code, delay
                 )
-        elif await self._record(c, "failure", lambda: self.store.fail(c.id, c.attempt, self.id, error)):
-            log.info("task %s: failed (%s)", c.id, error.code)
-            self.on_terminal(c.id)
         else:
-            self.on_terminal(c.id)  # fenced out: whatever ended it, its waiters look again
+            failed = await self._record(
+                c, "failure", lambda: self.store.fail(c.id, c.attempt, self.id, error)
+            )
+            if failed is not None:
+                log.info("task %s: failed (%s)", c.id, error.code)
+            # Fenced out (None): whatever ended it, its waiters look again.
+            self.on_terminal(c.id, failed)
 
-    async def _record(self, c: Claimed, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
+    async def _record(self, c: Claimed, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """Run an attempt's fenced outcome write, trying again while the database refuses it
         (a lock held past busy_timeout, an I/O error). Giving up leaves the task to be re-run
         after its lease: for a success, that is a second paid generation, so it is worth

@@ -73,16 +73,21 @@ class TaskStore(Protocol):
         lease from the commit. Returns the ids still held."""
         ...
 
-    async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
-        """Fenced: the attempt succeeds with its images; False if it no longer holds the task."""
+    async def succeed(
+        self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]
+    ) -> Task | None:
+        """Fenced: the attempt succeeds with its images. Returns the task as it committed
+        (what a `get` right after would read: the waiters get it without a read), or None
+        if the attempt no longer holds the task."""
         ...
 
     async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
         """Fenced: back to the queue, runnable ``delay`` seconds after the commit."""
         ...
 
-    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
-        """Fenced: failed for good, and refunded at most once."""
+    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> Task | None:
+        """Fenced: failed for good, and refunded at most once. Returns the task as it
+        committed, or None if the attempt no longer holds the task."""
         ...
 
     async def release(self, task_id: str, attempt: int, worker: str) -> bool:

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,16 @@ class Rows:
                 )  # fmt: skip
                 (outputs if role == "output" else refs).append(image)
         return task_from_row(first, outputs, refs)
+
+    def ended(
+        self, found: tuple[sqlite3.Row, list[sqlite3.Row]] | None, images: Sequence[StoredImage] = ()
+    ) -> Task | None:
+        """The task a terminal transition committed (its row, its reference rows), with the
+        output ``images`` it wrote (the transaction had them in hand: not read back)."""
+        if found is None:
+            return None
+        row, refs = found
+        return task_from_row(row, tuple(images), tuple(self.image(r) for r in refs))
 
     def claimed(self, row: sqlite3.Row, refs: list[sqlite3.Row], retries: dict[str, int]) -> Claimed:
         """A claimed task, as the worker needs it: its request and its reference images."""

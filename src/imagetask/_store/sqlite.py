@@ -229,18 +229,22 @@ class Store:
             return set()
         return await self._writer.write(_heartbeat, worker, held, int(lease * 1000))
 
-    async def succeed(self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]) -> bool:
-        """Mark an attempt succeeded with its images; False if the attempt lost its claim."""
+    async def succeed(
+        self, task_id: str, attempt: int, worker: str, images: Sequence[StoredImage]
+    ) -> Task | None:
+        """Mark an attempt succeeded with its images: the task as committed, or None if the
+        attempt lost its claim."""
         rows = [_image_row(task_id, "output", attempt, self._rows.relative(im), im) for im in images]
-        return await self._writer.write(_succeed, task_id, attempt, worker, rows)
+        return self._rows.ended(await self._writer.write(_succeed, task_id, attempt, worker, rows), images)
 
     async def retry(self, task_id: str, attempt: int, worker: str, error: TaskError, delay: float) -> bool:
         """Put a failed attempt back in the queue after ``delay`` seconds."""
         return await self._writer.write(_retry, task_id, attempt, worker, error, int(delay * 1000))
 
-    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
-        """Fail a task for good (refunding any charge); False if the attempt lost its claim."""
-        return await self._writer.write(_fail, task_id, attempt, worker, error)
+    async def fail(self, task_id: str, attempt: int, worker: str, error: TaskError) -> Task | None:
+        """Fail a task for good (refunding any charge): the task as committed, or None if the
+        attempt lost its claim."""
+        return self._rows.ended(await self._writer.write(_fail, task_id, attempt, worker, error))
 
     async def release(self, task_id: str, attempt: int, worker: str) -> bool:
         """Give a running task back to the queue at once (graceful shutdown); the attempt

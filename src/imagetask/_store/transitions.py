@@ -15,7 +15,7 @@ from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooMa
 from .._models import StoredImage, TaskError, now_ms
 from .reads import _balance
 from .records import SubmitRow, Submitted
-from .rows import _INSERT_TASK, _task_values
+from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values
 from .tokens import _add_token, _revoke_tokens
 
 log = logging.getLogger("imagetask")
@@ -191,6 +191,9 @@ def _refund(conn: sqlite3.Connection, task_id: str, now: int) -> None:
         )
 
 
+#: A task's reference images, in order (read only for tasks that have any: ``refs > 0``).
+_REFERENCES = "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx"
+
 _CLAIM = """
 UPDATE tasks
    SET status = 'running', attempt = attempt + 1, worker = :worker, lease_until = :lease_until,
@@ -262,10 +265,7 @@ def _claim(
             args["full"] = json.dumps(full)
         refs = []
         if row["refs"]:  # most tasks have none: skip the lookup
-            refs = conn.execute(
-                "SELECT * FROM task_images WHERE task_id = ? AND role = 'reference' ORDER BY idx",
-                (row["id"],),
-            ).fetchall()
+            refs = conn.execute(_REFERENCES, (row["id"],)).fetchall()
         retries: dict[str, int] = {}
         if row["attempt"] > 1:
             for (detail,) in conn.execute(
@@ -394,24 +394,40 @@ def _heartbeat(
     return alive
 
 
-_GUARD = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker = ? RETURNING id"
+_FENCE = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker = ?"
+_GUARD = _FENCE + " RETURNING id"
+#: A terminal transition returns the task as it committed (the waiters get it without a read).
+_ENDED = _FENCE + " RETURNING " + ", ".join(TASK_COLUMNS)
+
+#: What a terminal transition of the worker returns: the task's row (`TASK_COLUMNS`) and
+#: its reference images' rows, or None when the attempt no longer held the task.
+Ended = tuple[sqlite3.Row, list[sqlite3.Row]] | None
+
+
+def _ended(conn: sqlite3.Connection, row: sqlite3.Row | None) -> Ended:
+    if row is None:
+        return None
+    refs = []
+    if row["refs"]:  # most tasks have none: skip the lookup
+        refs = conn.execute(_REFERENCES, (row["id"],)).fetchall()
+    return row, refs
 
 
 def _succeed(
     conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, rows: list[tuple[Any, ...]]
-) -> bool:
+) -> Ended:
     now = _now()
     done = conn.execute(
         "UPDATE tasks SET status = 'succeeded', worker = NULL, lease_until = NULL,"
         " error_code = NULL, error_message = NULL, error_retryable = NULL,"
-        " finished_at = ?, updated_at = ?" + _GUARD,
+        " finished_at = ?, updated_at = ?" + _ENDED,
         (now, now, task_id, attempt, worker),
     ).fetchone()
     if done is None:
-        return False
+        return None
     conn.executemany(_INSERT_IMAGE, rows)
     _event(conn, task_id, attempt, "succeeded", "succeeded", now, worker)
-    return True
+    return _ended(conn, done)
 
 
 def _retry(
@@ -446,18 +462,18 @@ def _requeue(
     return True
 
 
-def _fail(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError) -> bool:
+def _fail(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str, error: TaskError) -> Ended:
     now = _now()
     done = conn.execute(
         "UPDATE tasks SET status = 'failed', worker = NULL, lease_until = NULL, error_code = ?,"
-        " error_message = ?, error_retryable = ?, finished_at = ?, updated_at = ?" + _GUARD,
+        " error_message = ?, error_retryable = ?, finished_at = ?, updated_at = ?" + _ENDED,
         (error.code, error.message, int(error.retryable), now, now, task_id, attempt, worker),
     ).fetchone()
     if done is None:
-        return False
+        return None
     _refund(conn, task_id, now)
     _event(conn, task_id, attempt, "failed", "failed", now, worker, f"{error.code}: {error.message}")
-    return True
+    return _ended(conn, done)
 
 
 def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str) -> bool:
