@@ -13,6 +13,7 @@ A crash in between leaves an orphan that `ImageStore.sweep` finds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -258,8 +259,12 @@ class ImageStore:
 
     def task_dir(self, task_id: str) -> Path:
         """The folder of one task's files (dated by the task id's timestamp)."""
-        day = datetime.fromtimestamp(task_id_ms(task_id) / 1000, tz=UTC)
-        return self.root / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}" / task_id
+        return Path(self._task_folder(task_id))
+
+    def _task_folder(self, task_id: str) -> str:
+        # Plain strings on the hot path (one image per task): pathlib's parsing costs more
+        # than the rest of this function.
+        return os.path.join(str(self.root), _day_folder(task_id_ms(task_id) // _DAY_MS), task_id)
 
     def write_output(self, task_id: str, attempt: int, index: int, data: bytes) -> StoredImage:
         """Validate and durably write one generated image.
@@ -275,11 +280,11 @@ class ImageStore:
 
     def _write(self, task_id: str, stem: str, index: int, data: bytes) -> StoredImage:
         info = inspect(data)
-        folder = self.task_dir(task_id)
-        path = folder / f"{stem}.{_EXT[info.mime]}"
-        tmp = path.with_name(path.name + ".tmp")
+        folder = self._task_folder(task_id)
+        path = os.path.join(folder, f"{stem}.{_EXT[info.mime]}")
+        tmp = path + ".tmp"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_folder(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 if self.faults is not None:
@@ -302,7 +307,7 @@ class ImageStore:
                 self.faults.before("sync_folder")
             _fsync_dir(folder)
         return StoredImage(
-            path=path,
+            path=Path(path),
             mime=info.mime,
             width=info.width,
             height=info.height,
@@ -408,14 +413,34 @@ class ImageStore:
         return self.delete(doomed)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except OSError:
         pass  # already gone (mkdir or open failed), or the file system refuses (read-only)
 
 
-def _fsync_dir(folder: Path) -> None:
+_DAY_MS = 86_400_000
+
+
+@functools.lru_cache(maxsize=16)
+def _day_folder(day: int) -> str:
+    """``YYYY/MM/DD`` of a day number (days since the epoch, UTC)."""
+    return datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y/%m/%d").replace("/", os.sep)
+
+
+def _make_folder(folder: str) -> None:
+    """Create a task's folder and its missing parents (the day's folders exist but once a day)."""
+    try:
+        os.mkdir(folder)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(folder):
+            raise
+
+
+def _fsync_dir(folder: Path | str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -321,6 +321,7 @@ def now_ms() -> int:
 # monotonic within a process so ids submitted in one millisecond still sort in order.
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789ABCDEFGHIJKLMNOPQRSTUV")
 _id_lock = threading.Lock()
 _last_id = (0, 0)
 
@@ -363,10 +364,9 @@ def new_task_ids(count: int) -> list[str]:
 
 def task_id_ms(task_id: str) -> int:
     """The millisecond timestamp inside a task id."""
-    value = 0
-    for ch in task_id[:10]:
-        value = value * 32 + _CROCKFORD.index(ch)
-    return value  # 10 chars hold the top 50 bits of 130: two zero bits, then the 48-bit time
+    # 10 chars hold the top 50 bits of 130: two zero bits, then the 48-bit time. Crockford's
+    # digits, mapped to int()'s base-32 digits (0-9, A-V), are read in one call.
+    return int(task_id[:10].translate(_TO_BASE32), 32)
 
 
 # --- requests ---------------------------------------------------------------------------------
