@@ -207,6 +207,23 @@ async def test_as_completed_yields_in_finishing_order(make_manager):
     assert sorted(seen) == sorted(ids)
 
 
+async def test_a_task_id_in_lower_case_names_the_same_task(make_manager):
+    """Ids are Crockford base 32, which reads letters in either case: poll, wait, events,
+    as_completed, cancel and list(before=) take an id typed in lower case, and answer with
+    the id as it was issued."""
+    tm = await make_manager(provider=FakeProvider(latency=0.02))
+    done, queued = await tm.submit("first"), await tm.submit("second")
+    low = done.id.lower()
+    assert low != done.id
+    assert (await tm.poll(low)).id == done.id
+    assert (await tm.wait(low, timeout=10)).ok
+    assert [e.kind for e in await tm.events(low)][-1] == "succeeded"
+    assert [t.id async for t in tm.as_completed([low, done.id], timeout=10)] == [done.id]
+    assert [t.id for t in await tm.list(before=queued.id.lower())] == [done.id]
+    await tm.wait(queued.id, timeout=10)
+    assert (await tm.cancel(queued.id.lower())).id == queued.id
+
+
 async def test_unknown_ids_raise_task_not_found(make_manager):
     """poll, wait, cancel and as_completed of an unknown id raise TaskNotFound (a LookupError)."""
     tm = await make_manager()

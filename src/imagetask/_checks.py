@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import _config
@@ -51,6 +52,23 @@ def _check_seconds(name: str, value: object, *, positive: bool, minimum: float =
     problem = _seconds_problem(value, positive, minimum)
     if problem:
         raise ConfigError(f"{name}: must be {problem}, got {value!r}")
+
+
+def _locations(
+    path: str | os.PathLike[str] | None, images: str | os.PathLike[str] | None
+) -> tuple[Path, Path]:
+    """The manager's database file and image folder, absolute (the defaults filled in)."""
+    if path is not None and isinstance(path, str | os.PathLike) and os.fspath(path) in ("", ":memory:"):
+        raise ConfigError(
+            "path: must be a file; an in-memory database cannot be shared by the "
+            "connections and processes imagetask uses (pass a path, e.g. tmp_path / 'tasks.db')"
+        )
+    _check_path("path", path)
+    _check_path("images", images)
+    db = Path(path) if path is not None else _config.default_home() / _config.DB_NAME
+    db = db.expanduser().absolute()
+    root = Path(images) if images is not None else db.parent / _config.IMAGES_DIR
+    return db, root.expanduser().absolute()
 
 
 def _check_path(name: str, value: object) -> None:
@@ -101,6 +119,10 @@ def _check_id(task_id: object, field: str = "task_id") -> str:
         raise ValidationError(field, f"must be a string, got {type(task_id).__name__}")
     if not task_id.isascii() or "\x00" in task_id:  # no task id can be: and SQLite could not take it
         raise ValidationError(field, f"{task_id!r} is not a task id (26 ASCII letters and digits)")
+    if len(task_id) == 26 and not task_id.isupper() and task_id.isalnum():
+        # Ids are Crockford base 32, which reads letters in either case: one typed or copied
+        # in lower case names the same task.
+        return task_id.upper()
     return task_id
 
 

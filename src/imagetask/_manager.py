@@ -11,7 +11,6 @@ import logging
 import os
 import warnings
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +22,9 @@ from ._checks import (
     _check_int,
     _check_limit,
     _check_owner,
-    _check_path,
     _check_seconds,
     _iterable,
+    _locations,
     _max_pending,
 )
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
@@ -112,11 +111,8 @@ class TaskManager:
         _check_int("concurrency", concurrency, 1)
         _check_int("per_owner", per_owner, 1)
         _check_int("max_attempts", max_attempts, 1)
-        for name, value in (
-            ("attempt_timeout", attempt_timeout),
-            ("poll_interval", poll_interval),
-        ):
-            _check_seconds(name, value, positive=True)
+        _check_seconds("attempt_timeout", attempt_timeout, positive=True)
+        _check_seconds("poll_interval", poll_interval, positive=True)
         # Leases are stored in milliseconds and renewed every lease / 3: below 0.1 s a lease
         # would run out before its renewal could commit.
         _check_seconds("lease", lease, positive=True, minimum=0.1)
@@ -124,17 +120,7 @@ class TaskManager:
         _check_seconds("storage_timeout", storage_timeout, positive=False)
         if durability not in ("normal", "full"):
             raise ConfigError(f"durability: must be 'normal' or 'full', got {durability!r}")
-        if path is not None and os.fspath(path) in ("", ":memory:"):
-            raise ConfigError(
-                "path: must be a file; an in-memory database cannot be shared by the "
-                "connections and processes imagetask uses (pass a path, e.g. tmp_path / 'tasks.db')"
-            )
-        _check_path("path", path)
-        _check_path("images", images)
-        db = Path(path) if path is not None else _config.default_home() / _config.DB_NAME
-        self.path = db.expanduser().absolute()
-        root = Path(images) if images is not None else self.path.parent / _config.IMAGES_DIR
-        self.images_root = root.expanduser().absolute()
+        self.path, self.images_root = _locations(path, images)
         self.provider: Provider | None = (
             provider if provider is not None else _config.default_provider(workers=bool(workers))
         )
@@ -441,7 +427,8 @@ class TaskManager:
             TaskNotFound: no task has this id.
         """
         store = self._require_open()
-        task = store.try_get(_check_id(task_id))  # no await in the common case
+        task_id = _check_id(task_id)
+        task = store.try_get(task_id)  # no await in the common case
         if task is WOULD_WAIT:
             task = await store.get(task_id)
         if task is None:
@@ -482,7 +469,7 @@ class TaskManager:
                 ) from None
         _check_limit(limit)
         if before is not None:
-            _check_id(before, "before")
+            before = _check_id(before, "before")
         return await self._require_open().list_tasks(owner, status_value, limit, before)
 
     async def events(self, task_id: str) -> tuple[TaskEvent, ...]:
@@ -491,8 +478,8 @@ class TaskManager:
         Raises:
             TaskNotFound: no task has this id.
         """
-        await self.poll(task_id)
-        return tuple(await self._store.events(task_id))
+        task = await self.poll(task_id)
+        return tuple(await self._store.events(task.id))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Wait until the task is terminal and return it.
@@ -507,7 +494,7 @@ class TaskManager:
         """
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
-        _check_id(task_id)
+        task_id = _check_id(task_id)
         self._require_open()
         return await self._waiting.wait(task_id, timeout)
 
@@ -523,7 +510,7 @@ class TaskManager:
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
         self._require_open()
-        ids = [_check_id(task_id) for task_id in dict.fromkeys(_iterable("ids", ids))]
+        ids = list(dict.fromkeys(_check_id(task_id) for task_id in _iterable("ids", ids)))
         # aclosing: a caller that stops early unregisters its waiters now, not at collection.
         async with contextlib.aclosing(self._waiting.as_completed(ids, timeout)) as tasks:
             async for task in tasks:
@@ -582,7 +569,8 @@ class TaskManager:
             TaskNotFound: no task has this id.
         """
         store = self._require_open()
-        if await store.cancel(_check_id(task_id), "cancelled by the caller"):
+        task_id = _check_id(task_id)
+        if await store.cancel(task_id, "cancelled by the caller"):
             log.info("task %s: cancelled", task_id)
             if self._worker is not None:
                 self._worker.stop_local(task_id, "cancelled")

@@ -268,7 +268,7 @@ class RemoteTaskManager:
         """Same as `TaskManager.wait`: told by the server's event stream, polling while it is down."""
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
-        _check_id(task_id)
+        task_id = _check_id(task_id)
         try:
             async with asyncio.timeout(timeout):
                 async with contextlib.aclosing(self._until_done([task_id])) as done:
@@ -287,7 +287,7 @@ class RemoteTaskManager:
         """Same as `TaskManager.as_completed`."""
         if timeout is not None:
             _check_arg_seconds("timeout", timeout)
-        wanted = [_check_id(task_id) for task_id in dict.fromkeys(_iterable("ids", ids))]
+        wanted = list(dict.fromkeys(_check_id(task_id) for task_id in _iterable("ids", ids)))
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -512,7 +512,7 @@ def _task_id(value: object) -> str:
 def _path_id(task_id: str) -> str:
     """``task_id`` for a URL path: an id with other characters than letters and digits is
     no task's (and could escape the path), so it is not found, without asking."""
-    _check_id(task_id)
+    task_id = _check_id(task_id)
     if _ID.fullmatch(task_id) is None:
         raise TaskNotFound(task_id)
     return task_id

@@ -150,21 +150,27 @@ class Store:
         self._after_read(operation)
         return result
 
-    def _read_small(self, operation: str, fn: Callable[..., T], *args: Any) -> T | _WouldWait:
+    def _read_small(
+        self, operation: str, fn: Callable[..., T], *args: Any, snapshot: bool = True
+    ) -> T | _WouldWait:
         """Run a small read (a few hundred rows at most) in one read transaction on the
         loop's own read connection: no thread hop, which costs more than the read. It never
-        waits: `WOULD_WAIT` when SQLite says it would (then use `_read`)."""
+        waits: `WOULD_WAIT` when SQLite says it would (then use `_read`). With ``snapshot``
+        False, each statement is its own read transaction (two statements fewer, for reads
+        whose statements need no common snapshot)."""
         conn = self._inline
         if conn is None:
             raise StoreError("the store is closed")
         try:
-            conn.execute("BEGIN")
+            if snapshot:
+                conn.execute("BEGIN")
             try:
                 if self.faults is not None:
                     self.faults.before(operation)
                 result = fn(conn, *args)
             finally:
-                conn.execute("COMMIT")
+                if snapshot:
+                    conn.execute("COMMIT")
         except sqlite3.OperationalError:  # busy or locked
             return WOULD_WAIT
         except sqlite3.DatabaseError as exc:
@@ -293,7 +299,11 @@ class Store:
         """Queued and running tasks, newest first: on the loop's thread when there are few
         (a bounded first read), else the whole set on the reader's thread."""
         sql, args = pending_sql(owner)
-        found = self._read_small("pending", _select_tasks, f"{sql} LIMIT {_INLINE_READ_ROWS + 1}", args)
+        # No snapshot needed: the second statement, when there is one, reads the reference
+        # images of queued and running tasks, which never change while the task is active.
+        found = self._read_small(
+            "pending", _select_tasks, f"{sql} LIMIT {_INLINE_READ_ROWS + 1}", args, snapshot=False
+        )
         if found is WOULD_WAIT or len(found[0]) > _INLINE_READ_ROWS:
             found = await self._read("pending", _select_tasks, sql, args)
         else:
