@@ -22,7 +22,7 @@ import re
 import stat
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,19 +266,24 @@ class ImageStore:
         # than the rest of this function.
         return os.path.join(str(self.root), _day_folder(task_id_ms(task_id) // _DAY_MS), task_id)
 
-    def write_output(self, task_id: str, attempt: int, index: int, data: bytes) -> StoredImage:
-        """Validate and durably write one generated image.
+    def write_output(
+        self, task_id: str, attempt: int, index: int, data: bytes, provenance: Mapping[str, Any] | None = None
+    ) -> StoredImage:
+        """Validate and durably write one generated image (``provenance``: what the provider
+        said about it, kept on the record).
 
         Raises:
             InvalidImage: when the bytes are not a decodable image; nothing is written.
         """
-        return self._write(task_id, f"a{attempt}-{index}", index, data)
+        return self._write(task_id, f"a{attempt}-{index}", index, data, provenance)
 
     def write_reference(self, task_id: str, index: int, data: bytes) -> StoredImage:
         """Durably write a copy of one (already validated) reference image."""
         return self._write(task_id, f"ref-{index}", index, data)
 
-    def _write(self, task_id: str, stem: str, index: int, data: bytes) -> StoredImage:
+    def _write(
+        self, task_id: str, stem: str, index: int, data: bytes, provenance: Mapping[str, Any] | None = None
+    ) -> StoredImage:
         info = inspect(data)
         folder = self._task_folder(task_id)
         path = os.path.join(folder, f"{stem}.{_EXT[info.mime]}")
@@ -314,6 +319,7 @@ class ImageStore:
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),
             index=index,
+            provenance={} if provenance is None else dict(provenance),
         )
 
     def relative(self, path: Path) -> str:

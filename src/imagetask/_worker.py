@@ -573,8 +573,7 @@ class Worker:
         stored: list[StoredImage] = []
         try:
             for i, result in enumerate(results):
-                image = self.images.write_output(c.id, c.attempt, i, result.data)
-                stored.append(attrs.evolve(image, provenance=dict(result.provenance)))
+                stored.append(self.images.write_output(c.id, c.attempt, i, result.data, result.provenance))
         except BaseException:
             self.images.delete([im.path for im in stored])
             raise
