@@ -173,6 +173,30 @@ async def test_waiters_get_the_task_a_local_end_committed_without_reading_it(mak
         assert t == await tm.poll(t.id)
 
 
+async def test_a_waiter_gets_the_provenance_a_poll_reads_back(make_manager):
+    """An image's provenance is kept as JSON: the record a waiter gets from the local end holds
+    the same values a poll reads back (tuples as lists, dates as text, keys as text), and is
+    not the provider's own dict."""
+    import datetime
+
+    from imagetask.providers import ImageRequest, ImageResult
+
+    given = {"seeds": (1, 2), "at": datetime.date(2025, 1, 2), 7: "seven", "finish_reason": "STOP"}
+
+    class Annotating(FakeProvider):
+        async def generate(self, request: ImageRequest) -> ImageResult:
+            result = await super().generate(request)
+            return ImageResult(result.data, result.mime, given)
+
+    tm = await make_manager(provider=Annotating())
+    task = await tm.submit("annotated")
+    waited = await tm.wait(task.id, timeout=10)
+    polled = await tm.poll(task.id)
+    expected = {"seeds": [1, 2], "at": "2025-01-02", "7": "seven", "finish_reason": "STOP"}
+    assert dict(waited.images[0].provenance) == dict(polled.images[0].provenance) == expected
+    assert waited.images[0].provenance is not given
+
+
 async def test_wait_timeout_leaves_the_task_running(make_manager):
     """wait(timeout) raises WaitTimeout (a TimeoutError) and the task keeps running."""
     tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))

@@ -169,7 +169,7 @@ def store(harness: StoreHarness) -> TaskStore:
 
 
 ERROR = TaskError("server_error", "x", True)
-AttemptEnd = Callable[[TaskStore, str, int, str], Awaitable[bool]]
+AttemptEnd = Callable[[TaskStore, str, int, str], Awaitable[object]]  # truthy: it held the task
 #: The four fenced ways an attempt ends, by name.
 ENDS: dict[str, AttemptEnd] = {
     "succeed": lambda s, task_id, attempt, worker: s.succeed(task_id, attempt, worker, []),
@@ -1257,6 +1257,43 @@ def test_task_ids_sort_by_time_and_carry_it():
     assert ids == sorted(ids) and len(set(ids)) == 1000
     assert all(len(i) == 26 for i in ids)
     assert before <= task_id_ms(ids[0]) <= after
+
+
+def test_task_id_ms_refuses_what_is_not_a_task_id():
+    """task_id_ms reads only Crockford's digits (upper case, no I, L, O or U) and at least 10 of
+    them: anything else is a ValueError, never a wrong time."""
+    task_id = new_task_id()
+    for bad in (task_id.lower(), "01JABCDEFI" + task_id[10:], "01JABC EFG", "01JAB", "01JABC+EFG"):
+        with pytest.raises(ValueError, match="is not a task id"):
+            task_id_ms(bad)
+
+
+def test_a_page_row_that_did_not_succeed_carries_no_output_images(tmp_path):
+    """A read without a snapshot (pending) can see, in its second statement, the outputs of a
+    success committed after its first: a row that is not succeeded never takes them."""
+    from imagetask._store.rows import TASK_COLUMNS, Rows
+
+    def task_row(status: str) -> tuple[object, ...]:
+        values = {"id": new_task_id(), "owner": "o", "prompt": "p", "model": "fake", "params": "{}",
+                  "status": status, "attempt": 1, "max_attempts": 2, "cost": 1, "idempotency_key": None,
+                  "metadata": "{}", "error_code": None, "error_message": None, "error_retryable": None,
+                  "created_at": 1, "started_at": 1, "finished_at": None, "released": 0,
+                  "refs": 1}  # fmt: skip
+        return tuple(values[c] for c in TASK_COLUMNS)
+
+    conn = sqlite3.connect(":memory:")
+    conn.row_factory = sqlite3.Row
+    conn.execute("CREATE TABLE i (task_id, role, idx, path, mime, width, height, sha256, size, provenance)")
+    running, done = task_row("running"), task_row("succeeded")
+    for tid in (running[0], done[0]):
+        for role in ("reference", "output"):
+            conn.execute(
+                "INSERT INTO i VALUES (?, ?, 0, 'x.png', 'image/png', 1, 1, 'ab', 1, '{}')", (tid, role)
+            )
+    image_rows = conn.execute("SELECT * FROM i").fetchall()
+    first, second = Rows(tmp_path).tasks(([running, done], image_rows))
+    assert first.images == () and len(first.references) == 1
+    assert len(second.images) == 1 and len(second.references) == 1
 
 
 def test_batches_of_task_ids_sort_with_single_ones():

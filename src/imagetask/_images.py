@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ import attrs
 
 from . import _config
 from ._exceptions import ValidationError
-from ._models import ImageInput, StoredImage, task_id_ms
+from ._models import ImageInput, StoredImage, provenance_json, task_id_ms
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -319,7 +320,8 @@ class ImageStore:
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),
             index=index,
-            provenance={} if provenance is None else dict(provenance),
+            # As a read gives it back: waiters get this record without reading the row.
+            provenance=json.loads(provenance_json(provenance)) if provenance else {},
         )
 
     def relative(self, path: Path) -> str:

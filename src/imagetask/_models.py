@@ -296,6 +296,15 @@ def _parse_small_json(text: str) -> dict[str, Any]:
     return value
 
 
+def provenance_json(provenance: Mapping[str, Any]) -> str:
+    """An image's provenance as stored: a JSON object, keys sorted, values JSON cannot hold
+    written as text (keys of mixed types are made text first, so they can be sorted)."""
+    try:
+        return json.dumps(dict(provenance), sort_keys=True, default=str)
+    except TypeError:
+        return json.dumps({str(k): v for k, v in provenance.items()}, sort_keys=True, default=str)
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """Decode a stored JSON object. Small ones repeat (params of the same shape), so their
     parse is cached; callers always get their own copy to mutate."""
@@ -322,6 +331,7 @@ def now_ms() -> int:
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789ABCDEFGHIJKLMNOPQRSTUV")
+_CROCKFORD_SET = frozenset(_CROCKFORD)
 _id_lock = threading.Lock()
 _last_id = (0, 0)
 
@@ -366,7 +376,10 @@ def task_id_ms(task_id: str) -> int:
     """The millisecond timestamp inside a task id."""
     # 10 chars hold the top 50 bits of 130: two zero bits, then the 48-bit time. Crockford's
     # digits, mapped to int()'s base-32 digits (0-9, A-V), are read in one call.
-    return int(task_id[:10].translate(_TO_BASE32), 32)
+    head = task_id[:10]
+    if len(head) < 10 or not _CROCKFORD_SET.issuperset(head):
+        raise ValueError(f"{task_id!r} is not a task id")
+    return int(head.translate(_TO_BASE32), 32)
 
 
 # --- requests ---------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ async def cancel(args: argparse.Namespace) -> int:
             task = await tm.cancel(task_id)
             print(_output.task_line(task))
             if before.done:
-                print(f"{task_id}: had already {before.status.value}; not cancelled", file=sys.stderr)
+                print(f"{task.id}: had already {before.status.value}; not cancelled", file=sys.stderr)
     return EXIT_OK
 
 
@@ -387,7 +387,7 @@ async def _estimates(tm: TaskManager, ids: Sequence[str]) -> dict[str, float | N
     for task_id in ids:
         task = await tm.poll(task_id)
         samples = durations.get((task.model, task.params.get("size")))
-        out[task_id] = statistics.median(samples) if samples else None
+        out[task.id] = statistics.median(samples) if samples else None
     return out
 
 

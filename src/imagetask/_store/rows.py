@@ -79,6 +79,7 @@ def _row_decoder() -> Callable[..., Task]:
 task_from_row = _row_decoder()
 
 _N_TASK_COLUMNS = len(TASK_COLUMNS)
+_STATUS = TASK_COLUMNS.index("status")
 
 
 class Rows:
@@ -102,7 +103,14 @@ class Rows:
         refs: dict[str, list[StoredImage]] = {}
         for r in image_rows:
             (outputs if r["role"] == "output" else refs).setdefault(r["task_id"], []).append(self.image(r))
-        return TaskList(task_from_row(row, outputs.get(row[0], ()), refs.get(row[0], ())) for row in rows)
+        # Only a succeeded task has output images. A read without a snapshot (`pending`) can
+        # see a success committed between its two statements: its outputs are not this row's.
+        return TaskList(
+            task_from_row(
+                row, outputs.get(row[0], ()) if row[_STATUS] == "succeeded" else (), refs.get(row[0], ())
+            )
+            for row in rows
+        )
 
     def task_from_join(self, rows: list[tuple[Any, ...]]) -> Task:
         """Build a Task from `_GET_ONE` rows: the task's columns, then one image per row."""

@@ -299,8 +299,9 @@ class Store:
         """Queued and running tasks, newest first: on the loop's thread when there are few
         (a bounded first read), else the whole set on the reader's thread."""
         sql, args = pending_sql(owner)
-        # No snapshot needed: the second statement, when there is one, reads the reference
-        # images of queued and running tasks, which never change while the task is active.
+        # No snapshot needed: a second statement, when there is one, is for the reference
+        # images of queued and running tasks, which never change; output images it may see
+        # (a success committed between the two statements) are dropped (`Rows.tasks`).
         found = self._read_small(
             "pending", _select_tasks, f"{sql} LIMIT {_INLINE_READ_ROWS + 1}", args, snapshot=False
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import _config
 from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooManyPending, ValidationError
-from .._models import StoredImage, TaskError, now_ms
+from .._models import StoredImage, TaskError, now_ms, provenance_json
 from .reads import _balance
 from .records import SubmitRow, Submitted
 from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values
@@ -53,7 +53,7 @@ def _image_row(task_id: str, role: str, attempt: int, rel: str, im: StoredImage)
         im.height,
         im.sha256,
         im.size,
-        json.dumps(dict(im.provenance), sort_keys=True, default=str),
+        provenance_json(im.provenance),
     )
 
 
