@@ -296,15 +296,6 @@ def _parse_small_json(text: str) -> dict[str, Any]:
     return value
 
 
-def provenance_json(provenance: Mapping[str, Any]) -> str:
-    """An image's provenance as stored: a JSON object, keys sorted, values JSON cannot hold
-    written as text (keys of mixed types are made text first, so they can be sorted)."""
-    try:
-        return json.dumps(dict(provenance), sort_keys=True, default=str)
-    except TypeError:
-        return json.dumps({str(k): v for k, v in provenance.items()}, sort_keys=True, default=str)
-
-
 def _json_object(text: str) -> dict[str, Any]:
     """Decode a stored JSON object. Small ones repeat (params of the same shape), so their
     parse is cached; callers always get their own copy to mutate."""

@@ -18,7 +18,7 @@ import attrs
 from .._models import _STATUSES, StoredImage, Task, TaskError, TaskList, _json_object
 from .records import Claimed, SubmitRow
 
-__all__ = ["TASK_COLUMNS", "Rows", "task_from_row"]
+__all__ = ["TASK_COLUMNS", "Rows", "provenance_json", "task_from_row"]
 
 #: The one place a task column maps to a `Task` field: each field, and the expression over
 #: the columns (by name) that gives its value. The store selects exactly the columns named
@@ -166,7 +166,16 @@ class Rows:
         )
 
 
-# -- a submit, record to row --
+# -- records to rows --
+
+
+def provenance_json(provenance: Mapping[str, Any]) -> str:
+    """An image's provenance as stored: a JSON object, keys sorted, values JSON cannot hold
+    written as text (keys of mixed types are made text first, so they can be sorted)."""
+    try:
+        return json.dumps(dict(provenance), sort_keys=True, default=str)
+    except TypeError:
+        return json.dumps({str(k): v for k, v in provenance.items()}, sort_keys=True, default=str)
 
 
 def _params_json(params: Mapping[str, Any]) -> str:

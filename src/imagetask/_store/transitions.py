@@ -12,10 +12,10 @@ from typing import Any
 
 from .. import _config
 from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooManyPending, ValidationError
-from .._models import StoredImage, TaskError, now_ms, provenance_json
+from .._models import StoredImage, TaskError, now_ms
 from .reads import _balance
 from .records import SubmitRow, Submitted
-from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values
+from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values, provenance_json
 from .tokens import _add_token, _revoke_tokens
 
 log = logging.getLogger("imagetask")
