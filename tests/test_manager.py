@@ -173,6 +173,26 @@ async def test_waiters_get_the_task_a_local_end_committed_without_reading_it(mak
         assert t == await tm.poll(t.id)
 
 
+async def test_cancel_answers_and_wakes_waiters_with_the_committed_task(make_manager):
+    """cancel() answers with the task its transaction cancelled and hands the same record to
+    the task's waiters, with no read of the task; a finished task comes back unchanged."""
+    faults = Faults()
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]), faults=faults)
+    task = await tm.submit("hang")
+    async with asyncio.timeout(10):
+        while (await tm.poll(task.id)).status is not TaskStatus.RUNNING:
+            await asyncio.sleep(0.01)
+    waiter = asyncio.ensure_future(tm.wait(task.id, timeout=10))
+    while tm.waiting == 0:
+        await asyncio.sleep(0.01)
+    faults.hits.clear()
+    cancelled = await tm.cancel(task.id)
+    waited = await waiter
+    assert faults.hits["get"] == 0
+    assert cancelled.status is TaskStatus.CANCELLED and waited == cancelled == await tm.poll(task.id)
+    assert await tm.cancel(task.id) == cancelled
+
+
 async def test_a_waiter_gets_the_provenance_a_poll_reads_back(make_manager):
     """An image's provenance is kept as JSON: the record a waiter gets from the local end holds
     the same values a poll reads back (tuples as lists, dates as text, keys as text), and is

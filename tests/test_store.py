@@ -634,6 +634,19 @@ class TestStoreContract:
         assert await store.succeed(ok.id, 1, "w1", images) is None
         assert await store.fail(bad.id, 1, "w1", ERROR) is None
 
+    async def test_cancel_returns_the_task_as_committed(self, store):
+        """cancel() returns the task its transaction cancelled, equal to a get() right after
+        (references included); None for a task that had ended, and for an unknown id."""
+        refs = (image(store, "refs/c-0.png"),)
+        r = row(references=refs)
+        await store.submit([r], atomic=True)
+        cancelled = await store.cancel(r.id, "not needed")
+        assert cancelled is not None and cancelled == await store.get(r.id)
+        assert cancelled.status is TaskStatus.CANCELLED and cancelled.references == refs
+        assert cancelled.error is not None and cancelled.error.message == "not needed"
+        assert await store.cancel(r.id, "again") is None
+        assert await store.cancel(new_task_id(), "nobody") is None
+
     async def test_terminal_states_never_change(self, store):
         """Once succeeded, a task cannot be failed, cancelled, retried or re-claimed."""
         r = row()

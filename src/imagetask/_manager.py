@@ -570,12 +570,14 @@ class TaskManager:
         """
         store = self._require_open()
         task_id = _check_id(task_id)
-        if await store.cancel(task_id, "cancelled by the caller"):
-            log.info("task %s: cancelled", task_id)
-            if self._worker is not None:
-                self._worker.stop_local(task_id, "cancelled")
-            self._waiting.notify(task_id)
-        return await self.poll(task_id)
+        cancelled = await store.cancel(task_id, "cancelled by the caller")
+        if cancelled is None:  # it had ended (or there is no such task: poll says so)
+            return await self.poll(task_id)
+        log.info("task %s: cancelled", task_id)
+        if self._worker is not None:
+            self._worker.stop_local(task_id, "cancelled")
+        self._waiting.notify(task_id, cancelled)
+        return cancelled
 
     async def prune(self, older_than: float) -> PruneReport:
         """Delete tasks that finished more than ``older_than`` seconds ago, with their

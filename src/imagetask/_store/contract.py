@@ -94,8 +94,9 @@ class TaskStore(Protocol):
         """Fenced: handed back at once; the attempt does not count against max_attempts."""
         ...
 
-    async def cancel(self, task_id: str, reason: str) -> bool:
-        """Cancel a queued or running task, refunded at most once; False if it had ended."""
+    async def cancel(self, task_id: str, reason: str) -> Task | None:
+        """Cancel a queued or running task, refunded at most once. Returns the task as it
+        committed, or None if it had ended or does not exist."""
         ...
 
     async def grant(self, owner: str, amount: int) -> int:

@@ -257,9 +257,10 @@ class Store:
         does not count against ``max_attempts``."""
         return await self._writer.write(_release, task_id, attempt, worker)
 
-    async def cancel(self, task_id: str, reason: str) -> bool:
-        """Cancel a queued or running task (refunding any charge); False if it had ended."""
-        return await self._writer.write_small(1, _cancel, task_id, reason)
+    async def cancel(self, task_id: str, reason: str) -> Task | None:
+        """Cancel a queued or running task (refunding any charge): the task as committed, or
+        None if it had ended (or does not exist)."""
+        return self._rows.ended(await self._writer.write_small(1, _cancel, task_id, reason))
 
     # -- credits --
 

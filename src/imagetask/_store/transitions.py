@@ -480,20 +480,20 @@ def _release(conn: sqlite3.Connection, task_id: str, attempt: int, worker: str) 
     return _requeue(conn, task_id, attempt, worker, 0, "released", "the worker shut down", released=True)
 
 
-def _cancel(conn: sqlite3.Connection, task_id: str, reason: str) -> bool:
+def _cancel(conn: sqlite3.Connection, task_id: str, reason: str) -> Ended:
     now = _now()
     row = conn.execute(
         "UPDATE tasks SET status = 'cancelled', worker = NULL, lease_until = NULL,"
         " error_code = 'cancelled', error_message = ?, error_retryable = 0,"
         " finished_at = ?, updated_at = ?"
-        " WHERE id = ? AND status IN ('queued', 'running') RETURNING attempt",
+        " WHERE id = ? AND status IN ('queued', 'running') RETURNING " + ", ".join(TASK_COLUMNS),
         (reason, now, now, task_id),
     ).fetchone()
     if row is None:
-        return False
+        return None
     _refund(conn, task_id, now)
     _event(conn, task_id, row["attempt"], "cancelled", "cancelled", now, None, reason)
-    return True
+    return _ended(conn, row)
 
 
 def _grant(conn: sqlite3.Connection, owner: str, amount: int) -> int:
