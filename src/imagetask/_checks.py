@@ -58,7 +58,7 @@ def _locations(
     path: str | os.PathLike[str] | None, images: str | os.PathLike[str] | None
 ) -> tuple[Path, Path]:
     """The manager's database file and image folder, absolute (the defaults filled in)."""
-    if path is not None and isinstance(path, str | os.PathLike) and os.fspath(path) in ("", ":memory:"):
+    if isinstance(path, str | os.PathLike) and os.fspath(path) in ("", ":memory:"):
         raise ConfigError(
             "path: must be a file; an in-memory database cannot be shared by the "
             "connections and processes imagetask uses (pass a path, e.g. tmp_path / 'tasks.db')"

@@ -397,7 +397,8 @@ def _heartbeat(
 _FENCE = " WHERE id = ? AND attempt = ? AND status = 'running' AND worker = ?"
 _GUARD = _FENCE + " RETURNING id"
 #: A terminal transition returns the task as it committed (the waiters get it without a read).
-_ENDED = _FENCE + " RETURNING " + ", ".join(TASK_COLUMNS)
+_RETURNING_TASK = " RETURNING " + ", ".join(TASK_COLUMNS)
+_ENDED = _FENCE + _RETURNING_TASK
 
 #: What a terminal transition of the worker returns: the task's row (`TASK_COLUMNS`) and
 #: its reference images' rows, or None when the attempt no longer held the task.
@@ -486,7 +487,7 @@ def _cancel(conn: sqlite3.Connection, task_id: str, reason: str) -> Ended:
         "UPDATE tasks SET status = 'cancelled', worker = NULL, lease_until = NULL,"
         " error_code = 'cancelled', error_message = ?, error_retryable = 0,"
         " finished_at = ?, updated_at = ?"
-        " WHERE id = ? AND status IN ('queued', 'running') RETURNING " + ", ".join(TASK_COLUMNS),
+        " WHERE id = ? AND status IN ('queued', 'running')" + _RETURNING_TASK,
         (reason, now, now, task_id),
     ).fetchone()
     if row is None:
