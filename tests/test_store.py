@@ -1579,3 +1579,46 @@ async def test_the_wal_stays_bounded_while_workers_run_tasks(tmp_path):
             pass
         wal = Path(str(tm.path) + "-wal")
         assert wal.stat().st_size < 8 * 2**20, wal.stat().st_size  # about 19 MB without
+
+
+@pytest.mark.parametrize("variable_limit", [None, 40])
+async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, variable_limit):
+    """`insert_tasks` (multi-row statements of up to BULK_ROWS rows, fewer when the SQLite build
+    binds fewer values a statement) stores every column of every row exactly as the one-row
+    INSERT does, in order, for a batch that spans several statements."""
+    from imagetask._store.rows import _INSERT_TASK, BULK_ROWS, _task_values, insert_tasks
+
+    async with TaskManager(tmp_path / "a.db", provider=FakeProvider(), workers=False):
+        pass
+    (tmp_path / "b.db").write_bytes((tmp_path / "a.db").read_bytes())
+    rows = [
+        SubmitRow(
+            id=new_task_id(),
+            owner=f"o{i % 3}",
+            prompt=f"p {i}",
+            model="fake",
+            params={"n": 1 + i % 2},
+            max_attempts=1 + i % 4,
+            cost=i % 5,
+            charge=False,
+            idempotency_key=f"k{i}" if i % 7 == 0 else None,
+            fingerprint=f"f{i}" if i % 7 == 0 else None,
+            metadata_json=f'{{"i": {i}}}',
+            provider="fake",
+        )
+        for i in range(2 * BULK_ROWS + 37)
+    ]
+    now = now_ms()
+    bulk = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    if variable_limit is not None:
+        bulk.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variable_limit)
+    bulk.execute("BEGIN")
+    insert_tasks(bulk, rows, now)
+    bulk.execute("COMMIT")
+    single = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    for row in rows:
+        single.execute(_INSERT_TASK, _task_values(row, now))
+    query = "SELECT * FROM tasks ORDER BY rowid"
+    written = bulk.execute(query).fetchall()
+    assert len(written) == len(rows) and [r[0] for r in written] == [row.id for row in rows]
+    assert written == single.execute(query).fetchall()

@@ -82,26 +82,42 @@ class Intake:
         self, req: GenerationRequest, datas: tuple[bytes, ...], task_id: str | None = None
     ) -> SubmitRow:
         """Validate and price one request (reference images already read) into a row."""
+        provider, shapes = self._checking()
+        return self._row(req, datas, task_id or new_task_id(), provider, shapes)
+
+    def _checking(self) -> tuple[Provider, dict[Any, Any]]:
+        """The provider requests are checked against, and the checks already made for it."""
         provider = self._provider()
         if provider is not self._checked_for or len(self._checked) > _MAX_CHECKED:
             self._checked, self._checked_for = {}, provider
-        checked = check_request(req, provider.models, provider.default_model, datas, self._checked)
-        if task_id is None:
-            task_id = new_task_id()
+        return provider, self._checked
+
+    def _row(
+        self,
+        req: GenerationRequest,
+        datas: tuple[bytes, ...],
+        task_id: str,
+        provider: Provider,
+        shapes: dict[Any, Any],
+    ) -> SubmitRow:
+        checked = check_request(req, provider.models, provider.default_model, datas, shapes)
+        key = checked.idempotency_key
+        # Positional, in the field order of SubmitRow (a submit_many makes one per request).
         return SubmitRow(
-            id=task_id,
-            owner=checked.owner,
-            prompt=checked.prompt,
-            model=checked.model,
-            params=checked.params,
-            max_attempts=self._max_attempts,
-            cost=checked.cost,
-            charge=self._charging,
-            idempotency_key=checked.idempotency_key,
-            fingerprint=checked.fingerprint() if checked.idempotency_key is not None else None,
-            metadata_json=checked.metadata_json,
-            params_json=checked.params_json,
-            provider=provider.name,
+            task_id,
+            checked.owner,
+            checked.prompt,
+            checked.model,
+            checked.params,
+            self._max_attempts,
+            checked.cost,
+            self._charging,
+            key,
+            None if key is None else checked.fingerprint(),
+            checked.metadata_json,
+            (),
+            checked.params_json,
+            provider.name,
         )
 
     def _provider(self) -> Provider:
@@ -120,11 +136,13 @@ class Intake:
         rows: list[SubmitRow] = []
         try:
             ids = new_task_ids(len(items))
+            provider, shapes = self._checking()
+            make = self._row
             for i, item in enumerate(items):
                 try:
                     # No reference images: nothing to read or copy, so no thread hop either.
                     rows.append(
-                        self.make_row(item, (), ids[i])
+                        make(item, (), ids[i], provider, shapes)
                         if not item.images
                         else await self.prepare(item, ids[i])
                     )

@@ -5,6 +5,7 @@ selects), and the one place a submitted `SubmitRow` maps to the columns it inser
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import sqlite3
@@ -232,3 +233,47 @@ def _values_function() -> Callable[[SubmitRow, int], tuple[Any, ...]]:
 
 
 _task_values = _values_function()
+
+#: Columns filled with the transaction's time: bound once per statement in a bulk insert.
+_SUBMIT_NOW = [c for c in _SUBMIT_BOUND if _SUBMIT_COLUMNS[c] == "now"]
+_BULK_BOUND = [c for c in _SUBMIT_BOUND if c not in _SUBMIT_NOW]
+#: The most rows one bulk statement inserts.
+BULK_ROWS = 100
+
+
+def _bulk_values_function() -> Callable[[SubmitRow], tuple[Any, ...]]:
+    """``bulk_values(row)``: one row's values in `bulk_insert`'s statement (all but the time)."""
+    namespace: dict[str, Any] = {"params_json": _params_json}
+    values = ", ".join(_SUBMIT_COLUMNS[c] for c in _BULK_BOUND)
+    exec(f"def bulk_values(row):\n    return ({values},)\n", namespace)
+    function: Callable[[SubmitRow], tuple[Any, ...]] = namespace["bulk_values"]
+    return function
+
+
+_bulk_values = _bulk_values_function()
+
+
+@functools.lru_cache(maxsize=32)
+def _bulk_insert_sql(count: int) -> str:
+    """One ``INSERT`` of ``count`` rows (a multi-row ``VALUES``): about a quarter cheaper than
+    ``executemany`` of the same rows. ``?1`` is the time, then each row's own values."""
+    numbers = itertools.count(2)
+
+    def placeholder(column: str) -> str:
+        if column in _SUBMIT_CONSTANTS:
+            return _SUBMIT_CONSTANTS[column]
+        return "?1" if column in _SUBMIT_NOW else f"?{next(numbers)}"
+
+    rows = ("(" + ", ".join(placeholder(c) for c in _SUBMIT_COLUMNS) + ")" for _ in range(count))
+    return f"INSERT INTO tasks ({', '.join(_SUBMIT_COLUMNS)}) VALUES {', '.join(rows)}"
+
+
+def insert_tasks(conn: sqlite3.Connection, rows: Sequence[SubmitRow], now: int) -> None:
+    """Insert ``rows`` (new tasks) at ``now``, in statements of up to `BULK_ROWS` rows (fewer
+    when the SQLite build binds fewer values a statement)."""
+    bindable = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1  # ?1 is the time
+    per_statement = min(BULK_ROWS, bindable // len(_BULK_BOUND))
+    values = _bulk_values
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        conn.execute(_bulk_insert_sql(len(chunk)), [now, *itertools.chain.from_iterable(map(values, chunk))])

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["Store"]
 
 log = logging.getLogger("imagetask")
+#: The reference rows of a submit without reference images (shared, never mutated).
+_NO_REFS: list[tuple[Any, ...]] = []
 T = TypeVar("T")
 _now = now_ms
 #: The most rows a read may return on the loop's thread (a page of `list`, a small `pending`).
@@ -200,8 +202,11 @@ class Store:
         each row succeeds or fails on its own and its error is returned in its place.
         ``created_at`` is the time inside the transaction (`Submitted.at`).
         """
+        relative = self._rows.relative
         refs = [
-            [_image_row(r.id, "reference", 0, self._rows.relative(im), im) for im in r.references]
+            [_image_row(r.id, "reference", 0, relative(im), im) for im in r.references]
+            if r.references
+            else _NO_REFS
             for r in rows
         ]
         pairs = list(zip(rows, refs, strict=True))

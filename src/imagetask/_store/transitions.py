@@ -15,7 +15,7 @@ from .._exceptions import ImageTaskError, InsufficientCredits, StoreError, TooMa
 from .._models import StoredImage, TaskError, now_ms
 from .reads import _balance
 from .records import SubmitRow, Submitted
-from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values, provenance_json
+from .rows import _INSERT_TASK, TASK_COLUMNS, _task_values, insert_tasks, provenance_json
 from .tokens import _add_token, _revoke_tokens
 
 log = logging.getLogger("imagetask")
@@ -80,15 +80,17 @@ def _submit_rows(
     now = _now()
     results: list[Submitted | ImageTaskError | None] = [None] * len(rows)
     plain = [i for i, (row, _) in enumerate(rows) if not _can_fail(row)]
-    if plain:
+    if plain and atomic:  # an error rolls the whole transaction back: no savepoint needed
+        inserted = _insert_plain(conn, rows if len(plain) == len(rows) else [rows[i] for i in plain], now)
+        for i, submitted in zip(plain, inserted, strict=True):
+            results[i] = submitted
+    elif plain:
         conn.execute("SAVEPOINT submit_plain")
         try:
             inserted = _insert_plain(conn, [rows[i] for i in plain], now)
         except Exception:
             conn.execute("ROLLBACK TO submit_plain")
             conn.execute("RELEASE submit_plain")
-            if atomic:
-                raise
         else:
             conn.execute("RELEASE submit_plain")
             for i, submitted in zip(plain, inserted, strict=True):
@@ -122,7 +124,7 @@ def _insert_plain(
     conn: sqlite3.Connection, rows: Sequence[tuple[SubmitRow, list[tuple[Any, ...]]]], now: int
 ) -> list[Submitted]:
     """Rows with no key and no charge: nothing to look up, so insert them in bulk."""
-    conn.executemany(_INSERT_TASK, [_task_values(row, now) for row, _ in rows])
+    insert_tasks(conn, [row for row, _ in rows], now)
     images = [ref for _, refs in rows for ref in refs]
     if images:
         conn.executemany(_INSERT_IMAGE, images)
