@@ -50,6 +50,28 @@ async def test_submit_answers_queued_before_any_provider_call(make_manager):
     assert task.cost == 2 and task.owner == "alice" and task.created_at is not None
 
 
+async def test_changing_a_returned_task_never_changes_later_reads(make_manager):
+    """A task's metadata and params are the caller's own, nested values included: changing
+    what submit, poll or list returned never changes what the next read returns."""
+    tm = await make_manager(workers=False)
+    metadata = {"job": {"step": 1, "tags": ["a"]}, "user": "u1"}
+    first = await tm.submit("a lighthouse", metadata=metadata)
+    second = await tm.submit("a harbour", metadata=metadata)
+    first.metadata["job"]["step"] = 99
+    first.metadata["job"]["tags"].append("changed")
+    first.params["n"] = 7
+    polled = await tm.poll(first.id)
+    assert polled.metadata == metadata and polled.params["n"] == 1
+    polled.metadata["job"]["step"] = 42
+    polled.metadata["user"] = "someone else"
+    listed = {t.id: t for t in await tm.list()}
+    assert listed[first.id].metadata == metadata and listed[second.id].metadata == metadata
+    listed[second.id].metadata["job"]["tags"].clear()
+    pending = {t.id: t for t in await tm.pending()}
+    assert pending[first.id].metadata == metadata and pending[second.id].metadata == metadata
+    assert (await tm.poll(second.id)).metadata == metadata
+
+
 async def test_task_runs_to_success_with_whole_validated_images(make_manager):
     """A task ends succeeded with n stored images whose size, hash and dimensions match the files."""
     tm = await make_manager()

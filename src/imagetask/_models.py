@@ -291,18 +291,24 @@ for _cls in (Task, TaskError, TaskEvent, StoredImage, TaskStatus):
 
 
 @functools.lru_cache(maxsize=512)
-def _parse_small_json(text: str) -> dict[str, Any]:
+def _parse_flat_json(text: str) -> dict[str, Any] | None:
+    """The object ``text`` holds, if none of its values is a container (else None): only a
+    flat object can be shared, since a copy of a nested one would share its inner dicts and
+    lists, and a caller changing those would change what every later read returns."""
     value: dict[str, Any] = json.loads(text)
-    return value
+    return None if any(isinstance(v, dict | list) for v in value.values()) else value
 
 
 def _json_object(text: str) -> dict[str, Any]:
-    """Decode a stored JSON object. Small ones repeat (params of the same shape), so their
-    parse is cached; callers always get their own copy to mutate."""
+    """Decode a stored JSON object. Small flat ones repeat (params of the same shape), so
+    their parse is cached; callers always get their own copy to mutate, nested values
+    included."""
     if text == "{}":
         return {}
     if len(text) <= 256:
-        return dict(_parse_small_json(text))
+        flat = _parse_flat_json(text)
+        if flat is not None:
+            return dict(flat)
     value: dict[str, Any] = json.loads(text)
     return value
 
