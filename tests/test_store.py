@@ -1152,6 +1152,24 @@ class TestStoreContract:
 
     # -- close -------------------------------------------------------------------------------
 
+    async def test_submits_queued_together_each_answer_their_own_rows(self, harness, store):
+        """Submits of many callers queued at once (runs of non-atomic ones, of one or more rows,
+        broken by atomic ones) each get exactly their own rows' results, in order, and every
+        row is stored."""
+        batches = [[row() for _ in range(n)] for n in (2, 1, 3, 1, 2, 4, 1)]
+        atomic = [False, False, True, False, False, True, False]
+        pending = [
+            asyncio.ensure_future(store.submit(rows, atomic=flag))
+            for rows, flag in zip(batches, atomic, strict=True)
+        ]
+        results = await asyncio.gather(*pending)
+        for rows, result in zip(batches, results, strict=True):
+            assert [r.id for r in result] == [r.id for r in rows]
+            assert all(isinstance(r, Submitted) and r.created for r in result)
+        every = [r.id for rows in batches for r in rows]
+        other = await harness.open_another()
+        assert await other.statuses(every) == dict.fromkeys(every, "queued")
+
     async def test_close_answers_queued_writes_and_is_safe_twice(self, harness, store):
         """Writes queued when close() is called are committed and answered first; a second
         close() is harmless."""

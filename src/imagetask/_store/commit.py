@@ -28,23 +28,29 @@ def _coalesce(
     list[tuple[Callable[..., Any], tuple[Any, ...]]], list[tuple[list[asyncio.Future[Any]], list[int] | None]]
 ]:
     """Merge runs of non-atomic submits into one bulk submit (rows with no key and no charge
-    are then inserted with executemany); other operations pass through one by one.
+    are then inserted with multi-row statements); other operations pass through one by one.
 
     Returns the operations to run and, for each, the futures to answer and (for a merged
     submit) how many result rows belong to each future.
     """
     ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
     waiters: list[tuple[list[asyncio.Future[Any]], list[int] | None]] = []
+    # The merged submit at the end of ``ops``, if any: its rows, its futures, their sizes
+    # (extended in place: a batch of n submits costs n, not n squared).
+    merged: tuple[list[Any], list[asyncio.Future[Any]], list[int]] | None = None
     for fn, args, fut in batch:
-        mergeable = fn is _submit_rows and not args[1]
-        if mergeable and ops and ops[-1][0] is _submit_rows and waiters[-1][1] is not None:
-            rows, _ = ops[-1][1]
-            ops[-1] = (_submit_rows, ([*rows, *args[0]], False))
-            waiters[-1][0].append(fut)
-            waiters[-1][1].append(len(args[0]))
+        if fn is _submit_rows and not args[1]:
+            if merged is None:
+                merged = ([], [], [])
+                ops.append((_submit_rows, (merged[0], False)))
+                waiters.append((merged[1], merged[2]))
+            merged[0].extend(args[0])
+            merged[1].append(fut)
+            merged[2].append(len(args[0]))
             continue
+        merged = None
         ops.append((fn, args))
-        waiters.append(([fut], [len(args[0])] if mergeable else None))
+        waiters.append(([fut], None))
     return ops, waiters
 
 
