@@ -334,11 +334,16 @@ class TaskManager:
         )
         self._require_open()
         limit = _max_pending(max_pending)
-        row = await self._intake.prepare(request)
+        # Without reference images there is nothing to read or copy: no await before the commit.
+        intake = self._intake
+        row = intake.make_row(request, ()) if not request.images else await intake.prepare(request)
         if limit is not None:
             row = row._replace(max_pending=limit)
         if not row.references:
-            return await self._after_submit(row, await self._enqueue(row))
+            submitted = await self._enqueue(row)
+            if submitted.created:
+                return self._queued(row, submitted)
+            return await self._after_submit(row, submitted)
         # Its reference files may be deleted only if the row was not written, so a cancelled
         # caller waits for the commit in flight before the cancellation goes on.
         write = asyncio.ensure_future(self._enqueue(row))
@@ -412,6 +417,10 @@ class TaskManager:
             await self._intake.discard(row)
             log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
             return await self.poll(submitted.id)
+        return self._queued(row, submitted)
+
+    def _queued(self, row: SubmitRow, submitted: Submitted) -> Task:
+        """The answer to a submit that created its row; wakes this process's workers."""
         log.info("task %s: queued for %s (%s, n=%d)", row.id, row.owner, row.model, row.params["n"])
         task = queued_task(row, submitted.at)
         if self._worker is not None:
