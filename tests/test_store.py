@@ -1603,12 +1603,14 @@ async def test_the_wal_stays_bounded_while_workers_run_tasks(tmp_path):
 async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, variable_limit):
     """`insert_tasks` (multi-row statements of up to BULK_ROWS rows, fewer when the SQLite build
     binds fewer values a statement) stores every column of every row exactly as the one-row
-    INSERT does, in order, for a batch that spans several statements."""
+    INSERT does (reference counts and given params JSON included), in order, for a batch that
+    spans several statements."""
     from imagetask._store.rows import _INSERT_TASK, BULK_ROWS, _task_values, insert_tasks
 
     async with TaskManager(tmp_path / "a.db", provider=FakeProvider(), workers=False):
         pass
     (tmp_path / "b.db").write_bytes((tmp_path / "a.db").read_bytes())
+    reference = StoredImage(tmp_path / "r.png", "image/png", 1, 1, "ab", 1, 0)
     rows = [
         SubmitRow(
             id=new_task_id(),
@@ -1622,6 +1624,8 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
             idempotency_key=f"k{i}" if i % 7 == 0 else None,
             fingerprint=f"f{i}" if i % 7 == 0 else None,
             metadata_json=f'{{"i": {i}}}',
+            references=(reference,) * (i % 3),
+            params_json='{"n": 2}' if i % 5 == 0 else None,
             provider="fake",
         )
         for i in range(2 * BULK_ROWS + 37)
@@ -1638,5 +1642,8 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
         single.execute(_INSERT_TASK, _task_values(row, now))
     query = "SELECT * FROM tasks ORDER BY rowid"
     written = bulk.execute(query).fetchall()
+    expected = single.execute(query).fetchall()
+    bulk.close()
+    single.close()
     assert len(written) == len(rows) and [r[0] for r in written] == [row.id for row in rows]
-    assert written == single.execute(query).fetchall()
+    assert written == expected
