@@ -72,6 +72,44 @@ async def test_changing_a_returned_task_never_changes_later_reads(make_manager):
     assert (await tm.poll(second.id)).metadata == metadata
 
 
+@pytest.mark.parametrize("ending", ["success", "cancel"])
+async def test_waiters_of_one_task_each_get_their_own_task(make_manager, ending):
+    """Several callers waiting for one task (two waits, an as_completed, and cancel's own
+    answer) each get a task of their own: changing one's metadata, params or image provenance
+    changes no other's."""
+    tm = await make_manager(provider=FakeProvider(latency=0.2), workers=ending == "success")
+    metadata = {"job": {"step": 1}, "tags": ["a"]}
+    task = await tm.submit("a lighthouse", metadata=metadata)
+
+    async def first_of_as_completed() -> Task:
+        async for done in tm.as_completed([task.id]):
+            return done
+        raise AssertionError("as_completed yielded nothing")
+
+    waiters = [
+        asyncio.ensure_future(tm.wait(task.id, timeout=30)),
+        asyncio.ensure_future(tm.wait(task.id, timeout=30)),
+        asyncio.ensure_future(first_of_as_completed()),
+    ]
+    await asyncio.sleep(0.05)  # all three are waiting
+    answers = [await tm.cancel(task.id)] if ending == "cancel" else []
+    answers += await asyncio.gather(*waiters)
+    assert len({id(t) for t in answers}) == len(answers)
+    fresh = await tm.poll(task.id)
+    for i, mine in enumerate(answers):
+        mine.metadata["job"]["step"] = i + 10
+        mine.metadata["tags"].append(str(i))
+        mine.params["n"] = i + 10
+        for image in mine.images:
+            image.provenance["finish_reason"] = f"changed by {i}"
+    for i, mine in enumerate(answers):
+        assert mine.metadata == {"job": {"step": i + 10}, "tags": ["a", str(i)]}
+        assert mine.params["n"] == i + 10
+        assert all(im.provenance["finish_reason"] == f"changed by {i}" for im in mine.images)
+    assert fresh.metadata == metadata and (await tm.poll(task.id)).metadata == metadata
+    assert len(fresh.images) == (1 if ending == "success" else 0)
+
+
 async def test_task_runs_to_success_with_whole_validated_images(make_manager):
     """A task ends succeeded with n stored images whose size, hash and dimensions match the files."""
     tm = await make_manager()

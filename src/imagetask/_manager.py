@@ -585,7 +585,7 @@ class TaskManager:
         log.info("task %s: cancelled", task_id)
         if self._worker is not None:
             self._worker.stop_local(task_id, "cancelled")
-        self._waiting.notify(task_id, cancelled)
+        self._waiting.notify(task_id, cancelled, kept=True)
         return cancelled
 
     async def prune(self, older_than: float) -> PruneReport:

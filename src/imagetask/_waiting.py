@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
@@ -47,13 +48,20 @@ class Waiting:
     def __len__(self) -> int:
         return len(self._waiters)
 
-    def notify(self, task_id: str, task: Task | None = None) -> None:
+    def notify(self, task_id: str, task: Task | None = None, *, kept: bool = False) -> None:
         """Wake whoever waits for ``task_id``: it reached a terminal state here, and ``task``
-        is what that transition committed (None: the waiters read the task themselves)."""
+        is what that transition committed (None: the waiters read the task themselves).
+
+        Each waiter gets a task of its own (its metadata, params and provenance are the
+        caller's to change), as from a read: the first gets ``task`` itself unless the
+        notifier ``kept`` it to answer its own caller, the others a deep copy.
+        """
         self._changed.set()
+        share = task is not None and not kept
         for fut in self._waiters.pop(task_id, ()):
             if not fut.done():
-                fut.set_result(task)
+                fut.set_result(task if share or task is None else copy.deepcopy(task))
+                share = False
 
     async def close(self) -> None:
         """Stop the watcher; every waiter raises `ImageTaskError`; feeds end."""
