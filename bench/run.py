@@ -1,6 +1,6 @@
 """Run every benchmark case, each in its own process, and write a Markdown report.
 
-    python bench/run.py                 # the full run (about 5-8 minutes on 2 cores)
+    python bench/run.py                 # the full run (about 10-15 minutes on 2 cores)
     python bench/run.py --quick         # a smoke run (tiny sizes, one repetition)
     python bench/run.py --only submit   # cases whose name contains "submit"
 
@@ -155,17 +155,44 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def ratio(runs: dict[str, list[dict[str, Any]]], case: str, base: str, metric: str) -> float | None:
-    """The median over rounds of case/base, each round's pair measured minutes apart."""
-    pairs = [
+#: Two runs back to back: (case, its result, baseline, its result), in one round.
+Pair = tuple[str, dict[str, Any], str, dict[str, Any]]
+
+
+def ratio(pairs: list[Pair], case: str, base: str, metric: str) -> float | None:
+    """The median over rounds of case/base, each from a pair of runs made back to back."""
+    found = [
         a[metric] / b[metric]
-        for a, b in zip(runs.get(case, []), runs.get(base, []), strict=False)
-        if isinstance(a.get(metric), int | float) and isinstance(b.get(metric), int | float) and b[metric]
+        for name, a, base_name, b in pairs
+        if (name, base_name) == (case, base)
+        and isinstance(a.get(metric), int | float)
+        and isinstance(b.get(metric), int | float)
+        and b[metric]
     ]
-    return statistics.median(pairs) if pairs else None
+    return statistics.median(found) if found else None
 
 
-def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -> str:
+def compared() -> list[tuple[str, str]]:
+    """Every (case, baseline) pair a target or a context line compares, once each."""
+    wanted = [(case, base) for _, _, case, base, _, _ in TARGETS if base is not None]
+    wanted += [(case, base) for _, case, base in REFERENCES]
+    return list(dict.fromkeys(wanted))
+
+
+def schedule(names: list[str], round_no: int, quick: bool, rounds: int) -> list[tuple[str, ...]]:
+    """One round's runs, in order: each compared pair back to back, as ``(case, baseline)``
+    (the baseline runs first in even rounds and second in odd ones, so a drift of the
+    machine's speed cancels out), then every other case once, as ``(case,)``."""
+
+    def due(name: str) -> bool:
+        return name in names and round_no < (1 if quick else REPS.get(name, rounds))
+
+    steps: list[tuple[str, ...]] = [(case, base) for case, base in compared() if due(case) and due(base)]
+    paired = {name for step in steps for name in step}
+    return steps + [(name,) for name in names if due(name) and name not in paired]
+
+
+def report(runs: dict[str, list[dict[str, Any]]], pairs: list[Pair], quick: bool, elapsed: float) -> str:
     results = {name: combine(rs) for name, rs in runs.items() if rs}
     mode = "QUICK (smoke sizes; the numbers mean nothing)" if quick else "full"
     versions = ", ".join(
@@ -181,8 +208,10 @@ def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -
         " crash) for imagetask, the stdlib and aiosqlite floors and huey; persist-queue at its own"
         " default (WAL, synchronous=FULL).",
         "- Each case runs in its own process. The whole suite runs round after round; figures are"
-        " medians over rounds (with the min-max of ops/s), and each ratio is the median of the"
-        " ratios taken within a round, so a floor and the case compared with it share the load.",
+        " medians over all runs (with the min-max of ops/s). In each round, every case that a"
+        " ratio compares runs back to back with its baseline (the baseline first in every other"
+        " round), and each ratio is the median over rounds of those pairs, so the two share the"
+        " load.",
         "",
         "## Targets",
         "",
@@ -190,7 +219,7 @@ def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -
         "|---|---|---|---|",
     ]
     for label, metric, case, base, op, bound in TARGETS:
-        value = _metric(results, case, metric) if base is None else ratio(runs, case, base, metric)
+        value = _metric(results, case, metric) if base is None else ratio(pairs, case, base, metric)
         if metric == "p50_us":  # shown in milliseconds
             value, bound = (None if value is None else value / 1000), bound / 1000
         ok = value is not None and {">=": value >= bound, ">": value > bound, "<=": value <= bound,
@@ -199,7 +228,7 @@ def report(runs: dict[str, list[dict[str, Any]]], quick: bool, elapsed: float) -
         lines.append(f"| {label} | {fmt(value, 2)} | {op} {bound:g} | {verdict} |")
     lines += ["", "## For context (no target)", "", "| ratio of ops/s | value |", "|---|---|"]
     for label, case, base in REFERENCES:
-        lines.append(f"| {label} | {fmt(ratio(runs, case, base, 'ops'), 2)} |")
+        lines.append(f"| {label} | {fmt(ratio(pairs, case, base, 'ops'), 2)} |")
     lines += ["", "## All cases", "", "| case | what | ops/s (median) | min-max | p50 µs | p99 µs | other |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, (what, _) in CASES.items():
@@ -238,20 +267,34 @@ def main() -> int:
     started = time.monotonic()
     names = [name for name in CASES if args.only in name]
     rounds = 1 if args.quick else args.reps
-    # Round after round of the whole suite, so that a floor and the case compared with it run
-    # minutes apart at most, under the same load; ratios are taken within each round.
+    # Round after round of the whole suite, so that every ratio is taken within a round, from
+    # a case and its baseline run back to back under the same load (see `schedule`).
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    pairs: list[Pair] = []
+
+    def measure(name: str) -> dict[str, Any]:
+        print(f"{name:<32}", end=" ", flush=True)
+        r = run_case(name, args.quick, 1)
+        runs[name].append(r)
+        shown = r.get("error") or (f"{r['ops']:,.0f} ops/s" if "ops" in r else json.dumps(r)[:80])
+        print(f"{shown}  ({r['seconds']:.1f} s)", flush=True)
+        return r
+
     for round_no in range(rounds):
         print(f"-- round {round_no + 1} of {rounds}", flush=True)
-        for name in names:
-            if round_no >= (1 if args.quick else REPS.get(name, rounds)):
+        for step in schedule(names, round_no, args.quick, rounds):
+            if len(step) == 1:
+                measure(step[0])
                 continue
-            print(f"{name:<32}", end=" ", flush=True)
-            r = run_case(name, args.quick, 1)
-            runs[name].append(r)
-            shown = r.get("error") or (f"{r['ops']:,.0f} ops/s" if "ops" in r else json.dumps(r)[:80])
-            print(f"{shown}  ({r['seconds']:.1f} s)", flush=True)
-    text = report(runs, args.quick, time.monotonic() - started)
+            case, base = step
+            if round_no % 2 == 0:
+                base_run = measure(base)
+                case_run = measure(case)
+            else:
+                case_run = measure(case)
+                base_run = measure(base)
+            pairs.append((case, case_run, base, base_run))
+    text = report(runs, pairs, args.quick, time.monotonic() - started)
     args.out.write_text(text)
     print(f"\nwrote {args.out}")
     return 1 if any("error" in r for rs in runs.values() for r in rs) else 0
