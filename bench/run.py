@@ -181,8 +181,8 @@ def compared() -> list[tuple[str, str]]:
 
 def schedule(names: list[str], round_no: int, quick: bool, rounds: int) -> list[tuple[str, ...]]:
     """One round's runs, in order: each compared pair back to back, as ``(case, baseline)``
-    (the baseline runs first in even rounds and second in odd ones, so a drift of the
-    machine's speed cancels out), then every other case once, as ``(case,)``."""
+    (the baseline runs first in rounds 1, 3, 5... and second in rounds 2, 4..., so a
+    drift of the machine's speed mostly cancels out), then every other case once, as ``(case,)``."""
 
     def due(name: str) -> bool:
         return name in names and round_no < (1 if quick else REPS.get(name, rounds))

@@ -27,8 +27,9 @@ def _coalesce(
 ) -> tuple[
     list[tuple[Callable[..., Any], tuple[Any, ...]]], list[tuple[list[asyncio.Future[Any]], list[int] | None]]
 ]:
-    """Merge runs of non-atomic submits into one bulk submit (rows with no key and no charge
-    are then inserted with multi-row statements); other operations pass through one by one.
+    """Merge runs of non-atomic submits into one bulk submit (its rows that cannot fail on
+    their own, see `_can_fail`, are then inserted with multi-row statements); other
+    operations pass through one by one.
 
     Returns the operations to run and, for each, the futures to answer and (for a merged
     submit) how many result rows belong to each future.

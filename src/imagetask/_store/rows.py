@@ -239,8 +239,8 @@ _SUBMIT_NOW = [c for c in _SUBMIT_BOUND if _SUBMIT_COLUMNS[c] == "now"]
 _BULK_BOUND = [c for c in _SUBMIT_BOUND if c not in _SUBMIT_NOW]
 #: The most rows one bulk statement inserts. Statements insert a power of two of rows (64, 32,
 #: ... 1: a batch of 100 is 64 + 32 + 4), so there are only seven statement texts: they stay
-#: in sqlite3's statement cache, where preparing one of a size never seen costs about as much
-#: as the insert (a few ms for 100 rows).
+#: in sqlite3's statement cache: preparing one of a size not seen before costs more than
+#: running it (a few ms for the biggest).
 BULK_ROWS = 64
 
 
@@ -258,7 +258,7 @@ _bulk_values = _bulk_values_function()
 
 @functools.lru_cache(maxsize=8)
 def _bulk_insert_sql(count: int) -> str:
-    """One ``INSERT`` of ``count`` rows (a multi-row ``VALUES``): about a quarter cheaper than
+    """One ``INSERT`` of ``count`` rows (a multi-row ``VALUES``): about a third cheaper than
     ``executemany`` of the same rows. ``?1`` is the time, then each row's own values."""
     numbers = itertools.count(2)
 

@@ -251,7 +251,7 @@ def openapi(prefix: str = "") -> dict[str, Any]:
             },
             "/api/generate-image": {
                 "post": _op(
-                    "The original design's submit (a JSON body, any Content-Type)",
+                    "Submit, for front ends of the earlier /api/generate-image design (a JSON body, any Content-Type)",
                     {"type": "object", "required": ["status", "taskId"], "properties": {
                         "status": {"const": "processing"}, "taskId": {"type": "string"}}},
                     400, 402, 413, 422, 429, body=seed_body,
@@ -259,7 +259,7 @@ def openapi(prefix: str = "") -> dict[str, Any]:
             },
             "/api/generate-image/polling": {
                 "post": _op(
-                    "The original design's poll",
+                    "Poll, for front ends of the earlier /api/generate-image design",
                     {"type": "object", "required": ["status"], "properties": {
                         "status": {"enum": ["processing", "completed", "failed"]},
                         "images": {"type": "array", "items": {"type": "string"}}, "error": {"type": "object"}}},
@@ -270,7 +270,7 @@ def openapi(prefix: str = "") -> dict[str, Any]:
             },
             "/api/generate-image/pending": {
                 "get": _op(
-                    "The original design's pending list",
+                    "The pending list, for front ends of the earlier /api/generate-image design",
                     {"type": "object", "required": ["pendingTasks"],
                      "properties": {"pendingTasks": {"type": "array", "items": {"type": "object"}}}},
                 )
