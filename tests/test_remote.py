@@ -85,13 +85,21 @@ async def test_wait_polls_when_the_stream_is_down(tmp_path):
 
 
 async def test_errors_over_http_are_the_local_ones(server, tmp_path):
-    """An unknown id is TaskNotFound (also in as_completed, before anything is yielded),
-    another owner is a ValidationError naming owner, max_pending is TooManyPending with its
-    numbers, a bad token fails at open with ConfigError, no server is a StoreError."""
+    """An unknown id is TaskNotFound naming the id as a local manager does (in upper case,
+    also for poll, events and cancel given it in lower case; also in as_completed, before
+    anything is yielded), another owner is a ValidationError naming owner, max_pending is
+    TooManyPending with its numbers, a bad token fails at open with ConfigError, no server is
+    a StoreError."""
     tm, base, token = server
     async with RemoteTaskManager(base, token=token, images=tmp_path / "dl") as remote:
-        with pytest.raises(TaskNotFound):
-            await remote.poll("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        unknown = "01arz3ndektsv4rrffq69g5fav"
+        with pytest.raises(TaskNotFound) as local:
+            await tm.poll(unknown)
+        for call in (remote.poll, remote.events, remote.cancel):
+            with pytest.raises(TaskNotFound) as caught:
+                await call(unknown)
+            assert caught.value.task_id == local.value.task_id == unknown.upper()
+            assert str(caught.value) == str(local.value)
         with pytest.raises(TaskNotFound):
             async for _ in remote.as_completed(["01ARZ3NDEKTSV4RRFFQ69G5FAV"], timeout=5):
                 pass

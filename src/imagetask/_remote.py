@@ -231,7 +231,8 @@ class RemoteTaskManager:
 
     async def poll(self, task_id: str) -> Task:
         """Same as `TaskManager.poll`: one request."""
-        return await self._task(await self._get(f"/api/tasks/{_path_id(task_id)}", task_id=task_id))
+        task_id = _path_id(task_id)
+        return await self._task(await self._get(f"/api/tasks/{task_id}", task_id=task_id))
 
     async def pending(self, owner: str | None = None) -> builtins.list[Task]:
         """Same as `TaskManager.pending`, for the token's owner."""
@@ -256,13 +257,14 @@ class RemoteTaskManager:
 
     async def events(self, task_id: str) -> tuple[TaskEvent, ...]:
         """Same as `TaskManager.events`."""
-        found = await self._get(f"/api/tasks/{_path_id(task_id)}/events", task_id=task_id)
+        task_id = _path_id(task_id)
+        found = await self._get(f"/api/tasks/{task_id}/events", task_id=task_id)
         return tuple(_event(e) for e in found["events"])
 
     async def cancel(self, task_id: str) -> Task:
         """Same as `TaskManager.cancel`."""
-        path = f"/api/tasks/{_path_id(task_id)}/cancel"
-        return await self._task(await self._send("POST", path, task_id=task_id))
+        task_id = _path_id(task_id)
+        return await self._task(await self._send("POST", f"/api/tasks/{task_id}/cancel", task_id=task_id))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Same as `TaskManager.wait`: told by the server's event stream, polling while it is down."""
