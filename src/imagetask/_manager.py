@@ -321,29 +321,20 @@ class TaskManager:
             TooManyPending: the owner is at ``max_pending``; nothing is written.
             ConfigError: the manager has no provider to validate against.
         """
+        images = () if isinstance(images, tuple) and not images else _as_image_list(images)
         request = GenerationRequest(
-            prompt=prompt,
-            n=n,
-            model=model,
-            aspect_ratio=aspect_ratio,
-            size=size,
-            images=() if isinstance(images, tuple) and not images else _as_image_list(images),
-            owner=owner,
-            idempotency_key=idempotency_key,
-            metadata=metadata,
-        )
+            prompt=prompt, n=n, model=model, aspect_ratio=aspect_ratio, size=size, images=images,
+            owner=owner, idempotency_key=idempotency_key, metadata=metadata
+        )  # fmt: skip
         self._require_open()
         limit = _max_pending(max_pending)
-        # Without reference images there is nothing to read or copy: no await before the commit.
-        intake = self._intake
+        intake = self._intake  # without reference images: no await before the commit
         row = intake.make_row(request, ()) if not request.images else await intake.prepare(request)
         if limit is not None:
             row = row._replace(max_pending=limit)
         if not row.references:
-            submitted = await self._enqueue(row)
-            if submitted.created:
-                return self._queued(row, submitted)
-            return await self._after_submit(row, submitted)
+            done = await self._enqueue(row)
+            return self._queued(row, done) if done.created else await self._resubmitted(row, done)
         # Its reference files may be deleted only if the row was not written, so a cancelled
         # caller waits for the commit in flight before the cancellation goes on.
         write = asyncio.ensure_future(self._enqueue(row))
@@ -352,7 +343,8 @@ class TaskManager:
         if failure is not None:
             await self._intake.discard(row)
             raise asyncio.CancelledError() if cancelled else failure
-        task = await self._after_submit(row, write.result())
+        done = write.result()
+        task = self._queued(row, done) if done.created else await self._resubmitted(row, done)
         if cancelled:
             raise asyncio.CancelledError()
         return task
@@ -394,7 +386,7 @@ class TaskManager:
             assert isinstance(result, Submitted)
             # Each created row answers `queued` at the time inside the transaction.
             tasks.append(
-                queued_task(row, result.at) if result.created else await self._after_submit(row, result)
+                queued_task(row, result.at) if result.created else await self._resubmitted(row, result)
             )
         log.info("submitted %d task(s) in one transaction", len(tasks))
         if self._worker is not None:
@@ -405,19 +397,17 @@ class TaskManager:
         return tasks
 
     async def _enqueue(self, row: SubmitRow) -> Submitted:
-        """Commit one submit. Concurrent submits share a transaction (the store's group
-        commit); this returns only once the transaction holding the row has committed."""
+        """Commit one submit, sharing a transaction with concurrent ones (group commit)."""
         (result,) = await self._store.submit([row], atomic=False)
         if isinstance(result, BaseException):
             raise result
         return result
 
-    async def _after_submit(self, row: SubmitRow, submitted: Submitted) -> Task:
-        if not submitted.created:
-            await self._intake.discard(row)
-            log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
-            return await self.poll(submitted.id)
-        return self._queued(row, submitted)
+    async def _resubmitted(self, row: SubmitRow, submitted: Submitted) -> Task:
+        """The answer to a submit whose idempotency key found the first task: that task."""
+        await self._intake.discard(row)
+        log.info("task %s: re-submitted with idempotency key; returning the first", submitted.id)
+        return await self.poll(submitted.id)
 
     def _queued(self, row: SubmitRow, submitted: Submitted) -> Task:
         """The answer to a submit that created its row; wakes this process's workers."""

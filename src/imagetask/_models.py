@@ -292,24 +292,18 @@ for _cls in (Task, TaskError, TaskEvent, StoredImage, TaskStatus):
 
 @functools.lru_cache(maxsize=512)
 def _parse_flat_json(text: str) -> dict[str, Any] | None:
-    """The object ``text`` holds, if none of its values is a container (else None): only a
-    flat object can be shared, since a copy of a nested one would share its inner dicts and
-    lists, and a caller changing those would change what every later read returns."""
     value: dict[str, Any] = json.loads(text)
     return None if any(isinstance(v, dict | list) for v in value.values()) else value
 
 
 def _json_object(text: str) -> dict[str, Any]:
-    """Decode a stored JSON object. Small flat ones repeat (params of the same shape), so
-    their parse is cached; callers always get their own copy to mutate, nested values
-    included."""
+    """Decode a stored JSON object, the caller's own to change. Small flat ones repeat
+    (params of the same shape), so their parse is cached; a nested one is parsed each time,
+    since a shallow copy would share its inner dicts and lists with every later read."""
     if text == "{}":
         return {}
-    if len(text) <= 256:
-        flat = _parse_flat_json(text)
-        if flat is not None:
-            return dict(flat)
-    value: dict[str, Any] = json.loads(text)
+    flat = _parse_flat_json(text) if len(text) <= 256 else None
+    value: dict[str, Any] = dict(flat) if flat is not None else json.loads(text)
     return value
 
 
