@@ -222,38 +222,30 @@ _INSERT_TASK = (
 )
 
 
-def _values_function() -> Callable[[SubmitRow, int], tuple[Any, ...]]:
-    """``task_values(row, now)``: the values of `_INSERT_TASK`, generated from
-    `_SUBMIT_COLUMNS` (one tuple per row: the bulk insert's hot loop)."""
+def _values_function(columns: list[str], *args: str) -> Callable[..., tuple[Any, ...]]:
+    """A function of ``args`` (``row``, and ``now`` if it is needed) returning the values of
+    ``columns`` as `_SUBMIT_COLUMNS` computes them: one tuple per row, the bulk insert's hot
+    loop."""
     namespace: dict[str, Any] = {"params_json": _params_json}
-    values = ", ".join(_SUBMIT_COLUMNS[c] for c in _SUBMIT_BOUND)
-    exec(f"def task_values(row, now):\n    return ({values},)\n", namespace)
-    function: Callable[[SubmitRow, int], tuple[Any, ...]] = namespace["task_values"]
+    values = ", ".join(_SUBMIT_COLUMNS[c] for c in columns)
+    exec(f"def values({', '.join(args)}):\n    return ({values},)\n", namespace)
+    function: Callable[..., tuple[Any, ...]] = namespace["values"]
     return function
 
 
-_task_values = _values_function()
+#: ``_task_values(row, now)``: the values `_INSERT_TASK` binds.
+_task_values = _values_function(_SUBMIT_BOUND, "row", "now")
 
 #: Columns filled with the transaction's time: bound once per statement in a bulk insert.
 _SUBMIT_NOW = [c for c in _SUBMIT_BOUND if _SUBMIT_COLUMNS[c] == "now"]
 _BULK_BOUND = [c for c in _SUBMIT_BOUND if c not in _SUBMIT_NOW]
+#: ``_bulk_values(row)``: one row's values in a `_bulk_insert_sql` statement (all but the time).
+_bulk_values = _values_function(_BULK_BOUND, "row")
 #: The most rows one bulk statement inserts. Statements insert a power of two of rows (64, 32,
-#: ... 1: a batch of 100 is 64 + 32 + 4), so there are only seven statement texts: they stay
-#: in sqlite3's statement cache: preparing one of a size not seen before costs more than
-#: running it (a few ms for the biggest).
+#: ... 1: a batch of 100 is 64 + 32 + 4), so there are only seven statement texts and they
+#: stay in sqlite3's statement cache (preparing one of a size not seen before costs more than
+#: running it: a few ms for the biggest).
 BULK_ROWS = 64
-
-
-def _bulk_values_function() -> Callable[[SubmitRow], tuple[Any, ...]]:
-    """``bulk_values(row)``: one row's values in `bulk_insert`'s statement (all but the time)."""
-    namespace: dict[str, Any] = {"params_json": _params_json}
-    values = ", ".join(_SUBMIT_COLUMNS[c] for c in _BULK_BOUND)
-    exec(f"def bulk_values(row):\n    return ({values},)\n", namespace)
-    function: Callable[[SubmitRow], tuple[Any, ...]] = namespace["bulk_values"]
-    return function
-
-
-_bulk_values = _bulk_values_function()
 
 
 @functools.lru_cache(maxsize=8)

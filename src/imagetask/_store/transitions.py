@@ -123,7 +123,8 @@ def _can_fail(row: SubmitRow) -> bool:
 def _insert_plain(
     conn: sqlite3.Connection, rows: Sequence[tuple[SubmitRow, list[tuple[Any, ...]]]], now: int
 ) -> list[Submitted]:
-    """Rows with no key and no charge: nothing to look up, so insert them in bulk."""
+    """Rows that cannot fail on their own (`_can_fail`): nothing to look up, so insert them
+    in bulk."""
     insert_tasks(conn, [row for row, _ in rows], now)
     images = [ref for _, refs in rows for ref in refs]
     if images:
