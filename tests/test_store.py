@@ -262,6 +262,18 @@ class TestStoreContract:
         assert [t.id for t in await store.list_tasks(None, None, 100, None)] == [taken.id]
         assert await store.balance("alice") == 5
 
+    async def test_an_atomic_submit_refused_midway_through_its_bulk_insert_writes_nothing(self, store):
+        """An atomic submit of plain rows (inserted several statements at a time) whose 80th row
+        the database refuses (an id already taken) raises StoreError, and none of its rows are
+        written, not even those of the statements before."""
+        taken = row()
+        await submitted(store, taken)
+        rows = [row() for _ in range(100)]
+        rows[79] = rows[79]._replace(id=taken.id)
+        with pytest.raises(StoreError):
+            await store.submit(rows, atomic=True)
+        assert [t.id for t in await store.list_tasks(None, None, 200, None)] == [taken.id]
+
     async def test_a_non_atomic_submit_returns_each_error_in_its_place(self, store):
         """With atomic=False each failing row's error stands in its place and only that row is
         unwritten; the others are written (and charged)."""
