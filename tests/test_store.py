@@ -1611,41 +1611,76 @@ async def test_the_wal_stays_bounded_while_workers_run_tasks(tmp_path):
         assert wal.stat().st_size < 8 * 2**20, wal.stat().st_size  # about 19 MB without
 
 
+def _bulk_rows(tmp_path: Path, shape: str, count: int) -> list[SubmitRow]:
+    """Rows to bulk insert: every field varied (``varied``); one request shape, so only id,
+    owner and prompt differ (``uniform``); or that shape with, in every chunk of 16, one row
+    that differs in one more field (``one_differs``: each field that fills a column in turn)."""
+    reference = StoredImage(tmp_path / "r.png", "image/png", 1, 1, "ab", 1, 0)
+    differ = ["model", "params", "max_attempts", "cost", "idempotency_key", "fingerprint",
+              "metadata_json", "references", "params_json", "provider"]  # fmt: skip
+    rows = []
+    for i in range(count):
+        if shape == "varied":
+            row = SubmitRow(
+                id=new_task_id(),
+                owner=f"o{i % 3}",
+                prompt=f"p {i}",
+                model="fake",
+                params={"n": 1 + i % 2},
+                max_attempts=1 + i % 4,
+                cost=i % 5,
+                charge=False,
+                idempotency_key=f"k{i}" if i % 7 == 0 else None,
+                fingerprint=f"f{i}" if i % 7 == 0 else None,
+                metadata_json=f'{{"i": {i}}}',
+                references=(reference,) * (i % 3),
+                params_json='{"n": 2}' if i % 5 == 0 else None,
+                provider="fake",
+            )
+        else:
+            row = SubmitRow(
+                id=new_task_id(), owner=f"o{i % 3}", prompt=f"p {i}", model="fake", params={"n": 1},
+                max_attempts=3, cost=2, charge=False, idempotency_key=None, fingerprint=None,
+                metadata_json='{"a": 1}', references=(), params_json='{"n": 1}', provider="fake",
+            )  # fmt: skip
+            if shape == "one_differs" and i % 16 == 5:
+                field = differ[(i // 16) % len(differ)]
+                changed = {"model": "other", "params": {"n": 2}, "max_attempts": 4, "cost": 7,
+                           "idempotency_key": "k", "fingerprint": "f", "metadata_json": '{"a": 2}',
+                           "references": (reference,), "params_json": '{"n": 3}',
+                           "provider": "p2"}  # fmt: skip
+                row = row._replace(**{field: changed[field]})
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("shape", ["varied", "uniform", "one_differs"])
 @pytest.mark.parametrize("variable_limit", [None, 40])
-async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, variable_limit):
+async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, variable_limit, shape):
     """`insert_tasks` (multi-row statements of up to BULK_ROWS rows, fewer when the SQLite build
     binds fewer values a statement) stores every column of every row exactly as the one-row
     INSERT does (reference counts and given params JSON included), in order, for a batch that
-    spans several statements."""
-    from imagetask._store.rows import _INSERT_TASK, BULK_ROWS, _task_values, insert_tasks
+    spans several statements: rows of one request shape through the statement that binds
+    their shared values once, and chunks where one row differs in any one field through the
+    statement that binds each row's own."""
+    from imagetask._store.rows import (
+        _INSERT_TASK,
+        BULK_ROWS,
+        _bulk_insert_sql,
+        _task_values,
+        bulk_statements,
+        insert_tasks,
+    )
 
     async with TaskManager(tmp_path / "a.db", provider=FakeProvider(), workers=False):
         pass
     (tmp_path / "b.db").write_bytes((tmp_path / "a.db").read_bytes())
-    reference = StoredImage(tmp_path / "r.png", "image/png", 1, 1, "ab", 1, 0)
-    rows = [
-        SubmitRow(
-            id=new_task_id(),
-            owner=f"o{i % 3}",
-            prompt=f"p {i}",
-            model="fake",
-            params={"n": 1 + i % 2},
-            max_attempts=1 + i % 4,
-            cost=i % 5,
-            charge=False,
-            idempotency_key=f"k{i}" if i % 7 == 0 else None,
-            fingerprint=f"f{i}" if i % 7 == 0 else None,
-            metadata_json=f'{{"i": {i}}}',
-            references=(reference,) * (i % 3),
-            params_json='{"n": 2}' if i % 5 == 0 else None,
-            provider="fake",
-        )
-        for i in range(2 * BULK_ROWS + 37)
-    ]
+    rows = _bulk_rows(tmp_path, shape, 2 * BULK_ROWS + 37)
     now = now_ms()
     bulk = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
     if variable_limit is not None:
         bulk.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variable_limit)
+    bindable = bulk.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1
     bulk.execute("BEGIN")
     insert_tasks(bulk, rows, now)
     bulk.execute("COMMIT")
@@ -1659,3 +1694,16 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
     single.close()
     assert len(written) == len(rows) and [r[0] for r in written] == [row.id for row in rows]
     assert written == expected
+    # A statement binds the shared values once exactly when it has several rows and they
+    # agree on every field but id, owner and prompt.
+    start, seen = 0, []
+    for statement, values in bulk_statements(rows, now, bindable):
+        size = statement.count("(") - 1
+        chunk = rows[start : start + size]
+        start += size
+        agree = size > 1 and all(row[3:] == chunk[0][3:] for row in chunk)
+        assert statement == _bulk_insert_sql(size, agree) and len(values) <= bindable + 1
+        seen.append(agree)
+    assert start == len(rows)
+    kinds = {"varied": {False}, "uniform": {True, False}, "one_differs": {True, False}}[shape]
+    assert set(seen) == kinds  # uniform: the last statement holds one row
