@@ -6,16 +6,19 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import imagetask
-from imagetask import StoreError, TaskManager, _dbcheck
+from imagetask import StoreError, TaskManager
 from imagetask._dbcheck import check_database
 from imagetask._store import MIGRATIONS, SCHEMA_VERSION
 from imagetask.providers import FakeProvider
@@ -25,8 +28,8 @@ from conftest import sql
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def check(db: Path) -> None:
-    check_database(db, MIGRATIONS)
+def check(db: Path, **limits: float) -> None:
+    check_database(db, MIGRATIONS, **limits)  # type: ignore[arg-type]
 
 
 def snapshot(db: Path) -> dict[str, bytes]:
@@ -154,17 +157,42 @@ def test_a_named_pipe_is_refused_without_reading_it(tmp_path):
         check(fifo)
 
 
-def test_an_unreadable_file_is_refused(tmp_path, monkeypatch):
-    """A file that cannot be read is a StoreError naming it and the reason, not a raw OSError."""
-    db = tmp_path / "tasks.db"
-    db.write_bytes(b"SQLite format 3\x00" + bytes(84))
+#: Checks the file named on its command line as a user who may not read it (run as root, it
+#: drops to ``nobody`` first: root reads any file), then prints the StoreError.
+_CHECK_AS_NOBODY = """
+import os, sys
+from pathlib import Path
+from imagetask import StoreError
+from imagetask._dbcheck import check_database
+from imagetask._store import MIGRATIONS
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    check_database(Path(sys.argv[1]), MIGRATIONS)
+except StoreError as exc:
+    print(exc)
+    sys.exit(0)
+sys.exit(1)
+"""
 
-    def denied(self: Path, *args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "open", denied)
-    with pytest.raises(StoreError, match=r"cannot read .*Permission denied"):
-        check(db)
+def test_an_unreadable_file_is_refused():
+    """A file that cannot be read (mode 000, read by a user other than its owner) is a
+    StoreError naming it and the reason, not a raw OSError."""
+    folder = Path(tempfile.mkdtemp(prefix="imagetask-unreadable-"))
+    try:
+        folder.chmod(0o711)  # others may reach the file, not list or read it
+        db = folder / "tasks.db"
+        db.write_bytes(b"SQLite format 3\x00" + bytes(84))
+        db.chmod(0)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK_AS_NOBODY, str(db)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.search(r"cannot read .*tasks\.db.*Permission denied", done.stdout), done.stdout
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize(
@@ -389,17 +417,16 @@ def test_a_refusal_leaves_no_file_open(tmp_path, make: Callable[[Path], Path]):
 # --- the bounded check of big files -------------------------------------------------------------
 
 
-async def test_a_big_file_is_checked_table_by_table(tmp_path, monkeypatch):
+async def test_a_big_file_is_checked_table_by_table(tmp_path):
     """Past the whole-check size, tables are checked one by one: healthy passes, damaged is refused."""
-    monkeypatch.setattr(_dbcheck, "_FULL_CHECK_MAX_BYTES", 0)
     db = await imagetask_db(tmp_path / "tasks.db", tasks=300)
-    check(db)
+    check(db, full_check_max_bytes=0)
     overwrite_pages(db)
     with pytest.raises(StoreError, match="is damaged"):
-        check(db)
+        check(db, full_check_max_bytes=0)
 
 
-async def test_a_check_cut_short_by_its_budget_logs_what_it_left_and_passes(tmp_path, monkeypatch, caplog):
+async def test_a_check_cut_short_by_its_budget_logs_what_it_left_and_passes(tmp_path, caplog):
     """When the budget runs out mid-check the file is not refused and the unchecked tables are logged."""
     db = await imagetask_db(tmp_path / "tasks.db", tasks=100)
     # 40 MB of someone's own table beside imagetask's: its check takes far longer than 10 ms.
@@ -409,10 +436,8 @@ async def test_a_check_cut_short_by_its_budget_logs_what_it_left_and_passes(tmp_
         " (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
         " SELECT i, randomblob(2000) AS b FROM n",
     )
-    monkeypatch.setattr(_dbcheck, "_FULL_CHECK_MAX_BYTES", 0)
-    monkeypatch.setattr(_dbcheck, "_CHECK_BUDGET_S", 0.01)
     with caplog.at_level(logging.INFO, logger="imagetask"):
-        check(db)
+        check(db, full_check_max_bytes=0, budget=0.01)
     (record,) = [r for r in caplog.records if "unchecked" in r.getMessage()]
     message = record.getMessage()
     assert "checked tables sqlite_master" in message

@@ -29,10 +29,10 @@ _MIGRATIONS_COLUMNS = [
 
 #: Files up to this size (main file plus WAL) get a whole ``PRAGMA quick_check``: about
 #: 0.2 s with the file in the OS cache, about 1 s read from disk.
-_FULL_CHECK_MAX_BYTES = 64 * 1024 * 1024
+FULL_CHECK_MAX_BYTES = 64 * 1024 * 1024
 
 #: Bigger files are checked table by table until this many seconds are spent.
-_CHECK_BUDGET_S = 0.25
+CHECK_BUDGET_S = 0.25
 
 #: The order tables are checked in on a big file: the ones every open, submit and claim
 #: read first, then the history tables, then any others.
@@ -66,7 +66,13 @@ _NOT_DAMAGE = {
 }
 
 
-def check_database(path: Path, migrations: Sequence[tuple[int, str, Sequence[str]]]) -> None:
+def check_database(
+    path: Path,
+    migrations: Sequence[tuple[int, str, Sequence[str]]],
+    *,
+    full_check_max_bytes: int = FULL_CHECK_MAX_BYTES,
+    budget: float = CHECK_BUDGET_S,
+) -> None:
     """Refuse a file imagetask must not open, without writing anything to it.
 
     Run before any write connection; it blocks for up to about 0.3 s on a big file, so
@@ -105,6 +111,10 @@ def check_database(path: Path, migrations: Sequence[tuple[int, str, Sequence[str
     Args:
         path: The database file.
         migrations: imagetask's migrations, oldest first: (version, description, SQL statements).
+        full_check_max_bytes: The size (main file plus WAL) up to which the whole file is
+            checked; above it, the bounded check (tests set it low to take that path on a
+            small file).
+        budget: The seconds the bounded check may spend.
 
     Raises:
         StoreError: the path is a folder or not a regular file, cannot be read, is not
@@ -119,7 +129,7 @@ def check_database(path: Path, migrations: Sequence[tuple[int, str, Sequence[str
     try:
         conn = _connect(path, wal)
         tables = _check_schema(conn, path, migrations)
-        _check_pages(conn, path, tables)
+        _check_pages(conn, path, tables, full_check_max_bytes, budget)
     except sqlite3.Error as exc:
         raise _sqlite_error(path, exc) from exc
     finally:
@@ -273,19 +283,22 @@ def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], set[str]]:
     }
 
 
-def _check_pages(conn: sqlite3.Connection, path: Path, tables: list[str]) -> None:
-    """Refuse a damaged file: whole quick_check if small, else per table within the budget."""
+def _check_pages(
+    conn: sqlite3.Connection, path: Path, tables: list[str], full_max: int, budget: float
+) -> None:
+    """Refuse a damaged file: whole quick_check up to ``full_max`` bytes, else per table
+    within ``budget`` seconds."""
     size = path.stat().st_size
     try:
         size += os.stat(f"{path}-wal").st_size
     except OSError:
         pass
-    if size <= _FULL_CHECK_MAX_BYTES:
+    if size <= full_max:
         _verdict(path, conn.execute("PRAGMA quick_check").fetchall())
         return
     rank = {name: i for i, name in enumerate(_PRIORITY)}
     order = sorted(["sqlite_master", *tables], key=lambda t: (rank.get(t, len(rank)), t))
-    deadline = time.monotonic() + _CHECK_BUDGET_S
+    deadline = time.monotonic() + budget
     for i, table in enumerate(order):
         quoted = table.replace("'", "''")
         rows = _bounded(conn, f"PRAGMA quick_check('{quoted}')", deadline)
@@ -296,7 +309,7 @@ def _check_pages(conn: sqlite3.Connection, path: Path, tables: list[str]) -> Non
                 path,
                 size // (1024 * 1024),
                 ", ".join(order[:i]) or "none",
-                _CHECK_BUDGET_S,
+                budget,
                 ", ".join(order[i:]),
                 shlex.quote(str(path)),
             )
