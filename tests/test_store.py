@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1613,8 +1614,10 @@ async def test_the_wal_stays_bounded_while_workers_run_tasks(tmp_path):
 
 def _bulk_rows(tmp_path: Path, shape: str, count: int) -> list[SubmitRow]:
     """Rows to bulk insert: every field varied (``varied``); one request shape, so only id,
-    owner and prompt differ (``uniform``); or that shape with, in every chunk of 16, one row
-    that differs in one more field (``one_differs``: each field that fills a column in turn)."""
+    owner and prompt differ (``uniform``); that shape with, in every chunk of 16, one row
+    that differs in one more field (``one_differs``: each field that fills a column in turn);
+    or that shape with no params JSON given and params that compare equal but are written
+    differently (``derived_params``: ``1`` and ``True``, ``[1]`` and ``[True]``)."""
     reference = StoredImage(tmp_path / "r.png", "image/png", 1, 1, "ab", 1, 0)
     differ = ["model", "params", "max_attempts", "cost", "idempotency_key", "fingerprint",
               "metadata_json", "references", "params_json", "provider"]  # fmt: skip
@@ -1643,6 +1646,8 @@ def _bulk_rows(tmp_path: Path, shape: str, count: int) -> list[SubmitRow]:
                 max_attempts=3, cost=2, charge=False, idempotency_key=None, fingerprint=None,
                 metadata_json='{"a": 1}', references=(), params_json='{"n": 1}', provider="fake",
             )  # fmt: skip
+            if shape == "derived_params":
+                row = row._replace(params_json=None, params={"n": [1, True, [1], [True]][i % 4]})
             if shape == "one_differs" and i % 16 == 5:
                 field = differ[(i // 16) % len(differ)]
                 changed = {"model": "other", "params": {"n": 2}, "max_attempts": 4, "cost": 7,
@@ -1654,7 +1659,7 @@ def _bulk_rows(tmp_path: Path, shape: str, count: int) -> list[SubmitRow]:
     return rows
 
 
-@pytest.mark.parametrize("shape", ["varied", "uniform", "one_differs"])
+@pytest.mark.parametrize("shape", ["varied", "uniform", "one_differs", "derived_params"])
 @pytest.mark.parametrize("variable_limit", [None, 40])
 async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, variable_limit, shape):
     """`insert_tasks` (multi-row statements of up to BULK_ROWS rows, fewer when the SQLite build
@@ -1662,7 +1667,9 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
     INSERT does (reference counts and given params JSON included), in order, for a batch that
     spans several statements: rows of one request shape through the statement that binds
     their shared values once, and chunks where one row differs in any one field through the
-    statement that binds each row's own."""
+    statement that binds each row's own (as do rows whose params JSON is derived: values that
+    compare equal, like 1 and True, are written as they are). Values are compared as SQLite
+    holds them (``quote``: 1 and 1.0 differ)."""
     from imagetask._store.rows import (
         _INSERT_TASK,
         BULK_ROWS,
@@ -1687,13 +1694,17 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
     single = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
     for row in rows:
         single.execute(_INSERT_TASK, _task_values(row, now))
-    query = "SELECT * FROM tasks ORDER BY rowid"
+    columns = [r[1] for r in bulk.execute("PRAGMA table_info(tasks)")]
+    query = f"SELECT {', '.join(f'quote({c})' for c in columns)} FROM tasks ORDER BY rowid"
     written = bulk.execute(query).fetchall()
     expected = single.execute(query).fetchall()
     bulk.close()
     single.close()
-    assert len(written) == len(rows) and [r[0] for r in written] == [row.id for row in rows]
+    assert len(written) == len(rows) and [r[0] for r in written] == [f"'{row.id}'" for row in rows]
     assert written == expected
+    if shape == "derived_params":
+        params = [r[columns.index("params")] for r in written]
+        assert params == [f"'{json.dumps(row.params, sort_keys=True)}'" for row in rows]
     # A statement binds the shared values once exactly when it has several rows and they
     # agree on every field but id, owner and prompt.
     start, seen = 0, []
@@ -1701,9 +1712,16 @@ async def test_the_bulk_insert_writes_what_the_one_row_insert_writes(tmp_path, v
         size = statement.count("(") - 1
         chunk = rows[start : start + size]
         start += size
-        agree = size > 1 and all(row[3:] == chunk[0][3:] for row in chunk)
+        agree = (
+            chunk[0].params_json is not None and size > 1 and all(row[3:] == chunk[0][3:] for row in chunk)
+        )
         assert statement == _bulk_insert_sql(size, agree) and len(values) <= bindable + 1
         seen.append(agree)
     assert start == len(rows)
-    kinds = {"varied": {False}, "uniform": {True, False}, "one_differs": {True, False}}[shape]
-    assert set(seen) == kinds  # uniform: the last statement holds one row
+    kinds = {
+        "varied": {False},
+        "uniform": {True, False},
+        "one_differs": {True, False},
+        "derived_params": {False},
+    }
+    assert set(seen) == kinds[shape]  # uniform: the last statement holds one row

@@ -180,16 +180,17 @@ def provenance_json(provenance: Mapping[str, Any]) -> str:
 
 
 def _params_json(params: Mapping[str, Any]) -> str:
-    """The stored JSON of a task's params (few distinct values: cached when hashable)."""
+    """The stored JSON of a task's params (few distinct values: cached when hashable; the
+    key holds each value's type, since ``True == 1`` but they are written differently)."""
     try:
-        return _params_json_of(tuple(sorted(params.items())))
+        return _params_json_of(tuple((k, type(v), v) for k, v in sorted(params.items())))
     except TypeError:  # an unhashable value
         return json.dumps(params, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=256)
-def _params_json_of(items: tuple[tuple[str, Any], ...]) -> str:
-    return json.dumps(dict(items), sort_keys=True)
+def _params_json_of(items: tuple[tuple[str, type, Any], ...]) -> str:
+    return json.dumps({k: v for k, _, v in items}, sort_keys=True)
 
 
 #: The one place a submitted row maps to the columns of ``tasks``: each column, and the
@@ -249,13 +250,15 @@ _SHARED = [c for c in _BULK_BOUND if c not in _PER_ROW]
 #: ``_shared_values(row)``: the `_SHARED` values, bound once; ``_own_values(row)``: the rest.
 _shared_values = _values_function(_SHARED, "row")
 _own_values = _values_function(_PER_ROW, "row")
-#: Where the fields that fill `_SHARED` start in a `SubmitRow`: rows with equal tails agree on
-#: every shared column (`test_the_bulk_insert_writes_what_the_one_row_insert_writes` holds
-#: this in step with the fields).
+#: Where the fields that fill `_SHARED` start in a `SubmitRow`: rows with equal tails and their
+#: params JSON given (not derived from ``params``, whose values may compare equal but be
+#: written differently, like ``[1]`` and ``[True]``) agree on every shared column
+#: (`test_the_bulk_insert_writes_what_the_one_row_insert_writes` holds this in step with the
+#: fields).
 _SHARED_FROM = SubmitRow._fields.index("model")
 #: The most rows one bulk statement inserts. Statements insert a power of two of rows (64, 32,
-#: ... 1: a batch of 100 is 64 + 32 + 4), so there are only seven statement texts of each kind
-#: and they stay in sqlite3's statement cache (preparing one of a size not seen before costs
+#: ... 1: a batch of 100 is 64 + 32 + 4), so there are at most seven statement texts of each
+#: kind and they stay in sqlite3's statement cache (preparing one of a size not seen before costs
 #: more than running it: a few ms for the biggest).
 BULK_ROWS = 64
 
@@ -290,7 +293,7 @@ def bulk_statements(rows: Sequence[SubmitRow], now: int, bindable: int) -> Itera
     """The statements that insert ``rows`` at ``now``, each with its values: up to `BULK_ROWS`
     rows a statement, a power of two each, fewer when the SQLite build binds fewer than
     ``bindable`` values a statement. A statement whose rows agree on every `_SHARED` value
-    binds those once."""
+    (with their params JSON given) binds those once."""
     size = BULK_ROWS
     while size > 1 and size * len(_BULK_BOUND) > bindable:
         size //= 2
@@ -301,7 +304,7 @@ def bulk_statements(rows: Sequence[SubmitRow], now: int, bindable: int) -> Itera
             size //= 2
         chunk = rows[start : start + size]
         first = chunk[0][tail:]
-        if size > 1 and all(row[tail:] == first for row in chunk):
+        if size > 1 and chunk[0].params_json is not None and all(row[tail:] == first for row in chunk):
             own = itertools.chain.from_iterable(map(_own_values, chunk))
             yield _bulk_insert_sql(size, True), [now, *_shared_values(chunk[0]), *own]
         else:
