@@ -163,7 +163,8 @@ def test_wait_times_out_with_exit_1(tmp_path):
 
 def test_credits_prune_and_sheet(tmp_path):
     """credits grant/balance print the balance; a bad amount exits 2; prune --dry-run deletes
-    nothing; ls prints a header row, then the task; sheet writes a PNG of the latest images."""
+    nothing; ls prints a header row, then the task; sheet writes a PNG of the latest images;
+    prune then says what it deleted."""
     import json
 
     from PIL import Image
@@ -181,6 +182,8 @@ def test_credits_prune_and_sheet(tmp_path):
     assert made.returncode == 0 and "1 image" in made.stdout
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.width >= 256
+    pruned = cli(tmp_path, "prune", "--older-than", "0s").stdout.strip()
+    assert pruned == "deleted 1 task(s), 1 image file(s), 0 orphan file(s), 0 cached thumbnail(s)"
 
 
 def test_doctor_reports_health_and_never_prints_the_key(tmp_path):

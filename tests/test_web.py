@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from imagetask import TaskManager
+from imagetask._images import thumbnail_folder, thumbnail_path
 from imagetask.providers import FakeProvider
 from imagetask.web import create_app
 from test_manager import png
@@ -439,6 +442,43 @@ async def test_thumbnails_asked_at_once_are_made_once_and_whole(web):
         im.load()
     cache = web.tm.images_root.with_name(web.tm.images_root.name + "-thumbnails")
     assert [p.name.endswith(".webp") for p in cache.rglob("*") if p.is_file()] == [True]
+
+
+async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_path):
+    """prune deletes the cached thumbnails of the images it deletes, with their emptied
+    folders, and keeps those of a task it keeps; it also clears WebP files of the older
+    digest-named layout and temporary files over an hour old, and leaves other files alone."""
+    provider = FakeProvider(outcomes=["ok", "hang"])
+    async with TaskManager(tmp_path / "t.db", provider=provider, poll_interval=0.05) as tm:
+        auth = {"Authorization": f"Bearer {await tm.tokens.create('alice')}"}
+        transport = httpx.ASGITransport(app=create_app(tm))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            done = await tm.wait((await tm.submit("pruned soon", owner="alice")).id, timeout=10)
+            kept = await tm.submit("kept: it runs", owner="alice", images=[png(80, 80)])
+            while provider.active < 1:
+                await asyncio.sleep(0.01)
+            for url in (f"/api/tasks/{done.id}/images/0?w=64", f"/api/tasks/{done.id}/images/0?w=128",
+                        f"/api/tasks/{kept.id}/references/0?w=64"):  # fmt: skip
+                assert (await client.get(url, headers=auth)).status_code == 200
+        cache = thumbnail_folder(tm.images_root)
+        old_layout = cache / "ab" / ("ab" * 32 + "-w64.webp")
+        stale, fresh, foreign = (
+            cache / "2020" / ".a1-0.png.w64.webp.x1.tmp",
+            cache / ".b.tmp",
+            cache / "notes.txt",
+        )
+        for path in (old_layout, stale, fresh, foreign):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
+        done_thumbs = thumbnail_path(cache, tm.images_root, done.images[0].path, 64).parent
+        assert len(list(done_thumbs.iterdir())) == 2
+        report = await tm.prune(older_than=0)
+    assert report.tasks == 1 and report.thumbnails == 4  # two of its own, the old layout, the stale
+    kept_thumb = thumbnail_path(cache, tm.images_root, kept.references[0].path, 64)
+    left = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert left == sorted([kept_thumb, fresh, foreign])
+    assert not done_thumbs.exists() and not old_layout.parent.exists() and not stale.parent.exists()
 
 
 async def test_a_16_bit_reference_gets_a_thumbnail(web):

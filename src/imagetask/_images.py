@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from .testing import Faults
 
-__all__ = ["ImageStore", "InvalidImage", "inspect"]
+__all__ = ["ImageStore", "InvalidImage", "inspect", "thumbnail_folder", "thumbnail_path"]
 
 log = logging.getLogger("imagetask")
 
@@ -420,6 +420,55 @@ class ImageStore:
             # (a crash before the commit, a lost claim), or a reference copy a submit left.
             doomed.append(path)
         return self.delete(doomed)
+
+    def sweep_thumbnails(self, folder: Path) -> int:
+        """Delete the cached thumbnails (see `thumbnail_path`) in ``folder`` whose image file
+        is gone (its task pruned, or an orphan swept), WebP files of an older layout, and
+        temporary files an interrupted write left more than an hour ago; then the emptied
+        folders. Other files are left alone. Returns how many files were deleted.
+        """
+        count = 0
+        stale = time.time() - 3600
+        for where, _, names in os.walk(folder, topdown=False):
+            here = Path(where)
+            for name in names:
+                path = here / name
+                if name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        if path.stat().st_mtime < stale:
+                            path.unlink()
+                            count += 1
+                    continue
+                thumb = _THUMBNAIL.fullmatch(name)
+                if thumb is None and not name.endswith(".webp"):
+                    continue
+                if thumb is not None and (self.root / here.relative_to(folder) / thumb["image"]).is_file():
+                    continue
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    count += 1
+            if here != folder:
+                with contextlib.suppress(OSError):
+                    here.rmdir()  # only once empty
+        return count
+
+
+def thumbnail_folder(images_root: Path) -> Path:
+    """Where the web app caches thumbnails unless told otherwise: beside the image folder
+    (``images-thumbnails``); `TaskManager.prune` sweeps it."""
+    return images_root.with_name(images_root.name + "-thumbnails")
+
+
+def thumbnail_path(folder: Path, images_root: Path, image: Path, width: int) -> Path:
+    """Where ``image``'s thumbnail ``width`` pixels wide is cached in ``folder``: at the
+    image's own place below ``images_root``, its name followed by the width
+    (``2026/12/01/<id>/a1-0.png.w256.webp``), so a task's thumbnails go with its images."""
+    rel = image.relative_to(images_root)
+    return folder / rel.parent / f"{rel.name}.w{width}.webp"
+
+
+#: A cached thumbnail's name (see `thumbnail_path`).
+_THUMBNAIL = re.compile(r"(?P<image>.+\.(?:png|jpg|webp))\.w[0-9]+\.webp")
 
 
 def _unlink_quietly(path: Path | str) -> None:

@@ -29,7 +29,7 @@ from ._checks import (
 )
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._feed import Feed
-from ._images import ImageStore
+from ._images import ImageStore, thumbnail_folder
 from ._intake import Intake, failure_of, queued_task, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
@@ -580,7 +580,8 @@ class TaskManager:
 
     async def prune(self, older_than: float) -> PruneReport:
         """Delete tasks that finished more than ``older_than`` seconds ago, with their
-        images and events, and sweep orphan image files. The credit ledger is never touched.
+        images and events, and sweep orphan image files and the web app's cached thumbnails
+        of images no longer kept (in its default folder). The credit ledger is never touched.
         """
         _check_arg_seconds("older_than", older_than)
         store = self._require_open()
@@ -589,9 +590,11 @@ class TaskManager:
         listing = await asyncio.to_thread(self._images.scan_all)
         known, referenced = await store.file_state(sorted({entry[0] for entry in listing}))
         orphans = await asyncio.to_thread(self._images.sweep, known, referenced, listing)
-        report = PruneReport(tasks=count, files=files, orphans=orphans)
-        log.info("pruned %d task(s), %d file(s), %d orphan(s)", report.tasks, report.files, report.orphans)
-        return report
+        thumbs = await asyncio.to_thread(self._images.sweep_thumbnails, thumbnail_folder(self.images_root))
+        log.info(
+            "pruned %d task(s), %d file(s), %d orphan(s), %d thumbnail(s)", count, files, orphans, thumbs
+        )
+        return PruneReport(tasks=count, files=files, orphans=orphans, thumbnails=thumbs)
 
 
 TaskManager.__module__ = "imagetask"

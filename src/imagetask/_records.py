@@ -31,11 +31,14 @@ class PruneReport:
         tasks: Finished tasks deleted (with their images and events).
         files: Image files deleted for those tasks.
         orphans: Files no row pointed to (left by crashes or lost attempts) deleted.
+        thumbnails: The web app's cached thumbnails of images no longer kept, deleted (from
+            its default folder, beside the image folder).
     """
 
     tasks: int
     files: int
     orphans: int
+    thumbnails: int = 0
 
 
 @attrs.frozen

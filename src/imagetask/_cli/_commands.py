@@ -216,7 +216,10 @@ async def prune(args: argparse.Namespace) -> int:
             )
             return EXIT_OK
         report = await tm.prune(args.older_than)
-    print(f"deleted {report.tasks} task(s), {report.files} image file(s), {report.orphans} orphan file(s)")
+    print(
+        f"deleted {report.tasks} task(s), {report.files} image file(s), {report.orphans} orphan file(s), "
+        f"{report.thumbnails} cached thumbnail(s)"
+    )
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
+from .._images import thumbnail_folder
 from .._jsonout import event_json, task_json
 from ._auth import TICKET_SECONDS, Auth, AuthCallable
 from ._errors import ApiError, AsciiJSON, digits, error_response, not_found, read_body, read_json
@@ -93,13 +94,15 @@ def create_app(
         max_body: The largest JSON body, in bytes (413 above).
         max_upload: The largest multipart body (a submit with reference images), in bytes.
         max_pending: How many unfinished tasks one owner may have (429 above); None: no limit.
-        thumbnails: Where downscaled images are cached (default: beside the image folder).
+        thumbnails: Where downscaled images are cached (default: beside the image folder,
+            where `TaskManager.prune` deletes those of the images it deletes; a folder of
+            your own is not swept).
         secret: The key that signs stream tickets; give every process behind one address the
             same one (default: random for this app).
         keepalive: Seconds between the comments an idle stream gets (so proxies keep it);
             each also checks that the stream's token was not revoked meanwhile.
     """
-    thumbs = Thumbnails(thumbnails or manager.images_root.with_name(manager.images_root.name + "-thumbnails"))
+    thumbs = Thumbnails(thumbnails or thumbnail_folder(manager.images_root), manager.images_root)
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager, keepalive)
     # A multipart body is held in memory while it is parsed (the raw body, then the form's

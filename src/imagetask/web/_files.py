@@ -1,5 +1,5 @@
 """Image files by task id and index (never by a path from the request), and downscaled
-thumbnails cached on disk under the image's digest."""
+thumbnails cached on disk beside them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from .. import Task
+from .._images import thumbnail_path
 from ._errors import ApiError
 
 __all__ = ["MAX_THUMB_WIDTH", "MIN_THUMB_WIDTH", "Thumbnails", "image_response"]
@@ -24,16 +25,19 @@ _CACHE = "private, max-age=31536000, immutable"
 
 
 class Thumbnails:
-    """Downscaled WebP copies, cached on disk under the image's digest and one of a few
-    widths (a request's ``w`` is rounded up to the next of `WIDTHS`, at most the image's own
-    width), so the cache holds at most a handful per image. Each is made once: a second
-    request for the same one waits for the first; at most two are made at a time."""
+    """Downscaled WebP copies, cached on disk in ``folder`` at their image's place below
+    ``images_root`` (so `TaskManager.prune` deletes a task's thumbnails with its images) and
+    at one of a few widths (a request's ``w`` is rounded up to the next of `WIDTHS`, at most
+    the image's own width), so the cache holds at most a handful per image. Each is made
+    once: a second request for the same one waits for the first; at most two are made at a
+    time."""
 
     #: The widths thumbnails are made at.
     WIDTHS = (64, 128, 256, 512, 1024, 2048)
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, images_root: Path) -> None:
         self.folder = folder
+        self.images_root = images_root
         self._making: dict[str, asyncio.Lock] = {}
         self._gate = asyncio.Semaphore(2)
 
@@ -41,11 +45,11 @@ class Thumbnails:
         step = next((w for w in self.WIDTHS if w >= asked), self.WIDTHS[-1])
         return min(step, image_width)
 
-    async def get(self, source: Path, sha256: str, width: int) -> Path:
-        target = self.folder / sha256[:2] / f"{sha256}-w{width}.webp"
+    async def get(self, source: Path, width: int) -> Path:
+        target = thumbnail_path(self.folder, self.images_root, source, width)
         if target.is_file():
             return target
-        lock = self._making.setdefault(target.name, asyncio.Lock())
+        lock = self._making.setdefault(str(target), asyncio.Lock())
         try:
             async with lock:
                 if not target.is_file():
@@ -53,7 +57,7 @@ class Thumbnails:
                         await asyncio.to_thread(_make_thumbnail, source, target, width)
         finally:
             if not lock.locked():
-                self._making.pop(target.name, None)
+                self._making.pop(str(target), None)
         return target
 
 
@@ -77,9 +81,7 @@ async def image_response(
         raise ApiError(410, "gone", f"the file of image {index} of task {task.id} is missing")
     if width is None:
         return FileResponse(image.path, media_type=image.mime, headers=headers)
-    return FileResponse(
-        await thumbs.get(image.path, image.sha256, width), media_type="image/webp", headers=headers
-    )
+    return FileResponse(await thumbs.get(image.path, width), media_type="image/webp", headers=headers)
 
 
 def _width(value: str | None) -> int | None:
