@@ -481,6 +481,23 @@ async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_
     assert not done_thumbs.exists() and not old_layout.parent.exists() and not stale.parent.exists()
 
 
+async def test_the_thumbnail_sweep_never_fails_a_prune_and_keeps_files_not_its_own(tmp_path):
+    """A cache tree deeper than Python's recursion limit, and files the cache did not write
+    (a user's WebP, an empty folder of theirs is emptied only), never make prune fail; the
+    user's files stay."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
+        cache = thumbnail_folder(tm.images_root)
+        deep = cache
+        for _ in range(1200):  # past the recursion limit; one at a time (pathlib recurses too)
+            deep = deep / "d"
+            deep.mkdir(parents=deep.parent == cache)
+        (deep / ("ab" * 32 + "-w64.webp")).write_bytes(b"x")
+        mine = cache / "userpic.webp"
+        mine.write_bytes(b"x")
+        report = await tm.prune(older_than=0)
+    assert report.thumbnails == 1 and mine.exists() and not (cache / "d").exists()
+
+
 async def test_a_16_bit_reference_gets_a_thumbnail(web):
     """A 16-bit greyscale PNG reference is stored, and its thumbnail is a WebP, not a 500."""
     buf = io.BytesIO()

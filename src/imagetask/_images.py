@@ -423,33 +423,50 @@ class ImageStore:
 
     def sweep_thumbnails(self, folder: Path) -> int:
         """Delete the cached thumbnails (see `thumbnail_path`) in ``folder`` whose image file
-        is gone (its task pruned, or an orphan swept), WebP files of an older layout, and
-        temporary files an interrupted write left more than an hour ago; then the emptied
-        folders. Other files are left alone. Returns how many files were deleted.
-        """
+        is gone (its task pruned, or an orphan swept), files of the older digest-named layout
+        (``ab/<sha256>-w256.webp``), and our temporary files an interrupted write left more
+        than an hour ago; then the emptied folders. Other files are left alone; a symlinked
+        folder is not followed. Never raises: a cache it cannot sweep is logged and left.
+        Returns how many files were deleted."""
+        try:
+            return self._sweep_thumbnails(folder)
+        except Exception as exc:  # a cache, never a reason for prune to fail
+            log.warning("the thumbnail cache %s was not swept: %s", folder, exc)
+            return 0
+
+    def _sweep_thumbnails(self, folder: Path) -> int:
         count = 0
         stale = time.time() - 3600
-        for where, _, names in os.walk(folder, topdown=False):
-            here = Path(where)
-            for name in names:
-                path = here / name
-                if name.endswith(".tmp"):
+        if folder.is_symlink() or not folder.is_dir():
+            return 0
+        pending, seen = [folder], []
+        while pending:  # iterative: a deep tree must not exhaust the stack
+            here = pending.pop()
+            seen.append(here)
+            with contextlib.suppress(OSError), os.scandir(here) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                        continue
+                    name, path = entry.name, Path(entry.path)
+                    if name.startswith(".") and name.endswith(".tmp") and ".w" in name:
+                        with contextlib.suppress(OSError):
+                            if path.lstat().st_mtime < stale:
+                                path.unlink()
+                                count += 1
+                        continue
+                    thumb = _THUMBNAIL.fullmatch(name)
+                    if thumb is not None:
+                        if (self.root / here.relative_to(folder) / thumb["image"]).is_file():
+                            continue
+                    elif _OLD_THUMBNAIL.fullmatch(name) is None:
+                        continue
                     with contextlib.suppress(OSError):
-                        if path.stat().st_mtime < stale:
-                            path.unlink()
-                            count += 1
-                    continue
-                thumb = _THUMBNAIL.fullmatch(name)
-                if thumb is None and not name.endswith(".webp"):
-                    continue
-                if thumb is not None and (self.root / here.relative_to(folder) / thumb["image"]).is_file():
-                    continue
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    count += 1
-            if here != folder:
-                with contextlib.suppress(OSError):
-                    here.rmdir()  # only once empty
+                        path.unlink()
+                        count += 1
+        for here in reversed(seen[1:]):
+            with contextlib.suppress(OSError):
+                here.rmdir()  # only once empty
         return count
 
 
@@ -469,6 +486,8 @@ def thumbnail_path(folder: Path, images_root: Path, image: Path, width: int) -> 
 
 #: A cached thumbnail's name (see `thumbnail_path`).
 _THUMBNAIL = re.compile(r"(?P<image>.+\.(?:png|jpg|webp))\.w[0-9]+\.webp")
+#: A thumbnail of the older layout, named by its image's digest.
+_OLD_THUMBNAIL = re.compile(r"[0-9a-f]{64}-w[0-9]+\.webp")
 
 
 def _unlink_quietly(path: Path | str) -> None:

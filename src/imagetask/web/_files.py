@@ -105,13 +105,21 @@ def _make_thumbnail(source: Path, target: Path, width: int) -> None:
     process may be writing the same one: the last rename wins, both whole)."""
     from PIL import Image
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(source) as opened:
         opened.thumbnail((width, width * 4))
         im: Image.Image = opened
         if im.mode not in ("RGB", "RGBA"):  # 16-bit, palette, CMYK...: WebP takes RGB(A)
             im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # The folder is made right before the file: a prune sweeping meanwhile removes empty
+        # folders (and once more if it raced between the two).
+        for tries in (1, 2):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+                break
+            except FileNotFoundError:
+                if tries == 2:
+                    raise
         try:
             with os.fdopen(fd, "wb") as out:
                 im.save(out, format="WEBP", quality=80)
