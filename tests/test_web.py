@@ -447,7 +447,8 @@ async def test_thumbnails_asked_at_once_are_made_once_and_whole(web):
 async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_path):
     """prune deletes the cached thumbnails of the images it deletes, with their emptied
     folders, and keeps those of a task it keeps; it also clears WebP files of the older
-    digest-named layout and temporary files over an hour old, and leaves other files alone."""
+    digest-named layout and its temporary files over an hour old (a newer one stays), and
+    leaves other files alone."""
     provider = FakeProvider(outcomes=["ok", "hang"])
     async with TaskManager(tmp_path / "t.db", provider=provider, poll_interval=0.05) as tm:
         auth = {"Authorization": f"Bearer {await tm.tokens.create('alice')}"}
@@ -464,7 +465,7 @@ async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_
         old_layout = cache / "ab" / ("ab" * 32 + "-w64.webp")
         stale, fresh, foreign = (
             cache / "2020" / ".a1-0.png.w64.webp.x1.tmp",
-            cache / ".b.tmp",
+            cache / "2021" / ".a1-0.png.w64.webp.x2.tmp",
             cache / "notes.txt",
         )
         for path in (old_layout, stale, fresh, foreign):
@@ -482,9 +483,9 @@ async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_
 
 
 async def test_the_thumbnail_sweep_never_fails_a_prune_and_keeps_files_not_its_own(tmp_path):
-    """A cache tree deeper than Python's recursion limit, and files the cache did not write
-    (a user's WebP, an empty folder of theirs is emptied only), never make prune fail; the
-    user's files stay."""
+    """A cache tree deeper than Python's recursion limit never makes prune fail: the
+    old-layout file deep down is deleted with its emptied folders, and a WebP the cache did
+    not write stays."""
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as tm:
         cache = thumbnail_folder(tm.images_root)
         deep = cache
@@ -494,8 +495,19 @@ async def test_the_thumbnail_sweep_never_fails_a_prune_and_keeps_files_not_its_o
         (deep / ("ab" * 32 + "-w64.webp")).write_bytes(b"x")
         mine = cache / "userpic.webp"
         mine.write_bytes(b"x")
-        report = await tm.prune(older_than=0)
-    assert report.thumbnails == 1 and mine.exists() and not (cache / "d").exists()
+        try:
+            report = await tm.prune(older_than=0)
+            assert report.thumbnails == 1 and mine.exists() and not (cache / "d").exists()
+        finally:  # pytest's own cleanup recurses: never leave it a tree this deep
+            path = cache / "d"
+            while path.is_dir():  # down the chain of folders, deleting their files
+                for entry in path.iterdir():
+                    if entry.is_file():
+                        entry.unlink()
+                path = path / "d"
+            while path.parent != cache:  # then up, removing each emptied folder
+                path = path.parent
+                path.rmdir()
 
 
 async def test_a_16_bit_reference_gets_a_thumbnail(web):

@@ -449,7 +449,7 @@ class ImageStore:
                         pending.append(Path(entry.path))
                         continue
                     name, path = entry.name, Path(entry.path)
-                    if name.startswith(".") and name.endswith(".tmp") and ".w" in name:
+                    if _THUMBNAIL_TMP.fullmatch(name):
                         with contextlib.suppress(OSError):
                             if path.lstat().st_mtime < stale:
                                 path.unlink()
@@ -486,6 +486,8 @@ def thumbnail_path(folder: Path, images_root: Path, image: Path, width: int) -> 
 
 #: A cached thumbnail's name (see `thumbnail_path`).
 _THUMBNAIL = re.compile(r"(?P<image>.+\.(?:png|jpg|webp))\.w[0-9]+\.webp")
+#: The temporary file a thumbnail is written to before its rename (``tempfile.mkstemp``).
+_THUMBNAIL_TMP = re.compile(r"\..+\.w[0-9]+\.webp\..+\.tmp")
 #: A thumbnail of the older layout, named by its image's digest.
 _OLD_THUMBNAIL = re.compile(r"[0-9a-f]{64}-w[0-9]+\.webp")
 
