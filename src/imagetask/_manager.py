@@ -332,8 +332,10 @@ class TaskManager:
         row = intake.make_row(request, ()) if not request.images else await intake.prepare(request)
         if limit is not None:
             row = row._replace(max_pending=limit)
-        if not row.references:
-            done = await self._enqueue(row)
+        if not row.references:  # the common case, without `_enqueue`'s coroutine
+            (done,) = await self._store.submit([row], atomic=False)
+            if isinstance(done, BaseException):
+                raise done
             return self._queued(row, done) if done.created else await self._resubmitted(row, done)
         # Its reference files may be deleted only if the row was not written, so a cancelled
         # caller waits for the commit in flight before the cancellation goes on.

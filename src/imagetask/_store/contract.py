@@ -9,7 +9,7 @@ taken inside the transaction that writes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,12 +41,15 @@ class TaskStore(Protocol):
     async def close(self) -> None:
         """Commit and answer the writes already queued, then disconnect (safe twice)."""
 
-    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
-        """Insert tasks (and their charges and reference rows) in one transaction. An
-        idempotency key already used by the owner returns the first task (``created`` false)
-        or a `ValidationError` for a different request; a short balance is
-        `InsufficientCredits`. ``atomic``: the first error rolls back all and is raised;
-        otherwise each row's error stands in its place and only that row is not written."""
+    def submit(
+        self, rows: Sequence[SubmitRow], *, atomic: bool
+    ) -> Awaitable[list[Submitted | ImageTaskError]]:
+        """Insert tasks (and their charges and reference rows) in one transaction
+        (awaitable: a coroutine function, or a plain one returning a future). An idempotency
+        key already used by the owner returns the first task (``created`` false) or a
+        `ValidationError` for a different request; a short balance is `InsufficientCredits`.
+        ``atomic``: the first error rolls back all and is raised; otherwise each row's error
+        stands in its place and only that row is not written."""
         ...
 
     async def claim(

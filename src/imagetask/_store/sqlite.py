@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -195,24 +195,29 @@ class Store:
 
     # -- submit --
 
-    async def submit(self, rows: Sequence[SubmitRow], *, atomic: bool) -> list[Submitted | ImageTaskError]:
+    def submit(
+        self, rows: Sequence[SubmitRow], *, atomic: bool
+    ) -> Awaitable[list[Submitted | ImageTaskError]]:
         """Insert tasks in one transaction, a savepoint each.
 
         With ``atomic`` the first error rolls everything back and is raised; otherwise
         each row succeeds or fails on its own and its error is returned in its place.
         ``created_at`` is the time inside the transaction (`Submitted.at`).
+
+        A plain method returning the write's future, not a coroutine: a web app's burst
+        holds a hundred submits in flight at once, and every object each one keeps alive
+        until its commit is work for the garbage collector.
         """
-        relative = self._rows.relative
-        refs = [
-            [_image_row(r.id, "reference", 0, relative(im), im) for im in r.references]
-            if r.references
-            else _NO_REFS
-            for r in rows
-        ]
-        pairs = list(zip(rows, refs, strict=True))
+        if any(r.references for r in rows):
+            relative = self._rows.relative
+            pairs = [
+                (r, [_image_row(r.id, "reference", 0, relative(im), im) for im in r.references]) for r in rows
+            ]
+        else:
+            pairs = [(r, _NO_REFS) for r in rows]
         if len(rows) <= _INLINE_MAX_ROWS:
-            return await self._writer.write_small(len(rows), _submit_rows, pairs, atomic)
-        return await self._writer.write(_submit_rows, pairs, atomic)
+            return self._writer.write_small(len(rows), _submit_rows, pairs, atomic)
+        return self._writer.write(_submit_rows, pairs, atomic)
 
     # -- worker transitions --
 

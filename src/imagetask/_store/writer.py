@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -167,8 +167,9 @@ class Writer:
         self._queue.append((fn, args, fut))
         return await fut  # type: ignore[no-any-return]
 
-    async def write_small(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
-        """Like `_write`, for a write of a few rows, committed on the event loop's thread.
+    def write_small(self, rows: int, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Like `write`, for a write of a few rows, committed on the event loop's thread;
+        returns the future of its result (a plain method: no coroutine kept alive per write).
 
         Small writes made in the same turn of the event loop are committed together, at
         the end of that turn, by the fast connection: no thread hop (a WAL commit with
@@ -178,14 +179,14 @@ class Writer:
         connection holds the lock (the threaded writer may wait for it; the loop must not).
         """
         if self._fast is None:
-            return await self.write(fn, *args)
+            return self.write(fn, *args)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
         self._small.append((fn, args, fut))
         self._small_rows += rows
         if len(self._small) == 1:
             loop.call_soon(self._flush_small)
-        return await fut  # type: ignore[no-any-return]
+        return fut
 
     def _flush_small(self) -> None:
         batch, self._small = self._small, []
