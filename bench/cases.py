@@ -4,6 +4,7 @@ prints one JSON object (the median over repetitions) on its last line."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import math
@@ -494,9 +495,21 @@ def it_burst(tmp: Path, quick: bool) -> dict[str, float]:
                     await tm.submit(f"prompt {i}", owner=f"u{i % 100}")
                     samples.append(time.perf_counter() - t)
 
+            # Full garbage collections during the burst: each costs ~10 ms in this process, so
+            # what a submit keeps alive until its commit shows here first.
+            full = [0]
+
+            def count_full(phase: str, info: dict[str, Any]) -> None:
+                full[0] += phase == "stop" and info["generation"] == 2
+
+            gc.callbacks.append(count_full)
             start = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(count)))
-            return {"ops": count / (time.perf_counter() - start), **summarize(samples)}
+            try:
+                await asyncio.gather(*(one(i) for i in range(count)))
+                elapsed = time.perf_counter() - start
+            finally:
+                gc.callbacks.remove(count_full)
+            return {"ops": count / elapsed, **summarize(samples), "full_gcs": full[0]}
 
     return asyncio.run(run())
 

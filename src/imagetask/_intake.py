@@ -8,7 +8,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import ConfigError, StoreError, ValidationError
+from ._exceptions import ConfigError, ImageTaskError, StoreError, ValidationError
 from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
@@ -21,10 +21,10 @@ from ._models import (
     new_task_id,
     new_task_ids,
 )
-from ._store import SubmitRow
+from ._store import SubmitRow, Submitted
 from .providers.base import Provider
 
-__all__ = ["Intake", "failure_of", "queued_task", "to_the_end"]
+__all__ = ["Intake", "failure_of", "queued_task", "the_one", "to_the_end"]
 
 #: How many checks `Intake` remembers before it starts over (request shapes and owners).
 _MAX_CHECKED = 4096
@@ -180,6 +180,14 @@ def queued_task(row: SubmitRow, at_ms: int) -> Task:
         idempotency_key=row.idempotency_key,
         created_at=_created_at(at_ms),
     )
+
+
+def the_one(results: list[Submitted | ImageTaskError]) -> Submitted:
+    """The result of a one-row submit; its error raised."""
+    (result,) = results
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 async def to_the_end(fut: asyncio.Future[Any]) -> bool:

@@ -30,7 +30,7 @@ from ._checks import (
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._feed import Feed
 from ._images import ImageStore, thumbnail_folder
-from ._intake import Intake, failure_of, queued_task, to_the_end
+from ._intake import Intake, failure_of, queued_task, the_one, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
 from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
@@ -333,9 +333,7 @@ class TaskManager:
         if limit is not None:
             row = row._replace(max_pending=limit)
         if not row.references:  # the common case, without `_enqueue`'s coroutine
-            (done,) = await self._store.submit([row], atomic=False)
-            if isinstance(done, BaseException):
-                raise done
+            done = the_one(await self._store.submit([row], atomic=False))
             return self._queued(row, done) if done.created else await self._resubmitted(row, done)
         # Its reference files may be deleted only if the row was not written, so a cancelled
         # caller waits for the commit in flight before the cancellation goes on.
@@ -400,10 +398,7 @@ class TaskManager:
 
     async def _enqueue(self, row: SubmitRow) -> Submitted:
         """Commit one submit, sharing a transaction with concurrent ones (group commit)."""
-        (result,) = await self._store.submit([row], atomic=False)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return the_one(await self._store.submit([row], atomic=False))
 
     async def _resubmitted(self, row: SubmitRow, submitted: Submitted) -> Task:
         """The answer to a submit whose idempotency key found the first task: that task."""
