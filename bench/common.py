@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imagetask._models import new_task_id, now_ms
+from imagetask._ids import new_task_id
+from imagetask._models import now_ms
 from imagetask._store import MIGRATIONS
 
 CACHE = Path(__file__).parent / ".cache"

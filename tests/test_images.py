@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from imagetask import TaskManager, ValidationError
+from imagetask._ids import new_task_id
 from imagetask._images import ImageStore, InvalidImage, inspect, read_reference
-from imagetask._models import new_task_id
 from imagetask.providers import FakeProvider
 from imagetask.testing import Faults
 

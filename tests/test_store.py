@@ -23,7 +23,8 @@ from imagetask import (
     TooManyPending,
     ValidationError,
 )
-from imagetask._models import StoredImage, TaskError, new_task_id, now_ms, task_id_ms
+from imagetask._ids import new_task_id, task_id_ms
+from imagetask._models import StoredImage, TaskError, now_ms
 from imagetask._store import SCHEMA_VERSION, WOULD_WAIT, Changes, Store, SubmitRow, Submitted, TaskStore
 from imagetask.providers import FakeProvider
 from imagetask.testing import Faults
@@ -1342,7 +1343,7 @@ def test_a_page_row_that_did_not_succeed_carries_no_output_images(tmp_path):
 
 def test_batches_of_task_ids_sort_with_single_ones():
     """new_task_ids(n) gives n distinct ids that sort in order, before and after single ones."""
-    from imagetask._models import new_task_ids
+    from imagetask._ids import new_task_ids
 
     ids = [new_task_id(), *new_task_ids(500), new_task_id(), *new_task_ids(3), new_task_id()]
     assert ids == sorted(ids) and len(set(ids)) == len(ids) == 506

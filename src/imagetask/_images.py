@@ -32,7 +32,8 @@ import attrs
 
 from . import _config
 from ._exceptions import ValidationError
-from ._models import ImageInput, StoredImage, task_id_ms
+from ._ids import task_id_ms
+from ._models import ImageInput, StoredImage
 from ._store.rows import provenance_json
 
 if TYPE_CHECKING:

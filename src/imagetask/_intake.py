@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import ConfigError, ImageTaskError, StoreError, ValidationError
+from ._ids import new_task_id, new_task_ids
 from ._images import ImageStore, read_reference
 from ._models import (
     GenerationRequest,
@@ -18,8 +19,6 @@ from ._models import (
     _from_ms,
     _json_object,
     check_request,
-    new_task_id,
-    new_task_ids,
 )
 from ._store import SubmitRow, Submitted
 from .providers.base import Provider

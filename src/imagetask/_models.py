@@ -8,7 +8,6 @@ import hashlib
 import html
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -33,7 +32,6 @@ __all__ = [
     "TaskError",
     "TaskEvent",
     "TaskStatus",
-    "new_task_id",
 ]
 
 #: What ``submit(images=...)`` accepts for one reference image.
@@ -316,63 +314,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# --- task ids ---------------------------------------------------------------------------------
-# 48 bits of milliseconds then 80 random bits in Crockford base32 (the ULID layout), made
-# monotonic within a process so ids submitted in one millisecond still sort in order.
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789ABCDEFGHIJKLMNOPQRSTUV")
-_CROCKFORD_SET = frozenset(_CROCKFORD)
-_id_lock = threading.Lock()
-_last_id = (0, 0)
-
-
-#: Every 10-bit value as two Crockford characters.
-_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-
-
-@functools.lru_cache(maxsize=4)
-def _time_part(ms: int) -> str:
-    """The first 10 characters of an id: two zero bits, then 48 bits of milliseconds."""
-    return "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -1, -5))
-
-
-def new_task_id() -> str:
-    """A new 26-character, time-sortable task id."""
-    return new_task_ids(1)[0]
-
-
-def new_task_ids(count: int) -> list[str]:
-    """``count`` new task ids, in order (one lock and one clock read for them all)."""
-    global _last_id
-    with _id_lock:
-        ms = now_ms()
-        last_ms, last_rand = _last_id
-        if ms <= last_ms:
-            ms, first = last_ms, last_rand + 1
-        else:
-            first = int.from_bytes(os.urandom(10), "big") >> 1
-        _last_id = (ms, first + count - 1)
-    # The time part changes once a millisecond (cached); the 80 random bits are 8 pairs.
-    head, p = _time_part(ms), _PAIRS
-    return [
-        head
-        + p[(r >> 70) & 1023] + p[(r >> 60) & 1023] + p[(r >> 50) & 1023] + p[(r >> 40) & 1023]
-        + p[(r >> 30) & 1023] + p[(r >> 20) & 1023] + p[(r >> 10) & 1023] + p[r & 1023]
-        for r in range(first, first + count)
-    ]  # fmt: skip
-
-
-def task_id_ms(task_id: str) -> int:
-    """The millisecond timestamp inside a task id."""
-    # 10 chars hold the top 50 bits of 130: two zero bits, then the 48-bit time. Crockford's
-    # digits, mapped to int()'s base-32 digits (0-9, A-V), are read in one call.
-    head = task_id[:10]
-    if len(head) < 10 or not _CROCKFORD_SET.issuperset(head):
-        raise ValueError(f"{task_id!r} is not a task id")
-    return int(head.translate(_TO_BASE32), 32)
-
-
 # --- requests ---------------------------------------------------------------------------------
 
 
@@ -533,8 +474,8 @@ def check_request(
     """
     prompt = check_text("prompt", req.prompt, _config.MAX_PROMPT_CHARS, strip=True)
     owner = req.owner
-    # A batch has few owners: each is checked once (the same string object seen again).
-    if type(owner) is not str or shapes is None or shapes.get(("owner", owner)) is not owner:
+    # A batch, or a run of submits, has few owners: each is checked once.
+    if type(owner) is not str or shapes is None or ("owner", owner) not in shapes:
         owner = check_text("owner", owner, _config.MAX_KEY_CHARS, strip=False)
         if shapes is not None:
             shapes[("owner", owner)] = owner
