@@ -257,6 +257,16 @@ async def test_unusable_paths_are_refused_by_name(make_manager, tmp_path, bad):
         TaskManager(tmp_path / "t.db", images=tmp_path / bad)
 
 
+def test_the_file_system_root_is_refused_as_the_image_folder(tmp_path):
+    """images="/" is refused naming the option (the thumbnail cache beside it has no place, and
+    prune would fail after deleting rows); nothing is created."""
+    from imagetask import ConfigError, TaskManager
+
+    with pytest.raises(ConfigError, match=r"^images: / is the root of the file system"):
+        TaskManager(tmp_path / "t.db", images="/")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_decompression_bomb_is_refused_before_decoding():
     """A small PNG that would decode to 144 megapixels is refused from its header."""
     import zlib

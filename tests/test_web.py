@@ -482,6 +482,29 @@ async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_
     assert not done_thumbs.exists() and not old_layout.parent.exists() and not stale.parent.exists()
 
 
+async def test_a_thumbnail_folder_inside_the_image_folder_is_refused(tmp_path):
+    """create_app refuses a thumbnails folder that is the image folder or inside it (thumbnails
+    in the task folders would outlive their images), naming the option and the default; a
+    folder of the caller's own outside it gets the thumbnails."""
+    from imagetask import ConfigError
+
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), poll_interval=0.05) as tm:
+        for inside in (tm.images_root, tm.images_root / "cache"):
+            with pytest.raises(ConfigError, match=r"^thumbnails: .*inside the image folder") as info:
+                create_app(tm, thumbnails=inside)
+            assert str(thumbnail_folder(tm.images_root)) in str(info.value)
+        own = tmp_path / "thumbs"
+        app = create_app(tm, thumbnails=own)
+        auth = {"Authorization": f"Bearer {await tm.tokens.create('alice')}"}
+        done = await tm.wait((await tm.submit("a thumbnail", owner="alice")).id, timeout=10)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            got = await client.get(f"/api/tasks/{done.id}/images/0?w=64", headers=auth)
+        assert got.status_code == 200
+        assert thumbnail_path(own, tm.images_root, done.images[0].path, 64).is_file()
+        assert not thumbnail_folder(tm.images_root).exists()
+
+
 async def test_the_thumbnail_sweep_never_fails_a_prune_and_keeps_files_not_its_own(tmp_path):
     """A cache tree deeper than Python's recursion limit never makes prune fail: the
     old-layout file deep down is deleted with its emptied folders, and a WebP the cache did

@@ -67,8 +67,13 @@ def _locations(
     _check_path("images", images)
     db = Path(path) if path is not None else _config.default_home() / _config.DB_NAME
     db = db.expanduser().absolute()
-    root = Path(images) if images is not None else db.parent / _config.IMAGES_DIR
-    return db, root.expanduser().absolute()
+    root = (Path(images) if images is not None else db.parent / _config.IMAGES_DIR).expanduser().absolute()
+    if not root.name:  # "/": no folder beside it for thumbnails, and the system's own folders in it
+        raise ConfigError(
+            f"images: {root} is the root of the file system; give the images a folder of their own "
+            "(e.g. /srv/imagetask/images)"
+        )
+    return db, root
 
 
 def _check_path(name: str, value: object) -> None:

@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
+from .. import ConfigError, GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
 from .._images import thumbnail_folder
 from .._jsonout import event_json, task_json
 from ._auth import TICKET_SECONDS, Auth, AuthCallable
@@ -96,13 +96,13 @@ def create_app(
         max_pending: How many unfinished tasks one owner may have (429 above); None: no limit.
         thumbnails: Where downscaled images are cached (default: beside the image folder,
             where `TaskManager.prune` deletes those of the images it deletes; a folder of
-            your own is not swept).
+            your own is not swept, and must be outside the image folder).
         secret: The key that signs stream tickets; give every process behind one address the
             same one (default: random for this app).
         keepalive: Seconds between the comments an idle stream gets (so proxies keep it);
             each also checks that the stream's token was not revoked meanwhile.
     """
-    thumbs = Thumbnails(thumbnails or thumbnail_folder(manager.images_root), manager.images_root)
+    thumbs = Thumbnails(_thumbnail_folder(thumbnails, manager.images_root), manager.images_root)
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager, keepalive)
     # A multipart body is held in memory while it is parsed (the raw body, then the form's
@@ -367,6 +367,21 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.imagetask = manager
     return app
+
+
+def _thumbnail_folder(thumbnails: Path | None, images_root: Path) -> Path:
+    """The thumbnail cache: the default folder beside the image folder, or the caller's own,
+    which must be outside the image folder (prune never sweeps it, and thumbnails inside the
+    task folders would keep them from being deleted with their images)."""
+    if thumbnails is None:
+        return thumbnail_folder(images_root)
+    folder = Path(thumbnails).expanduser().absolute()
+    if folder == images_root or images_root in folder.parents:
+        raise ConfigError(
+            f"thumbnails: {folder} is inside the image folder {images_root}; give a folder outside "
+            f"it, or leave thumbnails out for the default ({thumbnail_folder(images_root)})"
+        )
+    return folder
 
 
 def _only(query: Mapping[str, str], allowed: set[str]) -> None:
