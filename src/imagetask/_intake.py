@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ._exceptions import ConfigError, ImageTaskError, StoreError, ValidationError
 from ._ids import new_task_id, new_task_ids
@@ -23,7 +23,9 @@ from ._models import (
 from ._store import SubmitRow, Submitted
 from .providers.base import Provider
 
-__all__ = ["Intake", "failure_of", "queued_task", "the_one", "to_the_end"]
+T = TypeVar("T")
+
+__all__ = ["Intake", "called", "failure_of", "queued_task", "the_one", "to_the_end"]
 
 #: How many checks `Intake` remembers before it starts over (request shapes and owners).
 _MAX_CHECKED = 4096
@@ -179,6 +181,13 @@ def queued_task(row: SubmitRow, at_ms: int) -> Task:
         idempotency_key=row.idempotency_key,
         created_at=_created_at(at_ms),
     )
+
+
+async def called(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """``await fn(*args, **kwargs)``, as a coroutine: run as a task, even an error ``fn``
+    raises before returning its awaitable is the task's (a store method may be a plain
+    function returning a future)."""
+    return await fn(*args, **kwargs)
 
 
 def the_one(results: list[Submitted | ImageTaskError]) -> Submitted:

@@ -30,7 +30,7 @@ from ._checks import (
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._feed import Feed
 from ._images import ImageStore, thumbnail_folder
-from ._intake import Intake, failure_of, queued_task, the_one, to_the_end
+from ._intake import Intake, called, failure_of, queued_task, the_one, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
 from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
@@ -374,7 +374,7 @@ class TaskManager:
         rows = await self._intake.prepare_many(items)
         if limit is not None:
             rows = [row._replace(max_pending=limit) for row in rows]
-        write = asyncio.ensure_future(store.submit(rows, atomic=True))
+        write = asyncio.ensure_future(called(store.submit, rows, atomic=True))  # any error: in `write`
         cancelled = await to_the_end(write)
         failure = failure_of(write)
         if failure is not None:
