@@ -1557,20 +1557,40 @@ async def test_the_wal_stays_bounded_under_many_small_submits(tmp_path):
         assert len(await tm.list(limit=5)) == 5
 
 
-async def test_submits_pending_at_close_are_committed_and_answered(tmp_path):
+@pytest.mark.parametrize("shape", ["loop", "full", "behind_a_big_commit"])
+async def test_submits_pending_at_close_are_committed_and_answered(tmp_path, shape):
     """Submits still waiting for their commit when the manager closes are committed first,
-    and their callers get their tasks."""
-    import asyncio
+    and their callers get their tasks: small ones committed on the loop's thread, every write
+    going to the writer's thread (durability="full"), and submits queued behind a commit the
+    writer makes in its own caller's coroutine (a submit_many of over 128 rows, held in its
+    transaction while the others queue)."""
+    import threading
 
-    tm = TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False)
+    faults = Faults()
+    release = threading.Event()
+    durability = "full" if shape == "full" else "normal"
+    tm = TaskManager(
+        tmp_path / "t.db", provider=FakeProvider(), workers=False, durability=durability, faults=faults
+    )
     await tm.open()
-    pending = [asyncio.ensure_future(tm.submit(f"late {i}")) for i in range(3)]
+    big = None
+    if shape == "behind_a_big_commit":
+        faults.call("submit", lambda: release.wait(10))
+        big = asyncio.ensure_future(tm.submit_many([{"prompt": f"big {i}"} for i in range(200)]))
+        while faults.hits["submit"] == 0:  # its transaction is open on the writer's thread
+            await asyncio.sleep(0.001)
+    pending = [asyncio.ensure_future(tm.submit(f"late {i}")) for i in range(20)]
     await asyncio.sleep(0)  # each has queued its write; none is committed yet
-    await tm.aclose()
-    tasks = await asyncio.gather(*pending)
+    closing = asyncio.ensure_future(tm.aclose())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    tasks = await asyncio.wait_for(asyncio.gather(*pending), 10)
+    made = len(await big) if big is not None else 0
     async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as again:
-        stored = {t.id for t in await again.list()}
-    assert {t.id for t in tasks} == stored and len(stored) == 3
+        stored = {t.id for t in await again.list(limit=1000)}
+    assert {t.id for t in tasks} <= stored and len(stored) == 20 + made
+    assert made == (200 if big is not None else 0)
 
 
 async def test_concurrent_small_submits_commit_together_in_order(tmp_path):

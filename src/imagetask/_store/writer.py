@@ -5,7 +5,6 @@ the checkpoint schedule."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -97,6 +96,10 @@ class Writer:
         self._committer: asyncio.Task[None] | None = None
         #: A commit is in flight (a caller's own, or the committer task's).
         self._busy = False
+        #: Clear while a caller's own commit (`write` finding the writer idle) is in flight:
+        #: `close` waits for it, and for the writes queued behind it.
+        self._own_done = asyncio.Event()
+        self._own_done.set()
 
     async def open(self, migrate: Callable[[sqlite3.Connection], None]) -> None:
         """Connect, and run ``migrate`` on the writer's connection before anything else."""
@@ -108,14 +111,18 @@ class Writer:
     async def close(self) -> None:
         """Commit and answer what is queued, then disconnect (safe twice)."""
         self._flush_small()
-        if self._committer is not None:
-            try:
-                await self._committer
-            except Exception:
-                pass  # its callers got the error
-        if self._checkpoint is not None:
-            with contextlib.suppress(Exception):
-                await self._checkpoint
+        # Until nothing is in flight: a caller's own commit starts the committer for the
+        # writes queued behind it, and a checkpoint's end may too. (asyncio.wait: a
+        # cancelled close does not cancel the commits; their callers get their answers.)
+        while True:
+            if not self._own_done.is_set():
+                await self._own_done.wait()
+            elif self._committer is not None and not self._committer.done():
+                await asyncio.wait([self._committer])
+            elif self._checkpoint is not None and not self._checkpoint.done():
+                await asyncio.wait([self._checkpoint])
+            else:
+                break
         fast, self._fast = self._fast, None
         if fast is not None:
             fast.close()
@@ -145,6 +152,7 @@ class Writer:
             # no task switch). Its batch is itself alone, so a cancellation of this caller can
             # strand no one else; writes that arrive meanwhile queue for the committer task.
             self._busy = True
+            self._own_done.clear()
             finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
                 ((ok, value),) = await run_on(
@@ -152,6 +160,7 @@ class Writer:
                 )
             finally:
                 self._busy = False
+                self._own_done.set()
                 if self._queue:
                     self._start_committer()
             self._count_wal(_PAGES_PER_WRITE)
@@ -278,9 +287,11 @@ class Writer:
             self._busy = False
 
     async def _commit_queued(self) -> None:
-        assert self._writer is not None
         while self._queue:
             batch, self._queue = self._queue, []
+            if self._writer is None:  # closed meanwhile (never by `close`, which waits for us)
+                _fail_all(batch, StoreError("the store is closed"))
+                return
             ops, waiters = _coalesce(batch)
             finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
