@@ -536,6 +536,37 @@ async def test_a_read_hook_raising_a_database_error_reaches_the_caller_as_a_stor
             await read()
 
 
+@pytest.mark.parametrize("door", ["submit", "submit_many"])
+async def test_a_submit_whose_answer_is_lost_after_its_commit_keeps_its_reference_copies(
+    make_manager, db_path, door
+):
+    """A submit with reference images whose commit reports an error after it committed (the
+    answer lost): the caller gets the StoreError, the row stands, and its reference copies
+    stay, so the task can run; a failure before the commit still deletes them."""
+    from test_manager import png
+
+    faults = Faults()
+    tm = await make_manager(workers=False, faults=faults)
+
+    async def submit(prompt: str) -> None:
+        if door == "submit":
+            await tm.submit(prompt, images=[png()])
+        else:
+            await tm.submit_many([{"prompt": prompt, "images": [png()]}, {"prompt": prompt + " too"}])
+
+    faults.fail("submit", sqlite3.OperationalError("disk I/O error"), after_commit=True)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await submit("written")
+    (written,) = [t for t in await tm.list() if t.prompt == "written"]
+    assert [im.path.is_file() for im in written.references] == [True]
+    faults.fail("submit", sqlite3.OperationalError("disk I/O error"))
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await submit("refused")
+    assert [t.prompt for t in await tm.list() if t.prompt.startswith("refused")] == []
+    stored = {p.name for p in tm.images_root.rglob("*") if p.is_file()}
+    assert stored == {im.path.name for im in written.references}
+
+
 async def test_a_write_hook_raising_after_commit_fails_only_its_own_caller(make_manager):
     """A planned call that raises after a shared commit is the outcome of its own operation
     only: a submit committed in the same transaction is answered as written, and a grant whose

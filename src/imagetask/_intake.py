@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from ._exceptions import ConfigError, ImageTaskError, StoreError, ValidationError
@@ -154,6 +154,24 @@ class Intake:
                 await self.discard(row)
             raise
         return rows
+
+    async def discard_unwritten(
+        self, rows: Sequence[SubmitRow], statuses: Callable[[Sequence[str]], Awaitable[dict[str, str]]]
+    ) -> None:
+        """Delete the reference copies of rows a failed write did not write. A write that
+        reported an error may still have committed (its answer lost after the commit): rows
+        the database holds (``statuses``) keep their files. When it cannot tell, the copies
+        stay: an orphan copy is swept by prune, while a row without its files fails its task."""
+        copied = [row for row in rows if row.references]
+        if not copied:
+            return
+        try:
+            written = await statuses([row.id for row in copied])
+        except Exception:
+            return
+        for row in copied:
+            if row.id not in written:
+                await self.discard(row)
 
     async def discard(self, row: SubmitRow) -> None:
         """Delete the reference copies of a row that was not written."""
