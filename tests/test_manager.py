@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -454,6 +455,31 @@ async def test_a_cancelled_submit_keeps_the_references_of_a_row_it_wrote(make_ma
     (task,) = await tm.list()
     assert task.prompt == "with a reference"
     assert [im.path.exists() for im in task.references] == [True]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["submit", "submit_many"])
+async def test_a_submit_cancelled_while_its_references_are_copied_leaves_no_file(make_manager, many):
+    """A caller cancelled while its reference images are being copied (on a worker thread)
+    waits for the copy, deletes it and gets the cancellation: no row, no file left behind."""
+    faults = Faults()
+    copying, release = threading.Event(), threading.Event()
+    faults.call("write_image", lambda: copying.set() or release.wait(10))
+    tm = await make_manager(workers=False, faults=faults)
+    if many:
+        call = tm.submit_many([{"prompt": "with a reference", "images": [png()]}])
+    else:
+        call = tm.submit("with a reference", images=[png()])
+    submitting = asyncio.ensure_future(call)
+    while not copying.is_set():
+        await asyncio.sleep(0.005)
+    submitting.cancel()
+    await asyncio.sleep(0.05)
+    assert not submitting.done()  # waits for the copy in flight
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    assert await tm.list() == []
+    assert [p for p in tm.images_root.rglob("*") if p.is_file()] == []
 
 
 # --- limits -----------------------------------------------------------------------------------

@@ -59,8 +59,14 @@ class Intake:
             )
         row = self.make_row(req, datas, task_id=task_id)
         if datas:
-            refs = await asyncio.to_thread(self._write_references, row.id, datas)
-            row = row._replace(references=tuple(refs))
+            # A caller cancelled meanwhile waits for the copies being written, then deletes
+            # them: a cancelled submit leaves no file behind.
+            copying = asyncio.ensure_future(asyncio.to_thread(self._write_references, row.id, datas))
+            if await to_the_end(copying):
+                if failure_of(copying) is None:
+                    self._images.delete([im.path for im in copying.result()])
+                raise asyncio.CancelledError()
+            row = row._replace(references=tuple(copying.result()))
         return row
 
     def _write_references(self, task_id: str, datas: tuple[bytes, ...]) -> list[StoredImage]:
