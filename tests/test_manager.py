@@ -482,6 +482,28 @@ async def test_a_submit_cancelled_while_its_references_are_copied_leaves_no_file
     assert [p for p in tm.images_root.rglob("*") if p.is_file()] == []
 
 
+async def test_a_submit_cancelled_as_its_commit_is_answered_still_gets_the_cancellation(make_manager):
+    """A caller cancelled in the very turn its commit is answered gets its cancellation (it is
+    not swallowed because the result arrived too), and the row it wrote keeps its references."""
+    faults = Faults()
+    tm = await make_manager(workers=False, faults=faults)
+    submitting: list[asyncio.Future[object]] = []
+    loop = asyncio.get_running_loop()
+
+    def cancel_two_turns_later() -> None:
+        # Run once the submit committed, before its caller is answered: the cancel lands two
+        # turns of the loop later, when the write is done but its caller has not yet run.
+        loop.call_soon_threadsafe(loop.call_soon, submitting[0].cancel)
+
+    faults.call("submit", cancel_two_turns_later, after_commit=True)
+    submitting.append(asyncio.ensure_future(tm.submit("cancelled as it lands", images=[png()])))
+    with pytest.raises(asyncio.CancelledError):
+        await submitting[0]
+    (task,) = await tm.list()
+    assert task.prompt == "cancelled as it lands"
+    assert [im.path.exists() for im in task.references] == [True]
+
+
 # --- limits -----------------------------------------------------------------------------------
 
 

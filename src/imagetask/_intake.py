@@ -231,7 +231,9 @@ async def to_the_end(fut: asyncio.Future[Any]) -> bool:
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
-            if not fut.done():
+            # The caller's cancellation, even when fut ended in the same turn (then the
+            # caller still gets it, after its result is dealt with); not fut's own.
+            if not fut.cancelled():
                 cancelled = True
         except BaseException:  # fut failed: the caller reads it from fut
             pass
