@@ -133,15 +133,18 @@ def test_work_commands_without_a_key_say_how_to_set_one(tmp_path):
 
 
 def test_submit_list_show_events_wait_and_cancel(tmp_path):
-    """--no-wait prints the id; ls, show and events read it; wait with a provider runs it;
-    cancel ends another; waiting on a cancelled task exits 1."""
+    """--no-wait prints the id; ls, show and events read it (show calls the cost a price,
+    charged only with credits on); wait with a provider runs it; cancel ends another; waiting
+    on a cancelled task exits 1."""
     import json
 
     first = cli(tmp_path, "generate", "later", "--no-wait").stdout.strip()
     second = cli(tmp_path, "generate", "never", "--no-wait").stdout.strip()
     pending = json.loads(cli(tmp_path, "ls", "--pending", "--json").stdout)
     assert [t["id"] for t in pending] == [second, first] and {t["status"] for t in pending} == {"queued"}
-    assert "status:      queued" in cli(tmp_path, "show", first).stdout
+    shown = cli(tmp_path, "show", first).stdout
+    assert "status:      queued" in shown
+    assert "cost:        1 credit(s) (its price; charged only when credits are on)" in shown
     assert "no transitions yet" in cli(tmp_path, "events", first).stderr
     cancelled = cli(tmp_path, "cancel", second)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout

@@ -39,7 +39,7 @@ def describe(task: Task) -> Iterable[str]:
     yield f"model:       {task.model}  {_params(task.params)}"
     yield f"prompt:      {task.prompt}"
     yield f"attempts:    {task.attempts} of {task.max_attempts}"
-    yield f"cost:        {task.cost} credit(s)"
+    yield f"cost:        {task.cost} credit(s) (its price; charged only when credits are on)"
     for name in ("created_at", "started_at", "finished_at"):
         value = getattr(task, name)
         yield f"{name + ':':<12} {_time(value) or '-'}"
