@@ -123,6 +123,9 @@ class Writer:
                 await asyncio.wait([self._checkpoint])
             else:
                 break
+        for task in (self._committer, self._checkpoint):
+            if task is not None and not task.cancelled():
+                task.exception()  # retrieved: its callers got the error (or it logged it)
         fast, self._fast = self._fast, None
         if fast is not None:
             fast.close()
