@@ -482,6 +482,28 @@ async def test_a_submit_cancelled_while_its_references_are_copied_leaves_no_file
     assert [p for p in tm.images_root.rglob("*") if p.is_file()] == []
 
 
+async def test_a_submit_whose_manager_closes_during_its_copy_leaves_no_file(tmp_path):
+    """A submit whose manager closes while its reference images are being copied is refused
+    with a StoreError (the store is closed: nothing written) and deletes its copies."""
+    from imagetask import StoreError
+
+    faults = Faults()
+    copying, release = threading.Event(), threading.Event()
+    faults.call("write_image", lambda: copying.set() or release.wait(10))
+    tm = TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False, faults=faults)
+    await tm.open()
+    submitting = asyncio.ensure_future(tm.submit("with a reference", images=[png()]))
+    while not copying.is_set():
+        await asyncio.sleep(0.005)
+    await tm.aclose()
+    release.set()
+    with pytest.raises(StoreError, match="closed"):
+        await submitting
+    assert [p for p in tm.images_root.rglob("*") if p.is_file()] == []
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), workers=False) as again:
+        assert await again.list() == []
+
+
 async def test_a_submit_cancelled_as_its_commit_is_answered_still_gets_the_cancellation(make_manager):
     """A caller cancelled in the very turn its commit is answered gets its cancellation (it is
     not swallowed because the result arrived too), and the row it wrote keeps its references."""

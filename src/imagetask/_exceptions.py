@@ -133,6 +133,13 @@ class StoreError(ImageTaskError):
     """The task database cannot be used (not SQLite, written by a newer version, ...)."""
 
 
+class StoreClosed(StoreError):
+    """The store was closed before the operation ran: nothing of it was written."""
+
+    def __init__(self, message: str = "the store is closed") -> None:
+        super().__init__(message)
+
+
 for _cls in (
     ConfigError,
     ImageTaskError,

@@ -8,7 +8,7 @@ import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from ._exceptions import ConfigError, ImageTaskError, StoreError, ValidationError
+from ._exceptions import ConfigError, ImageTaskError, StoreClosed, StoreError, ValidationError
 from ._ids import new_task_id, new_task_ids
 from ._images import ImageStore, read_reference
 from ._models import (
@@ -162,17 +162,21 @@ class Intake:
         return rows
 
     async def discard_unwritten(
-        self, rows: Sequence[SubmitRow], statuses: Callable[[Sequence[str]], Awaitable[dict[str, str]]]
+        self,
+        rows: Sequence[SubmitRow],
+        failure: BaseException,
+        statuses: Callable[[Sequence[str]], Awaitable[dict[str, str]]],
     ) -> None:
-        """Delete the reference copies of rows a failed write did not write. A write that
-        reported an error may still have committed (its answer lost after the commit): rows
-        the database holds (``statuses``) keep their files. When it cannot tell, the copies
-        stay: an orphan copy is swept by prune, while a row without its files fails its task."""
+        """Delete the reference copies of rows a write that ended in ``failure`` did not
+        write. A write refused by a closed store wrote nothing; any other may still have
+        committed (its answer lost after the commit): rows the database holds (``statuses``)
+        keep their files. When it cannot tell, the copies stay: an orphan copy is swept by
+        prune, while a row without its files fails its task."""
         copied = [row for row in rows if row.references]
         if not copied:
             return
         try:
-            written = await statuses([row.id for row in copied])
+            written = {} if isinstance(failure, StoreClosed) else await statuses([row.id for row in copied])
         except Exception:
             return
         for row in copied:

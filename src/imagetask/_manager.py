@@ -341,7 +341,7 @@ class TaskManager:
         cancelled = await to_the_end(write)
         failure = failure_of(write)
         if failure is not None:
-            await self._intake.discard_unwritten([row], self._store.statuses)
+            await self._intake.discard_unwritten([row], failure, self._store.statuses)
             raise asyncio.CancelledError() if cancelled else failure
         done = write.result()
         task = self._queued(row, done) if done.created else await self._resubmitted(row, done)
@@ -378,7 +378,7 @@ class TaskManager:
         cancelled = await to_the_end(write)
         failure = failure_of(write)
         if failure is not None:
-            await self._intake.discard_unwritten(rows, store.statuses)
+            await self._intake.discard_unwritten(rows, failure, store.statuses)
             raise asyncio.CancelledError() if cancelled else failure
         tasks: builtins.list[Task] = []
         for row, result in zip(rows, write.result(), strict=True):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from .._dbcheck import check_database
-from .._exceptions import ImageTaskError, StoreError
+from .._exceptions import ImageTaskError, StoreClosed, StoreError
 from .._models import StoredImage, Task, TaskError, TaskEvent, now_ms
 from .commit import (
     _INLINE_MAX_ROWS,
@@ -145,7 +145,7 @@ class Store:
     async def _read(self, operation: str, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader."""
         if self._reader is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         result: T = await run_on(
             self._reader, self.path, _read_transaction, fn, self.faults, operation, *args
         )
@@ -162,7 +162,7 @@ class Store:
         whose statements need no common snapshot)."""
         conn = self._inline
         if conn is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         try:
             if snapshot:
                 conn.execute("BEGIN")
@@ -294,7 +294,7 @@ class Store:
         """`get` on the loop's thread, without waiting: `WOULD_WAIT` if SQLite says it would
         have to wait for a lock (then call `get`)."""
         if self._inline is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         try:
             if self.faults is not None:
                 self.faults.before("get")
@@ -353,7 +353,7 @@ class Store:
         moves only when OTHERS is answered: a foreign commit is never skipped past.
         """
         if self._inline is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         try:
             current = _data_version(self._inline)
         except sqlite3.DatabaseError as exc:

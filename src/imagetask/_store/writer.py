@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from .._exceptions import ImageTaskError, StoreError
+from .._exceptions import ImageTaskError, StoreClosed, StoreError
 from .commit import (
     _CHECKPOINT_PAGES,
     _INLINE_MAX_ROWS,
@@ -136,7 +136,7 @@ class Writer:
     async def synchronous(self) -> int:
         """The writer's ``PRAGMA synchronous`` (1 NORMAL, 2 FULL)."""
         if self._writer is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         return await run_on(self._writer, self.path, _synchronous)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -149,7 +149,7 @@ class Writer:
         caller is answered only after the commit that holds its changes.
         """
         if self._writer is None:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         if not self._busy:
             # The writer is idle: commit this operation at once, in this coroutine (one hop,
             # no task switch). Its batch is itself alone, so a cancellation of this caller can
@@ -241,7 +241,7 @@ class Writer:
 
     def _hand_to_writer(self, batch: list[_Queued]) -> None:
         if self._writer is None:
-            _fail_all(batch, StoreError("the store is closed"))
+            _fail_all(batch, StoreClosed())
             return
         self._queue.extend(batch)
         if not self._busy:
@@ -293,7 +293,7 @@ class Writer:
         while self._queue:
             batch, self._queue = self._queue, []
             if self._writer is None:  # closed meanwhile (never by `close`, which waits for us)
-                _fail_all(batch, StoreError("the store is closed"))
+                _fail_all(batch, StoreClosed())
                 return
             ops, waiters = _coalesce(batch)
             finish, self._finish_checkpoint = self._finish_checkpoint, False
