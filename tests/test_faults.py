@@ -563,8 +563,8 @@ async def test_a_submit_whose_answer_is_lost_after_its_commit_keeps_its_referenc
     with pytest.raises(StoreError, match="disk I/O error"):
         await submit("refused")
     assert [t.prompt for t in await tm.list() if t.prompt.startswith("refused")] == []
-    stored = {p.name for p in tm.images_root.rglob("*") if p.is_file()}
-    assert stored == {im.path.name for im in written.references}
+    stored = {p for p in tm.images_root.rglob("*") if p.is_file()}
+    assert stored == {im.path for im in written.references}  # whole paths: every copy is ref-0
 
 
 async def test_a_write_hook_raising_after_commit_fails_only_its_own_caller(make_manager):

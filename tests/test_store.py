@@ -1580,7 +1580,7 @@ async def test_submits_pending_at_close_are_committed_and_answered(tmp_path, sha
         while faults.hits["submit"] == 0:  # its transaction is open on the writer's thread
             await asyncio.sleep(0.001)
     pending = [asyncio.ensure_future(tm.submit(f"late {i}")) for i in range(20)]
-    await asyncio.sleep(0)  # each has queued its write; none is committed yet
+    # close starts in the same turn as the submits, before any of their writes is committed
     closing = asyncio.ensure_future(tm.aclose())
     await asyncio.sleep(0.05)
     release.set()

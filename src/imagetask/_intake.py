@@ -173,7 +173,9 @@ class Intake:
         keep their files. When it cannot tell, the copies stay: an orphan copy is swept by
         prune, while a row without its files fails its task."""
         copied = [row for row in rows if row.references]
-        if not copied:
+        if not copied or isinstance(failure, asyncio.CancelledError):
+            # The write itself was cancelled (the loop shutting down): its commit may still
+            # land, so which rows it wrote cannot be told yet. Keep the copies.
             return
         try:
             written = {} if isinstance(failure, StoreClosed) else await statuses([row.id for row in copied])
@@ -240,7 +242,8 @@ async def to_the_end(fut: asyncio.Future[Any]) -> bool:
             if not fut.cancelled():
                 cancelled = True
         except BaseException:  # fut failed: the caller reads it from fut
-            pass
+            if not fut.done():
+                raise  # not fut's error (GeneratorExit as the coroutine is closed, ...)
     return cancelled
 
 
