@@ -301,6 +301,38 @@ def test_a_call_from_its_own_loop_thread_raises_instead_of_hanging(db_path):
     assert "own event loop" in done.error.message
 
 
+def test_close_from_another_thread_ends_a_submit_that_is_copying_its_references(db_path):
+    """close() while another thread's submit is copying its reference images: that thread is
+    answered (ConfigError: closed while the call ran) instead of blocking forever, the copy is
+    waited for and deleted, and no row is written."""
+    from imagetask.testing import Faults
+    from test_manager import png
+
+    faults = Faults()
+    copying, release = threading.Event(), threading.Event()
+    faults.call("write_image", lambda: copying.set() or release.wait(10))
+    tm = SyncTaskManager(db_path, provider=FakeProvider(), workers=False, faults=faults)
+    outcome: list[BaseException | object] = []
+
+    def submit() -> None:
+        try:
+            outcome.append(tm.submit("with a reference", images=[png()]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    submitter = threading.Thread(target=submit, daemon=True)
+    submitter.start()
+    assert copying.wait(10)
+    threading.Timer(0.2, release.set).start()
+    tm.close()
+    submitter.join(10)
+    assert not submitter.is_alive()
+    (got,) = outcome
+    assert isinstance(got, ConfigError) and "closed while this call was running" in str(got)
+    assert [p for p in tm.images_root.rglob("*") if p.is_file()] == []
+    assert sql(db_path, "SELECT count(*) FROM tasks") == [(0,)]
+
+
 def test_close_waits_for_running_attempts_by_default(db_path):
     """close() lets the attempt already generating finish, and leaves tasks it did not start queued."""
     provider = FakeProvider(latency=0.8)

@@ -60,8 +60,9 @@ class Intake:
         row = self.make_row(req, datas, task_id=task_id)
         if datas:
             # A caller cancelled meanwhile waits for the copies being written, then deletes
-            # them: a cancelled submit leaves no file behind.
-            copying = asyncio.ensure_future(asyncio.to_thread(self._write_references, row.id, datas))
+            # them: a cancelled submit leaves no file behind. (A plain future, not a task: a
+            # loop shutting down cancels every task, and would cancel the wait, not the copy.)
+            copying = asyncio.get_running_loop().run_in_executor(None, self._write_references, row.id, datas)
             if await to_the_end(copying):
                 if failure_of(copying) is None:
                     self._images.delete([im.path for im in copying.result()])

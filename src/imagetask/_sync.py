@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import os
 import threading
 import warnings
@@ -133,6 +134,10 @@ class SyncTaskManager:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:  # cancelled by close() from another thread
+                raise ConfigError("the SyncTaskManager was closed while this call was running") from None
+            raise
         except BaseException:
             # Interrupted (Ctrl-C) or failed: make sure the coroutine does not go on alone.
             future.cancel()
@@ -287,9 +292,17 @@ class SyncTaskManager:
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """The manager's thread: run its loop until stopped, then close it."""
+    """The manager's thread: run its loop until stopped, then cancel what still runs there
+    (a call from another thread, a submit copying its reference images) and let it finish
+    its cleanup, as `asyncio.run` does, then close the loop."""
     try:
         loop.run_forever()
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
 
