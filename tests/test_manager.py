@@ -505,8 +505,9 @@ async def test_a_submit_whose_manager_closes_during_its_copy_leaves_no_file(tmp_
 
 
 async def test_a_submit_cancelled_as_its_commit_is_answered_still_gets_the_cancellation(make_manager):
-    """A caller cancelled in the very turn its commit is answered gets its cancellation (it is
-    not swallowed because the result arrived too), and the row it wrote keeps its references."""
+    """A caller whose cancellation lands after its write is done but before the caller runs
+    again (the result and the cancellation arrive together) gets its cancellation, not the
+    result, and the row it wrote keeps its references."""
     faults = Faults()
     tm = await make_manager(workers=False, faults=faults)
     submitting: list[asyncio.Future[object]] = []

@@ -26,7 +26,9 @@ __all__ = ["TaskStore"]
 
 class TaskStore(Protocol):
     """What a task store offers. Methods raise `StoreError` when the database refuses, and
-    when the store is closed."""
+    when the store is closed; a store may raise its subclass `StoreClosed` for an operation it
+    refused because it was closed (nothing of it written: the manager then deletes a refused
+    submit's reference copies without asking the database)."""
 
     path: Path
     images_root: Path
