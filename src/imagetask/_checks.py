@@ -54,6 +54,26 @@ def _check_seconds(name: str, value: object, *, positive: bool, minimum: float =
         raise ConfigError(f"{name}: must be {problem}, got {value!r}")
 
 
+def _check_options(
+    *, concurrency: object, per_owner: object, max_attempts: object, attempt_timeout: object,
+    poll_interval: object, lease: object, retry_delay: object, storage_timeout: object,
+    durability: object,
+) -> None:  # fmt: skip
+    """The `TaskManager` options, checked before anything is opened or written."""
+    _check_int("concurrency", concurrency, 1)
+    _check_int("per_owner", per_owner, 1)
+    _check_int("max_attempts", max_attempts, 1)
+    _check_seconds("attempt_timeout", attempt_timeout, positive=True)
+    _check_seconds("poll_interval", poll_interval, positive=True)
+    # Leases are stored in milliseconds and renewed every lease / 3: below 0.1 s a lease
+    # would run out before its renewal could commit.
+    _check_seconds("lease", lease, positive=True, minimum=0.1)
+    _check_seconds("retry_delay", retry_delay, positive=False)
+    _check_seconds("storage_timeout", storage_timeout, positive=False)
+    if durability not in ("normal", "full"):
+        raise ConfigError(f"durability: must be 'normal' or 'full', got {durability!r}")
+
+
 def _locations(
     path: str | os.PathLike[str] | None, images: str | os.PathLike[str] | None
 ) -> tuple[Path, Path]:

@@ -19,10 +19,9 @@ from ._checks import (
     _as_image_list,
     _check_arg_seconds,
     _check_id,
-    _check_int,
     _check_limit,
+    _check_options,
     _check_owner,
-    _check_seconds,
     _iterable,
     _locations,
     _max_pending,
@@ -108,18 +107,11 @@ class TaskManager:
         storage_timeout: float = _config.DEFAULT_STORAGE_TIMEOUT,
         faults: Faults | None = None,
     ) -> None:
-        _check_int("concurrency", concurrency, 1)
-        _check_int("per_owner", per_owner, 1)
-        _check_int("max_attempts", max_attempts, 1)
-        _check_seconds("attempt_timeout", attempt_timeout, positive=True)
-        _check_seconds("poll_interval", poll_interval, positive=True)
-        # Leases are stored in milliseconds and renewed every lease / 3: below 0.1 s a lease
-        # would run out before its renewal could commit.
-        _check_seconds("lease", lease, positive=True, minimum=0.1)
-        _check_seconds("retry_delay", retry_delay, positive=False)
-        _check_seconds("storage_timeout", storage_timeout, positive=False)
-        if durability not in ("normal", "full"):
-            raise ConfigError(f"durability: must be 'normal' or 'full', got {durability!r}")
+        _check_options(
+            concurrency=concurrency, per_owner=per_owner, max_attempts=max_attempts,
+            attempt_timeout=attempt_timeout, poll_interval=poll_interval, lease=lease,
+            retry_delay=retry_delay, storage_timeout=storage_timeout, durability=durability,
+        )  # fmt: skip
         self.path, self.images_root = _locations(path, images)
         self.provider: Provider | None = (
             provider if provider is not None else _config.default_provider(workers=bool(workers))
@@ -220,25 +212,38 @@ class TaskManager:
         if self._closing is not None:  # a close is under way
             if cancel_running and self._worker is not None:
                 self._worker.hurry()
-            await asyncio.shield(self._closing)
+            await self._wait_closed()
             return
         if self._state is not _State.OPEN:
             self._state = _State.CLOSED
             return
         self._closing = asyncio.ensure_future(self._close(cancel_running, grace))
-        await asyncio.shield(self._closing)
+        await self._wait_closed()
 
     async def _close(self, cancel_running: bool, grace: float | None) -> None:
         self._state = _State.CLOSED
-        for gallery in list(self._galleries):
-            gallery.cancel()
-        if self._worker is not None:
-            await self._worker.stop(drain=not cancel_running, grace=grace)
-        await self._waiting.close()
-        if self.provider is not None and self.workers:
-            await self.provider.aclose()
-        await self._store.close()
+        try:
+            for gallery in list(self._galleries):
+                gallery.cancel()
+            if self._worker is not None:
+                await self._worker.stop(drain=not cancel_running, grace=grace)
+            await self._waiting.close()
+            if self.provider is not None and self.workers:
+                await self.provider.aclose()  # a provider's own code: it may raise
+        finally:  # whatever failed above, no connection (nor its thread) outlives the manager
+            await self._store.close()
         log.info("closed %s", self.path)
+
+    async def _wait_closed(self) -> None:
+        try:
+            await asyncio.shield(self._closing)  # type: ignore[arg-type]
+        except asyncio.CancelledError:  # the close goes on: an error it raises is logged
+            self._closing.add_done_callback(self._log_close_error)  # type: ignore[union-attr]
+            raise
+
+    def _log_close_error(self, closing: asyncio.Future[None]) -> None:
+        if not closing.cancelled() and (exc := closing.exception()) is not None:
+            log.error("closing %s failed: %s: %s", self.path, type(exc).__name__, exc)
 
     async def __aenter__(self) -> TaskManager:
         return await self.open()
