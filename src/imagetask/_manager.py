@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _config
+from . import _config, _prune
 from ._checks import (
     _as_image_list,
     _check_arg_seconds,
@@ -28,7 +28,7 @@ from ._checks import (
 )
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._feed import Feed
-from ._images import ImageStore, thumbnail_folder
+from ._images import ImageStore
 from ._intake import Intake, called, failure_of, queued_task, the_one, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
@@ -586,16 +586,7 @@ class TaskManager:
         """
         _check_arg_seconds("older_than", older_than)
         store = self._require_open()
-        count, paths = await store.prune(now_ms() - int(older_than * 1000))
-        files = await asyncio.to_thread(self._images.delete, [self._images.absolute(p) for p in paths])
-        listing = await asyncio.to_thread(self._images.scan_all)
-        known, referenced = await store.file_state(sorted({entry[0] for entry in listing}))
-        orphans = await asyncio.to_thread(self._images.sweep, known, referenced, listing)
-        thumbs = await asyncio.to_thread(self._images.sweep_thumbnails, thumbnail_folder(self.images_root))
-        log.info(
-            "pruned %d task(s), %d file(s), %d orphan(s), %d thumbnail(s)", count, files, orphans, thumbs
-        )
-        return PruneReport(tasks=count, files=files, orphans=orphans, thumbnails=thumbs)
+        return await _prune.prune(store, self._images, self.images_root, now_ms() - int(older_than * 1000))
 
 
 TaskManager.__module__ = "imagetask"
