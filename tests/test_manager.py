@@ -1009,3 +1009,26 @@ async def test_a_cancelled_close_still_closes_and_logs_its_error(tmp_path, caplo
         await asyncio.sleep(0.01)
     assert f"closing {db} failed: RuntimeError: the provider's client would not close" in caplog.text
     assert _no_connection_open(db)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_waiting_close_awaited_inside_a_generation_raises_instead_of_hanging(tmp_path, n):
+    """aclose(cancel_running=False) awaited by the provider's own code (n=2: from the task of
+    one of the attempt's calls) raises ConfigError at once, naming the fix, instead of
+    waiting forever for the attempt that awaits it; the attempt goes on and succeeds, and
+    the manager still closes."""
+    errors: list[ConfigError] = []
+
+    class ClosingFromInside(FakeProvider):
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            try:
+                await tm.aclose(cancel_running=False)
+            except ConfigError as exc:
+                errors.append(exc)
+            return await super().generate(request)
+
+    tm = TaskManager(tmp_path / "t.db", provider=ClosingFromInside())
+    async with tm:
+        task = await tm.wait((await tm.submit("closes itself", n=n)).id, timeout=20)
+    assert task.ok and len(task.images) == n
+    assert len(errors) == n and "would wait for itself" in str(errors[0]) and "grace=" in str(errors[0])

@@ -35,7 +35,7 @@ from ._records import Credits, Health, PruneReport
 from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
 from ._tokens import Tokens
 from ._waiting import Waiting
-from ._worker import Worker
+from ._worker import Worker, running_in
 from .providers.base import Provider
 
 if TYPE_CHECKING:
@@ -173,18 +173,11 @@ class TaskManager:
                 assert self.provider is not None
                 await self.provider.start()
                 self._worker = Worker(
-                    self._store,
-                    self._images,
-                    self.provider,
-                    concurrency=self.concurrency,
-                    per_owner=self.per_owner,
-                    lease=self.lease,
-                    attempt_timeout=self.attempt_timeout,
-                    retry_delay=self.retry_delay,
-                    poll_interval=self.poll_interval,
-                    storage_timeout=self.storage_timeout,
-                    on_terminal=self._waiting.notify,
-                )
+                    self._store, self._images, self.provider, concurrency=self.concurrency,
+                    per_owner=self.per_owner, lease=self.lease, attempt_timeout=self.attempt_timeout,
+                    retry_delay=self.retry_delay, poll_interval=self.poll_interval,
+                    storage_timeout=self.storage_timeout, on_terminal=self._waiting.notify,
+                )  # fmt: skip
                 self._worker.start()
         except BaseException:
             await self._store.close()
@@ -206,9 +199,18 @@ class TaskManager:
                 rest back at once (a second Ctrl-C), and both return when it is closed.
             grace: With ``cancel_running=False``: the longest wait, in seconds, before the
                 attempts still generating are handed back (None: no limit).
+
+        Raises:
+            ConfigError: awaited with ``cancel_running=False`` and no ``grace`` from inside
+                a generation this manager runs (a provider's code): it would wait for itself.
         """
         if grace is not None:
             _check_arg_seconds("grace", grace)
+        if not cancel_running and grace is None and self._worker and running_in.get() is self._worker:
+            raise ConfigError(
+                "aclose(cancel_running=False) awaited inside a generation this manager runs would wait for "
+                "itself forever; close from outside the provider, or pass grace="
+            )
         if self._closing is not None:  # a close is under way
             if cancel_running and self._worker is not None:
                 self._worker.hurry()

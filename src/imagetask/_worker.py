@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import random
@@ -33,10 +34,15 @@ from ._models import StoredImage, Task, TaskError, TaskStatus, now_ms
 from ._store import Claimed, TaskStore, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
-__all__ = ["Worker", "backoff", "claim_ahead"]
+__all__ = ["Worker", "backoff", "claim_ahead", "running_in"]
 
 log = logging.getLogger("imagetask")
 T = TypeVar("T")
+
+
+#: The worker whose attempt runs the current code (set in each attempt's task, so in the
+#: provider's calls too): a close that waits for attempts must not be awaited from one.
+running_in: contextvars.ContextVar[Worker | None] = contextvars.ContextVar("imagetask_worker", default=None)
 
 
 def claim_ahead(concurrency: int) -> int:
@@ -360,6 +366,7 @@ class Worker:
 
     async def _run(self, attempt: _Attempt) -> None:
         c = attempt.claimed
+        running_in.set(self)  # this task's own context (and that of the tasks it starts)
         try:
             await self._attempt(attempt)
         except asyncio.CancelledError:
