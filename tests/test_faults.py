@@ -154,7 +154,7 @@ async def test_a_lone_surrogate_fails_only_its_own_submit(make_manager, field):
 async def test_every_method_refuses_a_lone_surrogate_with_a_validation_error(make_manager):
     """poll, wait, cancel, pending, list, events and credits refuse a lone surrogate with a
     ValidationError naming the field, never a raw UnicodeEncodeError."""
-    tm = await make_manager(workers=False, credits=True)
+    tm = await make_manager(workers=False)
     bad = "x\udfff"
     calls = {
         "task_id": [tm.poll(bad), tm.wait(bad, timeout=1), tm.cancel(bad), tm.events(bad)],
@@ -340,6 +340,65 @@ async def test_attempts_handed_back_at_close_do_not_count(make_manager):
     tm = await make_manager(max_attempts=1)
     done = await tm.wait(ids, timeout=10)
     assert done.ok and done.attempts == 1 and [im.path.name for im in done.images] == ["a4-0.png"]
+
+
+async def test_every_attempt_handed_back_at_close_shares_one_transaction(make_manager):
+    """Closing with four attempts running hands all four back in one commit: a lock held
+    elsewhere is then waited for once, not once per task."""
+    faults = Faults()
+    provider = FakeProvider(outcomes=["hang"] * 4)
+    tm = await make_manager(provider=provider, concurrency=4, per_owner=4, faults=faults)
+    ids = [(await tm.submit(f"handed back {i}")).id for i in range(4)]
+    await wait_for(lambda: provider.active == 4)
+    commits = sum(faults.commits.values())
+    await tm.aclose()
+    assert faults.hits["release"] == 4
+    assert sum(faults.commits.values()) - commits == 1
+    async with TaskManager(tm.path, workers=False) as reader:
+        assert [(await reader.poll(i)).status for i in ids] == [TaskStatus.QUEUED] * 4
+
+
+async def test_a_close_that_cannot_hand_back_says_so_for_each_task(make_manager, db_path, caplog):
+    """With another connection holding the write lock through the close, each attempt that
+    could not be handed back is logged by task id (it runs again once its lease expires),
+    and the close still ends."""
+    provider = FakeProvider(outcomes=["hang"] * 2)
+    tm = await make_manager(provider=provider, concurrency=2, per_owner=2)
+    ids = [(await tm.submit(f"stuck {i}")).id for i in range(2)]
+    await wait_for(lambda: provider.active == 2)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        await tm.aclose()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    for task_id in ids:
+        assert f"task {task_id}: handing back attempt 1 at shutdown failed" in caplog.text
+    assert "database is locked" in caplog.text and "once its lease expires" in caplog.text
+
+
+async def test_a_write_cancelled_while_it_waits_in_the_queue_never_happens(make_manager, db_path):
+    """A write whose caller is cancelled while it waits behind another (here a grant queued
+    behind a submit that waits for a lock held elsewhere) is dropped from the queue: the
+    grant never happens, and the submit ahead of it still commits."""
+    tm = await make_manager(workers=False)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        submit = asyncio.ensure_future(tm.submit("ahead"))
+        await asyncio.sleep(0.2)  # on the writer's thread, waiting for the lock
+        grant = asyncio.ensure_future(tm.credits.grant("alice", 5))
+        await asyncio.sleep(0.1)  # queued behind it
+        grant.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await grant
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    task = await submit
+    assert (await tm.poll(task.id)).status is TaskStatus.QUEUED
+    assert await tm.credits.balance("alice") == 0
 
 
 # -- an unclosed manager ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ A crash in between leaves an orphan that `ImageStore.sweep` finds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -33,7 +34,7 @@ import attrs
 from . import _config
 from ._exceptions import ValidationError
 from ._ids import task_id_ms
-from ._models import ImageInput, StoredImage
+from ._models import ImageInput, StoredImage, TaskError
 from ._store.rows import provenance_json
 
 if TYPE_CHECKING:
@@ -526,3 +527,15 @@ def _fsync_dir(folder: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def storage_error(exc: OSError, root: object, timeout: float) -> TaskError:
+    """The task error for images that could not be stored, naming the reason (``ENOSPC``...)."""
+    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+    reason = exc.strerror or str(exc)
+    return TaskError(
+        "storage_error",
+        f"the images could not be stored in {root} ({name + ': ' if name else ''}{reason}), "
+        f"still after {timeout:g} s of trying; free space or fix the folder, then submit again",
+        retryable=False,
+    )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import errno
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,7 @@ import attrs
 from . import _config
 from ._exceptions import ProviderError, StoreError
 from ._holder import holder_gone, new_worker_id
-from ._images import ImageStore, InvalidImage
+from ._images import ImageStore, InvalidImage, storage_error
 from ._models import StoredImage, Task, TaskError, TaskStatus, now_ms
 from ._store import Claimed, TaskStore, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
@@ -329,14 +328,18 @@ class Worker:
             return  # nothing was claimed
         for task_id in ended:
             self.on_terminal(task_id, None)
-        for c in claimed:
-            try:
-                if await self.store.release(c.id, c.attempt, self.id):
-                    log.info("task %s: attempt %d claimed while closing, handed back", c.id, c.attempt)
-            except Exception:
-                log.exception(
-                    "task %s: handing back attempt %d failed; its lease will expire", c.id, c.attempt
-                )
+        # All at once: one transaction, so a lock held elsewhere is waited for once, not per task.
+        outcomes = await asyncio.gather(
+            *(self.store.release(c.id, c.attempt, self.id) for c in claimed), return_exceptions=True
+        )
+        for c, released in zip(claimed, outcomes, strict=True):
+            if isinstance(released, Exception):
+                log.warning(
+                    "task %s: handing back attempt %d failed (%s); it runs again once its lease expires",
+                    c.id, c.attempt, released,
+                )  # fmt: skip
+            elif released:
+                log.info("task %s: attempt %d claimed while closing, handed back", c.id, c.attempt)
 
     # -- heartbeat --
 
@@ -372,9 +375,14 @@ class Worker:
         except asyncio.CancelledError:
             if attempt.stop_reason == "shutdown":
                 # Give the task back at once rather than make it wait for the lease.
-                released = await asyncio.shield(self.store.release(c.id, c.attempt, self.id))
-                if released:
-                    log.info("task %s: attempt %d released at shutdown", c.id, c.attempt)
+                try:
+                    if await asyncio.shield(self.store.release(c.id, c.attempt, self.id)):
+                        log.info("task %s: attempt %d released at shutdown", c.id, c.attempt)
+                except StoreError as exc:
+                    log.warning(
+                        "task %s: handing back attempt %d at shutdown failed (%s); it runs again "
+                        "once its lease expires", c.id, c.attempt, exc,
+                    )  # fmt: skip
             elif attempt.stop_reason is None:
                 raise
         except StoreError:
@@ -447,7 +455,7 @@ class Worker:
                     )
                     self.on_terminal(c.id, None)
                     return
-                error = _storage_error(exc, self.images.root, self.storage_timeout)
+                error = storage_error(exc, self.images.root, self.storage_timeout)
         if error is None:
             done = await self._record(
                 c, "success", lambda: self.store.succeed(c.id, c.attempt, self.id, stored)
@@ -585,15 +593,3 @@ class Worker:
             self.images.delete([im.path for im in stored])
             raise
         return stored
-
-
-def _storage_error(exc: OSError, root: object, timeout: float) -> TaskError:
-    """The task error for images that could not be stored, naming the reason (``ENOSPC``...)."""
-    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
-    reason = exc.strerror or str(exc)
-    return TaskError(
-        "storage_error",
-        f"the images could not be stored in {root} ({name + ': ' if name else ''}{reason}), "
-        f"still after {timeout:g} s of trying; free space or fix the folder, then submit again",
-        retryable=False,
-    )

@@ -264,8 +264,9 @@ class Store:
 
     async def release(self, task_id: str, attempt: int, worker: str) -> bool:
         """Give a running task back to the queue at once (graceful shutdown); the attempt
-        does not count against ``max_attempts``."""
-        return await self._writer.write(_release, task_id, attempt, worker)
+        does not count against ``max_attempts``. A small write: the hand-backs of a shutdown,
+        made in one turn of the loop, commit together."""
+        return await self._writer.write_small(1, _release, task_id, attempt, worker)
 
     async def cancel(self, task_id: str, reason: str) -> Task | None:
         """Cancel a queued or running task (refunding any charge): the task as committed, or
