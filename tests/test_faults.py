@@ -675,3 +675,16 @@ def test_faults_that_could_never_fire_are_refused_when_planned(plan, match):
     with pytest.raises(ValueError, match=match):
         plan(faults)
     assert repr(faults) == "Faults(planned={})"
+
+
+async def test_a_failed_open_leaves_no_connection_thread_behind(tmp_path):
+    """When open() raises because SQLite cannot open the file, the connection's thread has
+    ended by then: none is left to answer the event loop after it closed ("Event loop is
+    closed" in a thread, at some later point of the program)."""
+    path = tmp_path / "tasks.db"
+    path.symlink_to(tmp_path / "nowhere" / "tasks.db")
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError, match=r"tasks\.db"):
+        await TaskManager(path, provider=FakeProvider()).open()
+    left = [t.name for t in set(threading.enumerate()) - before if "connection" in t.name and t.is_alive()]
+    assert left == []

@@ -3,6 +3,7 @@ aiosqlite's threads, made daemons), and the event loop's point-read and small-wr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -74,6 +75,9 @@ async def connect_threaded(path: Path) -> aiosqlite.Connection:
     try:
         await conn
     except sqlite3.Error as exc:
+        # aiosqlite stops the thread of a connection that failed to open, and the thread
+        # then answers this loop: wait for it, so it never answers a loop closed meanwhile.
+        await asyncio.to_thread(_thread_of(conn).join)
         raise StoreError(
             f"cannot open the database {path}: {exc}; check that its folder exists, is "
             "writable, and is not a dangling link"
@@ -88,5 +92,8 @@ def daemonize(conn: aiosqlite.Connection) -> None:
     Ending a daemon thread mid-transaction is safe: SQLite rolls it back, as after a crash.
     aiosqlite keeps its thread private (``_thread``; before 0.21 the connection was the
     thread itself): this is the second private name we rely on, pinned in pyproject.toml."""
-    thread: threading.Thread = getattr(conn, "_thread", None) or conn  # type: ignore[assignment]
-    thread.daemon = True
+    _thread_of(conn).daemon = True
+
+
+def _thread_of(conn: aiosqlite.Connection) -> threading.Thread:
+    return getattr(conn, "_thread", None) or conn  # type: ignore[return-value]
