@@ -1032,3 +1032,30 @@ async def test_a_waiting_close_awaited_inside_a_generation_raises_instead_of_han
         task = await tm.wait((await tm.submit("closes itself", n=n)).id, timeout=20)
     assert task.ok and len(task.images) == n
     assert len(errors) == n and "would wait for itself" in str(errors[0]) and "grace=" in str(errors[0])
+
+
+async def test_a_waiting_close_started_in_a_task_of_the_provider_closes(tmp_path):
+    """A provider that starts aclose(cancel_running=False) in a task of its own and does not
+    await it (closing "from outside" its generation) gets a real close: no ConfigError, the
+    attempt finishes first, and the manager ends closed."""
+    closes: list[asyncio.Task[None]] = []
+
+    class ClosingLater(FakeProvider):
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            if not closes:
+                closes.append(asyncio.create_task(tm.aclose(cancel_running=False)))
+            return await super().generate(request)
+
+    tm = TaskManager(tmp_path / "t.db", provider=ClosingLater())
+    await tm.open()
+    task = await tm.submit("closes the manager")
+    await asyncio.wait_for(asyncio.shield(_first(closes)), 20)
+    assert closes[0].exception() is None and not tm.is_open
+    async with TaskManager(tmp_path / "t.db", workers=False) as reader:
+        assert (await reader.poll(task.id)).ok
+
+
+async def _first(tasks: list[asyncio.Task[None]]) -> None:
+    while not tasks:
+        await asyncio.sleep(0.01)
+    await asyncio.wait([tasks[0]])

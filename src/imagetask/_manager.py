@@ -29,13 +29,14 @@ from ._checks import (
 from ._exceptions import ConfigError, TaskNotFound, ValidationError
 from ._feed import Feed
 from ._images import ImageStore
+from ._inside import awaited_by_attempt
 from ._intake import Intake, called, failure_of, queued_task, the_one, to_the_end
 from ._models import GenerationRequest, ImageInput, Task, TaskEvent, TaskStatus, now_ms
 from ._records import Credits, Health, PruneReport
 from ._store import WOULD_WAIT, Store, SubmitRow, Submitted, TaskStore
 from ._tokens import Tokens
 from ._waiting import Waiting
-from ._worker import Worker, running_in
+from ._worker import Worker
 from .providers.base import Provider
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ class TaskManager:
         """
         if grace is not None:
             _check_arg_seconds("grace", grace)
-        if not cancel_running and grace is None and self._worker and running_in.get() is self._worker:
+        if not cancel_running and grace is None and awaited_by_attempt(self._worker):
             raise ConfigError(
                 "aclose(cancel_running=False) awaited inside a generation this manager runs would wait for "
                 "itself forever; close from outside the provider, or pass grace="

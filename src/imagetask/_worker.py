@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -29,19 +28,15 @@ from . import _config
 from ._exceptions import ProviderError, StoreError
 from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage, storage_error
+from ._inside import mark_attempt
 from ._models import StoredImage, Task, TaskError, TaskStatus, now_ms
 from ._store import Claimed, TaskStore, is_damage
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
-__all__ = ["Worker", "backoff", "claim_ahead", "running_in"]
+__all__ = ["Worker", "backoff", "claim_ahead"]
 
 log = logging.getLogger("imagetask")
 T = TypeVar("T")
-
-
-#: The worker whose attempt runs the current code (set in each attempt's task, so in the
-#: provider's calls too): a close that waits for attempts must not be awaited from one.
-running_in: contextvars.ContextVar[Worker | None] = contextvars.ContextVar("imagetask_worker", default=None)
 
 
 def claim_ahead(concurrency: int) -> int:
@@ -142,6 +137,8 @@ class Worker:
         #: Set to end a draining stop at once (a second signal to `imagetask worker`).
         self._hurry = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        #: Attempts `stop` stopped, and what a claim in flight then took: for `_give_back`.
+        self._giving_back: list[tuple[Claimed, str]] = []
 
     def start(self) -> None:
         """Start the dispatcher and the heartbeat."""
@@ -205,9 +202,12 @@ class Worker:
         # The heartbeat goes on until every attempt has ended: one still storing its images
         # (or recording its outcome) keeps its lease, so no other process re-runs it meanwhile.
         if drain:
-            for attempt in list(self._running.values()):
-                if not attempt.started:
-                    self._stop(attempt, "shutdown")
+            waiting = [a for a in self._running.values() if not a.started and a.task is not None]
+            for attempt in waiting:
+                self._stop(attempt, "shutdown")
+            if waiting:  # hand those back now: a long drain must not keep them past their lease
+                await asyncio.wait([a.task for a in waiting if a.task is not None])
+            await self._give_back()
             tasks = [a.task for a in self._running.values() if a.task is not None]
             if tasks:
                 hurry = asyncio.ensure_future(self._hurry.wait())
@@ -226,6 +226,7 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            await self._give_back()
 
     async def _wait_running(self) -> None:
         tasks = [a.task for a in self._running.values() if a.task is not None]
@@ -328,18 +329,23 @@ class Worker:
             return  # nothing was claimed
         for task_id in ended:
             self.on_terminal(task_id, None)
-        # All at once: one transaction, so a lock held elsewhere is waited for once, not per task.
-        outcomes = await asyncio.gather(
-            *(self.store.release(c.id, c.attempt, self.id) for c in claimed), return_exceptions=True
-        )
-        for c, released in zip(claimed, outcomes, strict=True):
+        self._giving_back.extend((c, "claimed while closing, handed back") for c in claimed)
+
+    async def _give_back(self) -> None:
+        """Release what `stop` stopped (and the claim it found in flight), all in one turn of
+        the loop: the releases share one transaction, so a lock held elsewhere is waited for
+        once, not once per task (or per turn in which an attempt's cancellation ended)."""
+        items, self._giving_back = self._giving_back, []
+        releases = [self.store.release(c.id, c.attempt, self.id) for c, _ in items]
+        outcomes = await asyncio.shield(asyncio.gather(*releases, return_exceptions=True))
+        for (c, done), released in zip(items, outcomes, strict=True):
             if isinstance(released, Exception):
                 log.warning(
                     "task %s: handing back attempt %d failed (%s); it runs again once its lease expires",
                     c.id, c.attempt, released,
                 )  # fmt: skip
             elif released:
-                log.info("task %s: attempt %d claimed while closing, handed back", c.id, c.attempt)
+                log.info("task %s: attempt %d %s", c.id, c.attempt, done)
 
     # -- heartbeat --
 
@@ -369,20 +375,12 @@ class Worker:
 
     async def _run(self, attempt: _Attempt) -> None:
         c = attempt.claimed
-        running_in.set(self)  # this task's own context (and that of the tasks it starts)
+        mark_attempt(self)
         try:
             await self._attempt(attempt)
         except asyncio.CancelledError:
-            if attempt.stop_reason == "shutdown":
-                # Give the task back at once rather than make it wait for the lease.
-                try:
-                    if await asyncio.shield(self.store.release(c.id, c.attempt, self.id)):
-                        log.info("task %s: attempt %d released at shutdown", c.id, c.attempt)
-                except StoreError as exc:
-                    log.warning(
-                        "task %s: handing back attempt %d at shutdown failed (%s); it runs again "
-                        "once its lease expires", c.id, c.attempt, exc,
-                    )  # fmt: skip
+            if attempt.stop_reason == "shutdown":  # `stop` gives it back, rather than wait a lease
+                self._giving_back.append((c, "released at shutdown"))
             elif attempt.stop_reason is None:
                 raise
         except StoreError:
@@ -572,7 +570,7 @@ class Worker:
         ]
         if len(requests) == 1:
             return [await self.provider.generate(requests[0])]
-        calls = [asyncio.create_task(self.provider.generate(r)) for r in requests]
+        calls = [asyncio.create_task(self._call(r)) for r in requests]
         try:
             await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
             for call in calls:
@@ -583,6 +581,10 @@ class Worker:
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _call(self, request: ImageRequest) -> ImageResult:
+        mark_attempt(self)  # one of the attempt's own calls: the attempt awaits it
+        return await self.provider.generate(request)
 
     def _store_files(self, c: Claimed, results: list[ImageResult]) -> list[StoredImage]:
         stored: list[StoredImage] = []

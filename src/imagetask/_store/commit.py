@@ -29,9 +29,7 @@ def _coalesce(
 ]:
     """Merge runs of non-atomic submits into one bulk submit (its rows that cannot fail on
     their own, see `_can_fail`, are then inserted with multi-row statements); other
-    operations pass through one by one. An operation whose caller was cancelled while it
-    was queued is dropped: it had not started, so its caller's cancellation means it never
-    happens (a heartbeat cancelled at shutdown no longer waits for a lock held elsewhere).
+    operations pass through one by one.
 
     Returns the operations to run and, for each, the futures to answer and (for a merged
     submit) how many result rows belong to each future.
@@ -42,8 +40,6 @@ def _coalesce(
     # (extended in place: a batch of n submits costs n, not n squared).
     merged: tuple[list[Any], list[asyncio.Future[Any]], list[int]] | None = None
     for fn, args, fut in batch:
-        if fut.done():  # its caller was cancelled while it waited: it never ran, so it never will
-            continue
         if fn is _submit_rows and not args[1]:
             if merged is None:
                 merged = ([], [], [])

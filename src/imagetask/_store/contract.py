@@ -28,11 +28,7 @@ class TaskStore(Protocol):
     """What a task store offers. Methods raise `StoreError` when the database refuses, and
     when the store is closed; a store may raise its subclass `StoreClosed` for an operation it
     refused because it was closed (nothing of it written: the manager then deletes a refused
-    submit's reference copies without asking the database).
-
-    A write whose caller is cancelled before it started (still queued behind others) never
-    happens; one already running commits or not, as a crash would leave it: callers that
-    must know (a submit with reference copies, a hand-back) wait for it under a shield."""
+    submit's reference copies without asking the database)."""
 
     path: Path
     images_root: Path

@@ -209,8 +209,6 @@ class Writer:
             self._hand_to_writer(batch)
             return
         ops, waiters = _coalesce(batch)
-        if not ops:  # every caller was cancelled meanwhile
-            return
         try:
             outcomes = _batch_transaction(self._fast, ops, faults=self.faults)
         except sqlite3.OperationalError as exc:
@@ -298,8 +296,6 @@ class Writer:
                 _fail_all(batch, StoreClosed())
                 return
             ops, waiters = _coalesce(batch)
-            if not ops:  # every caller was cancelled meanwhile
-                continue
             finish, self._finish_checkpoint = self._finish_checkpoint, False
             try:
                 outcomes = await run_on(self._writer, self.path, _batch_transaction, ops, finish, self.faults)
