@@ -154,7 +154,7 @@ async def test_a_lone_surrogate_fails_only_its_own_submit(make_manager, field):
 async def test_every_method_refuses_a_lone_surrogate_with_a_validation_error(make_manager):
     """poll, wait, cancel, pending, list, events and credits refuse a lone surrogate with a
     ValidationError naming the field, never a raw UnicodeEncodeError."""
-    tm = await make_manager(workers=False)
+    tm = await make_manager(workers=False, credits=True)
     bad = "x\udfff"
     calls = {
         "task_id": [tm.poll(bad), tm.wait(bad, timeout=1), tm.cancel(bad), tm.events(bad)],
@@ -356,6 +356,23 @@ async def test_every_attempt_handed_back_at_close_shares_one_transaction(make_ma
     assert sum(faults.commits.values()) - commits == 1
     async with TaskManager(tm.path, workers=False) as reader:
         assert [(await reader.poll(i)).status for i in ids] == [TaskStatus.QUEUED] * 4
+
+
+async def test_a_draining_close_hands_back_a_task_claimed_ahead_at_once(make_manager, db_path):
+    """aclose(cancel_running=False) lets the running generation finish, but a task claimed
+    ahead (waiting for a slot) is back in the queue while the close still waits: a long
+    drain never keeps it past its lease."""
+    provider = FakeProvider(latency=3)
+    tm = await make_manager(provider=provider, concurrency=1, per_owner=2)
+    first = await tm.submit("generating")
+    second = await tm.submit("claimed ahead")
+    await wait_for(lambda: provider.active == 1)
+    await wait_for(lambda: sql(db_path, "SELECT status FROM tasks WHERE id = ?", second.id) == [("running",)])
+    closing = asyncio.ensure_future(tm.aclose(cancel_running=False))
+    await wait_for(lambda: sql(db_path, "SELECT status FROM tasks WHERE id = ?", second.id) == [("queued",)])
+    assert not closing.done() and provider.active == 1
+    await closing
+    assert sql(db_path, "SELECT status FROM tasks WHERE id = ?", first.id) == [("succeeded",)]
 
 
 async def test_a_close_that_cannot_hand_back_says_so_for_each_task(make_manager, db_path, caplog):
