@@ -49,10 +49,13 @@ async def test_completion_racing_lease_expiry_keeps_the_new_attempt(make_manager
 
 async def test_heartbeat_after_lease_lost_stops_the_old_attempt(make_manager):
     """At its next heartbeat, a worker whose claim was taken stops its attempt and writes nothing."""
-    first = FakeProvider(outcomes=["hang"])
-    a = await make_manager(provider=first, lease=0.6)  # heartbeat every 0.2 s
+    first, a_faults = FakeProvider(outcomes=["hang"]), Faults()
+    a = await make_manager(provider=first, lease=0.6, faults=a_faults)  # heartbeat every 0.2 s
     task = await a.submit("taken away")
     await wait_for(lambda: first.active == 1)
+    # A claims nothing more: once its heartbeat frees its slot it would race B for the task
+    # (and on a slow machine win it, before B has even opened the database).
+    a_faults.fail("claim", sqlite3.OperationalError("database is locked"), times=10_000)
     # Another worker's reaper took the task back (as after a long pause in A) ...
     sql(a.path, "UPDATE tasks SET status = 'queued', worker = NULL, lease_until = NULL WHERE id = ?", task.id)
     second = FakeProvider(outcomes=["hang"])
