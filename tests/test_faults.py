@@ -134,6 +134,47 @@ async def test_a_renewal_that_waited_for_the_lock_grants_a_full_lease(make_manag
     await tm.cancel(task.id)
 
 
+async def test_a_reading_manager_opens_and_reads_while_another_connection_holds_the_lock(
+    make_manager, db_path
+):
+    """Opening a database already at this schema version takes no lock: a manager that only
+    reads (as the CLI's `ls` and `show` do) opens and polls while another connection holds
+    the write lock, instead of waiting 10 s and failing "database is locked"."""
+    writer = await make_manager()
+    task = await writer.submit("read under a held lock")
+    await writer.wait(task.id, timeout=10)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        async with asyncio.timeout(5):
+            async with TaskManager(db_path, workers=False) as reader:
+                assert (await reader.poll(task.id)).status is TaskStatus.SUCCEEDED
+                assert [t.id for t in await reader.list()] == [task.id]
+    finally:
+        holder.close()
+
+
+async def test_a_first_open_waits_for_a_lock_held_on_the_new_file(tmp_path):
+    """Processes creating the same new database together: while another connection holds a
+    lock on the file (not yet in WAL mode), the first open waits for it, as for any lock,
+    and then opens; SQLite itself answers the switch to WAL "database is locked" at once."""
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    opening = asyncio.ensure_future(TaskManager(path, workers=False).open())
+    try:
+        await asyncio.sleep(0.5)
+        assert not opening.done()  # waiting, not failed
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    tm = await asyncio.wait_for(opening, timeout=10)
+    try:
+        assert await tm.pending() == []
+    finally:
+        await tm.aclose()
+
+
 # -- one caller's bad input -------------------------------------------------------------------
 
 

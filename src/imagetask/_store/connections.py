@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import aiosqlite
@@ -15,11 +16,14 @@ from .commit import _SAFETY_CHECKPOINT_PAGES
 
 __all__ = ["configure", "connect_fast", "connect_inline", "daemonize"]
 
+#: How long a writer or reader connection waits for a lock (``PRAGMA busy_timeout``).
+_BUSY_TIMEOUT = 10.0
+
 
 def configure(conn: sqlite3.Connection, path: Path, durability: str, query_only: bool) -> None:
     """Set up a writer or reader connection (run on its thread): WAL, busy timeout, durability."""
-    conn.execute("PRAGMA busy_timeout = 10000")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+    mode = _journal_mode_wal(conn)
     if mode.lower() != "wal":
         raise StoreError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
@@ -30,6 +34,25 @@ def configure(conn: sqlite3.Connection, path: Path, durability: str, query_only:
         # The store checkpoints itself, mostly off the writer (see `_run_checkpoint`);
         # SQLite's own checkpoint in the committing writer stays only as a safety net.
         conn.execute(f"PRAGMA wal_autocheckpoint = {_SAFETY_CHECKPOINT_PAGES}")
+
+
+def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL (a no-op once the file is in WAL mode), waiting as a lock would.
+
+    SQLite answers the switch with "database is locked" at once, without waiting out
+    ``busy_timeout``, while another connection holds a lock on a file not yet in WAL mode:
+    that happens when processes create the same new database together (a `generate` and an
+    `ls` started at once). The switch is tried again until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            mode: str = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            return mode
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 def connect_inline(path: Path) -> sqlite3.Connection:

@@ -150,7 +150,14 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Run the migrations this database lacks, in one transaction (refusing a newer one)."""
+    """Run the migrations this database lacks, in one transaction (refusing a newer one).
+
+    A database already at this version is only read: opening it takes no write lock, so
+    a manager that only reads (``workers=False``, the CLI's ``ls``) opens while another
+    connection holds the lock for as long as it likes.
+    """
+    if _current_version(conn) == SCHEMA_VERSION:
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -184,3 +191,20 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _current_version(conn: sqlite3.Connection) -> int | None:
+    """The recorded schema version, read without a lock (None: no imagetask schema yet)."""
+    conn.execute("BEGIN")
+    try:
+        if (
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            is None
+        ):
+            return None
+        version: int = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+        return version
+    finally:
+        conn.execute("ROLLBACK")
