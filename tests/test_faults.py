@@ -154,6 +154,24 @@ async def test_a_reading_manager_opens_and_reads_while_another_connection_holds_
         holder.close()
 
 
+async def test_a_claim_that_waited_out_a_held_lock_logs_one_line_and_retries(make_manager, caplog):
+    """A claim that failed because another connection held the lock past the busy timeout
+    (SQLite's SQLITE_BUSY) is logged as a one-line warning naming the lock, not an error with
+    a traceback, and a later claim runs the task."""
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY  # as SQLite's own error carries it
+    faults = Faults()
+    faults.fail("claim", locked, times=2)
+    caplog.set_level("WARNING", logger="imagetask")
+    tm = await make_manager(faults=faults)
+    task = await tm.submit("claimed once the lock is let go")
+    assert (await tm.wait(task.id, timeout=10)).ok
+    failed = [r for r in caplog.records if r.getMessage().startswith("claiming tasks failed")]
+    assert len(failed) == 2 and faults.hits["claim"] >= 3
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in failed)
+    assert all("database is locked" in r.getMessage() for r in failed)
+
+
 async def test_a_first_open_waits_for_a_lock_held_on_the_new_file(tmp_path):
     """Processes creating the same new database together: while another connection holds a
     lock on the file (not yet in WAL mode), the first open waits for it, as for any lock,

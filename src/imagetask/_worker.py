@@ -30,7 +30,7 @@ from ._holder import holder_gone, new_worker_id
 from ._images import ImageStore, InvalidImage, storage_error
 from ._inside import mark_attempt
 from ._models import StoredImage, Task, TaskError, TaskStatus, now_ms
-from ._store import Claimed, TaskStore, is_damage
+from ._store import Claimed, TaskStore, is_damage, is_locked
 from .providers.base import ImageRequest, ImageResult, Provider, ReferenceImage
 
 __all__ = ["Worker", "backoff", "claim_ahead"]
@@ -63,6 +63,14 @@ STORAGE_RETRY_CAP = 2.0
 #: Retryable codes whose retries are capped below max_attempts: a model that answered
 #: without an image is asked once more, then the task fails (model variance, not outage).
 RETRY_LIMITS = {"no_image": 1}
+
+
+def _failed(what: str, exc: Exception, retry: float) -> None:
+    """Log a claim or renewal that failed: a lock held elsewhere in one line, else with the traceback."""
+    if is_locked(exc):
+        log.warning("%s failed: %s; retrying in %.1f s", what, exc, retry)
+    else:
+        log.error("%s failed; retrying in %.1f s", what, retry, exc_info=exc)
 
 
 def backoff(attempt: int, base: float, retry_after: float | None) -> float:
@@ -285,7 +293,7 @@ class Worker:
                         )  # fmt: skip
                         await asyncio.sleep(damaged_pause)
                         continue
-                    log.exception("claiming tasks failed; retrying in %.1f s", self.poll_interval)
+                    _failed("claiming tasks", exc, self.poll_interval)
                     await asyncio.sleep(self.poll_interval)
                     continue
                 damaged_pause = 0.0
@@ -358,8 +366,8 @@ class Worker:
                 continue
             try:
                 alive = await self.store.heartbeat(self.id, held, self.lease)
-            except Exception:
-                log.exception("renewing leases failed; will try again in %.1f s", interval)
+            except Exception as exc:
+                _failed("renewing leases", exc, interval)
                 continue
             for task_id, attempt_no in held:
                 current = self._running.get(task_id)

@@ -16,6 +16,7 @@
 """
 
 from .commit import is_damage as is_damage
+from .commit import is_locked as is_locked
 from .contract import TaskStore as TaskStore
 from .reads import list_sql as list_sql
 from .reads import pending_sql as pending_sql
@@ -39,6 +40,7 @@ __all__ = [
     "Submitted",
     "TaskStore",
     "is_damage",
+    "is_locked",
     "list_sql",
     "pending_sql",
 ]

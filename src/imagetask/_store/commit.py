@@ -195,6 +195,13 @@ def is_damage(exc: BaseException) -> bool:
     return isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", 0) & 0xFF in (11, 26)
 
 
+def is_locked(exc: BaseException) -> bool:
+    """Whether an error (a `StoreError` or the sqlite3 error under it) says another
+    connection held the lock for longer than the busy timeout."""
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and _is_busy(cause)
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection has the lock."""
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6)
