@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 
 import pytest
@@ -124,6 +125,30 @@ async def test_safety_finish_reasons_fail_at_once(make_manager, server, gemini, 
     _, done = await run_one(make_manager, gemini())
     assert done.status is TaskStatus.FAILED and done.error.code == "safety_blocked"
     assert reason in done.error.message and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("reason", ["IMAGE_SAFETY", "PROHIBITED_CONTENT"])
+async def test_a_refusal_that_still_carries_an_image_is_a_failure(make_manager, server, gemini, reason):
+    """A safety finish reason fails the task as safety_blocked even when the candidate also
+    carries an image: no image is stored, nothing is retried, never a success."""
+    server.add(image_reply(finish=reason))
+    tm, done = await run_one(make_manager, gemini())
+    assert done.status is TaskStatus.FAILED and done.error.code == "safety_blocked"
+    assert not done.images and len(server.requests) == 1
+    assert not any(p.is_file() for p in tm.images_root.rglob("*"))
+
+
+async def test_a_blocked_prompt_with_an_image_candidate_is_a_failure(make_manager, server, gemini):
+    """promptFeedback.blockReason fails the task as safety_blocked even beside a candidate
+    with an image."""
+    reply = image_reply()
+    body = json.loads(reply.body)
+    body["promptFeedback"] = {"blockReason": "OTHER"}
+    server.add(Reply.json(200, body))
+    tm, done = await run_one(make_manager, gemini())
+    assert done.status is TaskStatus.FAILED and done.error.code == "safety_blocked"
+    assert "OTHER" in done.error.message and not done.images and len(server.requests) == 1
+    assert not any(p.is_file() for p in tm.images_root.rglob("*"))
 
 
 async def test_refusal_text_is_kept_in_the_error(make_manager, server, gemini):

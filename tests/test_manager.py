@@ -24,7 +24,7 @@ from imagetask import (
     ValidationError,
     WaitTimeout,
 )
-from imagetask.providers import FakeProvider
+from imagetask.providers import GEMINI_MODELS, FakeProvider
 from imagetask.testing import Faults
 
 from conftest import check_attempts_exclusive, max_overlap, sql
@@ -750,6 +750,36 @@ async def test_same_key_different_request_is_a_validation_error(make_manager):
     other_owner = await tm.submit("second", idempotency_key="k1", owner="bob")  # keys are per owner
     assert other_owner.prompt == "second"
     assert sql(tm.path, "SELECT count(*) FROM tasks") == [(2,)]
+
+
+_FIRST = {"n": 1, "model": "gemini-3-pro-image-preview", "aspect_ratio": "1:1", "size": "1K"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"n": 2},
+        {"model": "gemini-3-pro-image"},
+        {"aspect_ratio": "16:9"},
+        {"size": "2K"},
+        {"images": [png(color="blue")]},
+        {"images": [png(color="red"), png(color="blue")]},
+        {"images": []},
+    ],
+    ids=["n", "model", "aspect_ratio", "size", "other-reference", "one-more-reference", "no-reference"],
+)
+async def test_same_key_with_any_other_part_of_the_work_is_a_validation_error(make_manager, change):
+    """The same key with the same prompt but another n, model, aspect ratio, size or other
+    reference images is a different request: a ValidationError naming idempotency_key, and
+    nothing written; the identical request returns the first task."""
+    tm = await make_manager(workers=False, provider=FakeProvider(models=GEMINI_MODELS))
+    first = await tm.submit("same prompt", images=[png(color="red")], idempotency_key="k", **_FIRST)
+    with pytest.raises(ValidationError) as err:
+        await tm.submit("same prompt", idempotency_key="k", **{"images": [png(color="red")], **_FIRST, **change})
+    assert err.value.field == "idempotency_key"
+    again = await tm.submit("same prompt", images=[png(color="red")], idempotency_key="k", **_FIRST)
+    assert again.id == first.id
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(1,)]
 
 
 async def test_idempotent_resubmit_does_not_leave_reference_copies(make_manager):
