@@ -774,8 +774,9 @@ async def test_same_key_with_any_other_part_of_the_work_is_a_validation_error(ma
     nothing written; the identical request returns the first task."""
     tm = await make_manager(workers=False, provider=FakeProvider(models=GEMINI_MODELS))
     first = await tm.submit("same prompt", images=[png(color="red")], idempotency_key="k", **_FIRST)
+    other = {"images": [png(color="red")], **_FIRST, **change}
     with pytest.raises(ValidationError) as err:
-        await tm.submit("same prompt", idempotency_key="k", **{"images": [png(color="red")], **_FIRST, **change})
+        await tm.submit("same prompt", idempotency_key="k", **other)
     assert err.value.field == "idempotency_key"
     again = await tm.submit("same prompt", images=[png(color="red")], idempotency_key="k", **_FIRST)
     assert again.id == first.id
