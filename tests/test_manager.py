@@ -614,6 +614,22 @@ async def test_rate_limit_honours_retry_after(make_manager):
     assert (second_claim - retry_at).total_seconds() >= 0.5
 
 
+async def test_retry_delays_double_with_each_attempt(make_manager):
+    """The pause before the attempt after attempt k is retry_delay * 2**(k-1), jittered down
+    to half at most: with retry_delay=0.25, at least 0.125, 0.25 and 0.5 s before attempts
+    2, 3 and 4 (a delay that did not double would be at most 0.25 s each time)."""
+    tm = await make_manager(
+        provider=FakeProvider(outcomes=["transient"] * 3), retry_delay=0.25, max_attempts=4
+    )
+    done = await tm.wait((await tm.submit("try, try again")).id, timeout=20)
+    assert done.ok and done.attempts == 4
+    events = await tm.events(done.id)
+    retries = [e.at for e in events if e.kind == "retry"]
+    claims = [e.at for e in events if e.kind == "claimed"][1:]
+    gaps = [(claim - retry).total_seconds() for retry, claim in zip(retries, claims, strict=True)]
+    assert [gap >= 0.5 * 0.25 * 2**k for k, gap in enumerate(gaps)] == [True] * 3, gaps
+
+
 async def test_one_failing_image_fails_the_whole_task(make_manager):
     """With n=3, one permanent failure fails the task and no image is kept."""
     tm = await make_manager(provider=FakeProvider(outcomes=["ok", "permanent", "ok"]))

@@ -74,6 +74,29 @@ async def test_heartbeat_after_lease_lost_stops_the_old_attempt(make_manager):
     assert workers_after_claim_2 == []  # A wrote nothing for attempt 1
 
 
+async def test_expired_leases_are_taken_back_while_every_slot_is_busy(make_manager):
+    """A worker whose generation slot and claim ahead are both taken still takes back another
+    worker's expired lease within a few poll intervals: the task returns to the queue instead
+    of staying running until one of this worker's generations ends."""
+    busy = FakeProvider(outcomes=["hang", "hang"])
+    a = await make_manager(provider=busy, concurrency=1, lease=30)  # claims 1 + 1 ahead
+    own = [await a.submit(f"keeps A busy {i}") for i in range(2)]
+    await wait_for(lambda: busy.active == 1)
+    await wait_for(lambda: sql(a.path, "SELECT count(*) FROM tasks WHERE status = 'running'") == [(2,)])
+    stalled, stalled_faults = FakeProvider(outcomes=["hang"]), Faults()
+    b = await make_manager(provider=stalled, lease=30, faults=stalled_faults)
+    task = await b.submit("held by a worker that stalls")
+    await wait_for(lambda: stalled.active == 1)
+    # B stalls (none of its claims get through) and its lease on the task runs out.
+    stalled_faults.fail("claim", sqlite3.OperationalError("database is locked"), times=10_000)
+    sql(a.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task.id)
+    await wait_for(lambda: sql(a.path, "SELECT status FROM tasks WHERE id = ?", task.id) == [("queued",)], 5)
+    assert trail(await a.events(task.id)) == [("claimed", 1), ("lease_expired", 1)]
+    assert busy.active == 1 and [(await a.poll(t.id)).status for t in own] == [TaskStatus.RUNNING] * 2
+    for t in (*own, task):
+        await a.cancel(t.id)
+
+
 async def test_cancel_from_another_process_stops_the_attempt_at_heartbeat(make_manager):
     """A running task cancelled through another manager stops its coroutine at the next heartbeat."""
     provider = FakeProvider(outcomes=["hang"])
