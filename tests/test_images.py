@@ -6,7 +6,12 @@ import asyncio
 import errno
 import io
 import os
+import re
 import resource
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +258,66 @@ def test_an_io_error_while_writing_leaves_no_tmp_file(tmp_path):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert store.write_output(new_task_id(), 1, 0, encoded("PNG")).path.exists()
     assert faults.hits["write_image"] == 2
+
+
+async def test_an_image_is_visible_under_its_name_only_once_whole(tmp_path):
+    """While a generated image is being written, only its temporary file exists; its own
+    name appears only after the whole file was written (by a rename), and no .tmp remains."""
+    seen: list[list[str]] = []
+    images = tmp_path / "images"
+
+    def look() -> None:  # runs while the temporary file is open, before the bytes are written
+        seen.append(sorted(p.name for p in images.rglob("*") if p.is_file()))
+
+    faults = Faults()
+    faults.call("write_image", look, times=2)
+    async with TaskManager(tmp_path / "tasks.db", provider=FakeProvider(), faults=faults) as tm:
+        done = await tm.wait((await tm.submit("written whole", n=2)).id, timeout=10)
+    assert done.ok
+    assert seen == [["a1-0.png.tmp"], ["a1-0.png", "a1-1.png.tmp"]]
+    assert sorted(p.name for p in images.rglob("*") if p.is_file()) == ["a1-0.png", "a1-1.png"]
+    assert [im.path.read_bytes()[:8] for im in done.images] == [b"\x89PNG\r\n\x1a\n"] * 2
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (apt-get install strace)")
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_each_image_is_fsynced_before_its_rename(tmp_path, durability):
+    """Traced for real with strace in a child process: each image's temporary file is fsynced
+    before it is renamed to its own name; with durability="full" its folder is fsynced after
+    the rename, so the new name survives a power loss too."""
+    script = textwrap.dedent(f"""
+        import asyncio
+        from imagetask import TaskManager
+        from imagetask.providers import FakeProvider
+
+        async def main():
+            async with TaskManager({str(tmp_path / "tasks.db")!r}, provider=FakeProvider(),
+                                   durability={durability!r}) as tm:
+                task = await tm.submit("traced", n=2)
+                assert (await tm.wait(task.id, timeout=30)).ok
+
+        asyncio.run(main())
+    """)
+    trace = tmp_path / "trace"
+    calls = "trace=fsync,fdatasync,rename,renameat,renameat2"
+    command = [STRACE, "-f", "-y", "-qq", "-e", calls, "-o", str(trace), sys.executable, "-c", script]
+    subprocess.run(command, check=True, timeout=60, capture_output=True)
+    lines = trace.read_text().splitlines()
+
+    def first(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert found, f"no line matches {pattern!r} in:\n" + "\n".join(lines[-40:])
+        return found[0]
+
+    for name in ("a1-0.png", "a1-1.png"):
+        synced = first(rf"f(data)?sync\(\d+<[^>]*/{name}\.tmp>\)")
+        renamed = first(rf"rename(at2?)?\(.*{name}\.tmp\", .*{name}\"")
+        assert synced < renamed
+        if durability == "full":
+            named = re.search(r"\"([^\"]*)/" + re.escape(name) + '"', lines[renamed])
+            assert named is not None
+            folder = named.group(1)
+            assert any(re.search(rf"fsync\(\d+<{re.escape(folder)}>\)", line) for line in lines[renamed:])
