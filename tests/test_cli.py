@@ -263,18 +263,28 @@ def test_worker_stops_gracefully_on_sigterm(tmp_path, signals):
 
     environ = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     task_id = cli(tmp_path, "generate", "for the worker", "--no-wait").stdout.strip()
+    # One signal: the attempt (2 s) finishes within the grace. Two: it must still be running
+    # when the second arrives, however late this test saw it running (each `show` is a new
+    # process): it never ends by itself.
+    latency = "2" if signals == 1 else "600"
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagetask._cli", "--home", str(tmp_path), "worker", "--provider", "fake",
-         "--latency", "2"],
+         "--latency", latency],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while "status:      running" not in cli(tmp_path, "show", task_id).stdout and time.monotonic() < deadline:
         time.sleep(0.05)
-    for _ in range(signals):
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-    _, err = proc.communicate(timeout=30)
+    assert proc.stderr is not None
+    proc.send_signal(signal.SIGTERM)
+    lines = [proc.stderr.readline()]  # its banner, then the first signal's answer
+    while lines[-1] and not lines[-1].startswith("SIGTERM: no new tasks"):
+        lines.append(proc.stderr.readline())
+    assert lines[-1], lines  # the worker answered the first signal (not exited without a word)
+    if signals == 2:
+        proc.send_signal(signal.SIGTERM)  # the first was handled: this one is the second
+    _, rest = proc.communicate(timeout=30)
+    err = "".join(lines) + rest
     assert proc.returncode == 0, err
     status = cli(tmp_path, "show", task_id).stdout
     assert ("status:      succeeded" if signals == 1 else "status:      queued") in status

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 
 from imagetask import GenerationRequest, TaskStatus, ValidationError
+from imagetask.testing import Faults
 
 from conftest import sql
 
@@ -73,7 +75,10 @@ async def test_bad_revoke_input_names_the_field(make_manager):
 async def test_watch_yields_each_event_with_a_growing_seq_and_resumes_after_one(make_manager):
     """watch(owner=...) yields the owner's task events as they commit, seq growing; a new
     watch(after=seq) starts exactly after that event; other owners' events never show."""
-    tm = await make_manager()
+    faults, started = Faults(), threading.Event()
+    # The feed starts "from now": its first read (the latest seq) sets that point.
+    faults.call("feed", started.set, after_commit=True)
+    tm = await make_manager(faults=faults)
     seen = []
 
     async def collect() -> None:
@@ -83,7 +88,7 @@ async def test_watch_yields_each_event_with_a_growing_seq_and_resumes_after_one(
                 return
 
     watching = asyncio.create_task(collect())
-    await asyncio.sleep(0.05)  # the feed starts "from now"
+    assert await asyncio.to_thread(started.wait, 10)  # "now" is read: later commits reach it
     await tm.submit("bob's", owner="bob")
     task = await tm.submit("alice's", owner="alice")
     await asyncio.wait_for(watching, 10)

@@ -314,11 +314,11 @@ async def test_an_owner_at_max_pending_gets_429_with_retry_after(tmp_path):
 # --- the stream -----------------------------------------------------------------------------
 
 
-async def _read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
-    """The next ``count`` task messages of an open SSE response, with their ids."""
+async def _read_events(lines: AsyncIterator[str], count: int) -> list[dict[str, Any]]:
+    """The next ``count`` task messages of an open SSE response's lines, with their ids."""
     found: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
-    async for line in response.aiter_lines():
+    async for line in lines:
         if line.startswith("id: "):
             current["id"] = int(line[4:])
         elif line.startswith("data: "):
@@ -351,18 +351,20 @@ async def test_the_stream_tells_each_owner_of_their_own_tasks_only_and_resumes(s
         ]
         async with c.stream("GET", f"/api/stream?ticket={ticket}") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
-            await asyncio.sleep(0.1)
+            lines = stream.aiter_lines()
+            # The stream's first line comes once it has joined the feed: every later event reaches it.
+            assert await asyncio.wait_for(anext(lines), 10) == "retry: 3000"
             await c.post("/api/tasks", json={"prompt": "bob's"}, headers={"Authorization": f"Bearer {bob}"})
             mine = (
                 await c.post("/api/tasks", json={"prompt": "a"}, headers={"Authorization": f"Bearer {alice}"})
             ).json()
-            got = await asyncio.wait_for(_read_events(stream, 2), 10)
+            got = await asyncio.wait_for(_read_events(lines, 2), 10)
         assert [m["data"]["event"] for m in got] == ["claimed", "succeeded"]
         assert all(m["data"]["task_id"] == mine["id"] for m in got)
         assert got[1]["data"]["task"]["status"] == "succeeded" and got[1]["data"]["task"]["images"]
         headers = {"Authorization": f"Bearer {alice}", "Last-Event-ID": str(got[0]["id"])}
         async with c.stream("GET", "/api/stream", headers=headers) as again:
-            (replayed,) = await asyncio.wait_for(_read_events(again, 1), 10)
+            (replayed,) = await asyncio.wait_for(_read_events(again.aiter_lines(), 1), 10)
         assert replayed["id"] == got[1]["id"]
         bad = await c.get("/api/stream?ticket=forged.1.x")
         assert bad.status_code == 401

@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 
 from imagetask import TaskStatus
-from imagetask.providers import FakeProvider
+from imagetask.providers import FakeProvider, ImageRequest, ImageResult
 from imagetask.testing import Faults
 
 from conftest import RETAKEN_THEN_SUCCEEDED, check_attempts_exclusive, sql, trail
@@ -18,26 +18,42 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+class Held(FakeProvider):
+    """A FakeProvider whose calls start at once and answer only once `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    async def generate(self, request: ImageRequest) -> ImageResult:
+        self.started.set()
+        await self.release.wait()
+        return await super().generate(request)
+
+
 async def test_completion_racing_lease_expiry_keeps_the_new_attempt(make_manager):
     """A worker that finishes after its lease was taken and re-run elsewhere writes nothing."""
-    slow, stalled = FakeProvider(latency=1.0), Faults()
+    slow, stalled = Held(), Faults()
     # Heartbeat every 10 s: none during the test.
     a = await make_manager(provider=slow, lease=30, faults=stalled)
     task = await a.submit("contested")
-    await wait_for(lambda: slow.active == 1)
+    await asyncio.wait_for(slow.started.wait(), 10)
     # A stalls: none of its writes get through (else its own claims would renew its lease),
     # and its lease runs out.
     stalled.fail("claim", sqlite3.OperationalError("database is locked"), times=10_000)
     sql(a.path, "UPDATE tasks SET lease_until = 0 WHERE id = ?", task.id)
-    # B re-runs it and is still generating when A's stale attempt finishes.
-    fresh = FakeProvider(latency=1.5)
+    # B re-runs it and is still generating when A's stale attempt finishes (A's call answers
+    # only once B has claimed, however slowly B opens).
+    fresh = Held()
     b = await make_manager(provider=fresh, lease=30)
-    await wait_for(lambda: fresh.active == 1)
+    await asyncio.wait_for(fresh.started.wait(), 10)
     stalled.clear()
-    done = await b.wait(task.id, timeout=10)
-    assert done.ok and done.attempts == 2
+    slow.release.set()
     # A's stale attempt wrote its image, was refused its success (fenced), and deleted it.
     await wait_for(lambda: stalled.hits["succeed"] >= 1 and not any(a.images_root.rglob("a1-*")))
+    fresh.release.set()
+    done = await b.wait(task.id, timeout=10)
+    assert done.ok and done.attempts == 2
     final = await a.poll(task.id)
     assert final.status is TaskStatus.SUCCEEDED and final.images == done.images
     assert [im.path.name for im in final.images] == ["a2-0.png"]
