@@ -172,6 +172,27 @@ async def test_a_claim_that_waited_out_a_held_lock_logs_one_line_and_retries(mak
     assert all("database is locked" in r.getMessage() for r in failed)
 
 
+@pytest.mark.parametrize("operation", ["cancel", "grant"])
+async def test_a_write_that_waited_out_a_held_lock_says_so_and_what_to_do(make_manager, operation):
+    """A write refused because another connection held the lock past the busy timeout is a
+    StoreError that names the file, says the lock was held elsewhere and to try again."""
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY  # as SQLite's own error carries it
+    faults = Faults()
+    tm = await make_manager(faults=faults, workers=False, credits=True)
+    await tm.credits.grant("alice", 1)
+    task = await tm.submit("cancelled later", owner="alice")
+    # Twice: a small write that finds the lock taken goes to the writer's thread, which waits.
+    faults.fail(operation, locked, times=2)
+    with pytest.raises(StoreError) as err:
+        await (tm.cancel(task.id) if operation == "cancel" else tm.credits.grant("alice", 5))
+    message = str(err.value)
+    assert str(tm.path) in message and "database is locked" in message
+    assert "another connection held the write lock for more than 10 s; try again" in message
+    assert (await tm.poll(task.id)).status is TaskStatus.QUEUED  # nothing was written
+    assert await tm.credits.balance("alice") == 0
+
+
 async def test_a_first_open_waits_for_a_lock_held_on_the_new_file(tmp_path):
     """Processes creating the same new database together: while another connection holds a
     lock on the file (not yet in WAL mode), the first open waits for it, as for any lock,

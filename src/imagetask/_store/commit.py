@@ -61,7 +61,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any, path: Path) -> None:
     if ok:
         fut.set_result(value)
     elif isinstance(value, sqlite3.DatabaseError):
-        fut.set_exception(StoreError(f"{path}: {value}"))
+        fut.set_exception(store_error(path, value))
     else:
         fut.set_exception(value)
 
@@ -193,6 +193,24 @@ def is_damage(exc: BaseException) -> bool:
     file is damaged: SQLITE_CORRUPT or SQLITE_NOTADB."""
     cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
     return isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", 0) & 0xFF in (11, 26)
+
+
+#: How long a writer or reader connection waits for a lock (``PRAGMA busy_timeout``).
+BUSY_TIMEOUT = 10.0
+
+
+def store_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """The `StoreError` for a database error on ``path`` (``exc`` is its cause); a lock
+    waited out says so and what to do."""
+    message = f"{path}: {exc}"
+    if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+        message += (
+            f" (another connection held the write lock for more than {BUSY_TIMEOUT:.0f} s;"
+            " try again once it lets go)"
+        )
+    error = StoreError(message)
+    error.__cause__ = exc
+    return error
 
 
 def is_locked(exc: BaseException) -> bool:

@@ -12,17 +12,14 @@ from pathlib import Path
 import aiosqlite
 
 from .._exceptions import StoreError
-from .commit import _SAFETY_CHECKPOINT_PAGES
+from .commit import _SAFETY_CHECKPOINT_PAGES, BUSY_TIMEOUT
 
 __all__ = ["configure", "connect_fast", "connect_inline", "daemonize"]
-
-#: How long a writer or reader connection waits for a lock (``PRAGMA busy_timeout``).
-_BUSY_TIMEOUT = 10.0
 
 
 def configure(conn: sqlite3.Connection, path: Path, durability: str, query_only: bool) -> None:
     """Set up a writer or reader connection (run on its thread): WAL, busy timeout, durability."""
-    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     mode = _journal_mode_wal(conn)
     if mode.lower() != "wal":
         raise StoreError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
@@ -44,7 +41,7 @@ def _journal_mode_wal(conn: sqlite3.Connection) -> str:
     that happens when processes create the same new database together (a `generate` and an
     `ls` started at once). The switch is tried again until the busy timeout has passed.
     """
-    deadline = time.monotonic() + _BUSY_TIMEOUT
+    deadline = time.monotonic() + BUSY_TIMEOUT
     while True:
         try:
             mode: str = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

@@ -18,6 +18,7 @@ from .._models import StoredImage, Task, TaskError, TaskEvent, now_ms
 from .commit import (
     _INLINE_MAX_ROWS,
     _read_transaction,
+    store_error,
 )
 from .connections import connect_inline
 from .reads import (
@@ -176,7 +177,7 @@ class Store:
         except sqlite3.OperationalError:  # busy or locked
             return WOULD_WAIT
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise store_error(self.path, exc) from exc
         return result  # the caller runs `_after_read` once it keeps the result
 
     def _after_read(self, operation: str) -> None:
@@ -187,9 +188,9 @@ class Store:
         try:
             error = self.faults.after_commit(operation)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise store_error(self.path, exc) from exc
         if isinstance(error, sqlite3.DatabaseError):
-            raise StoreError(f"{self.path}: {error}") from error
+            raise store_error(self.path, error) from error
         if error is not None:
             raise error
 
@@ -303,7 +304,7 @@ class Store:
         except sqlite3.OperationalError:  # busy or locked
             return WOULD_WAIT
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise store_error(self.path, exc) from exc
         self._after_read("get")
         return self._rows.task_from_join(rows) if rows else None
 
@@ -358,7 +359,7 @@ class Store:
         try:
             current = _data_version(self._inline)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise store_error(self.path, exc) from exc
         seen = token if isinstance(token, Versions) else None
         if seen is not None and seen.reader == current:
             return seen, Changes.NONE

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from .._exceptions import ImageTaskError, StoreClosed, StoreError
+from .._exceptions import ImageTaskError, StoreClosed
 from .commit import (
     _CHECKPOINT_PAGES,
     _INLINE_MAX_ROWS,
@@ -26,6 +26,7 @@ from .commit import (
     _is_busy,
     _Queued,
     _settle_outcomes,
+    store_error,
 )
 from .connections import configure, connect_fast, connect_threaded
 from .reads import _data_version, _synchronous
@@ -51,7 +52,7 @@ async def run_on(conn: aiosqlite.Connection, path: Path, fn: Callable[..., T], *
     except ImageTaskError:
         raise
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: {exc}") from exc
+        raise store_error(path, exc) from exc
 
 
 async def connect_configured(path: Path, durability: str, *, query_only: bool) -> aiosqlite.Connection:
@@ -170,9 +171,7 @@ class Writer:
             if self.faults is not None:
                 self.faults.committed("writer")
             if not ok:
-                raise (
-                    StoreError(f"{self.path}: {value}") if isinstance(value, sqlite3.DatabaseError) else value
-                )
+                raise (store_error(self.path, value) if isinstance(value, sqlite3.DatabaseError) else value)
             result: T = value
             return result
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -215,10 +214,10 @@ class Writer:
             if _is_busy(exc):  # another connection holds the lock: wait for it on the thread
                 self._hand_to_writer(batch)
             else:
-                _fail_all(batch, StoreError(f"{self.path}: {exc}"))
+                _fail_all(batch, store_error(self.path, exc))
             return
         except BaseException as exc:
-            _fail_all(batch, StoreError(f"{self.path}: {exc}") if isinstance(exc, sqlite3.Error) else exc)
+            _fail_all(batch, store_error(self.path, exc) if isinstance(exc, sqlite3.Error) else exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -320,4 +319,4 @@ class Writer:
         try:
             return (threaded, _data_version(self._fast))
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise store_error(self.path, exc) from exc
