@@ -593,6 +593,35 @@ async def test_revoking_a_token_ends_its_streams_and_its_tickets(served_fast):
         assert (await c.get(f"/api/stream?ticket={ticket}")).status_code == 401
 
 
+async def test_revoking_a_token_ends_a_stream_that_events_keep_flowing_to(served_fast):
+    """A stream whose owner keeps submitting (an event every 0.05 s or so, more often than the
+    0.2 s keepalive) still ends within a keepalive or two once its token is revoked."""
+    base, tm, alice, _ = served_fast
+    other = await tm.tokens.create("alice")  # alice keeps working with another token
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+
+        async def busy() -> None:
+            while True:
+                await c.post("/api/tasks", json={"prompt": "busy"}, headers=bearer(other))
+                await asyncio.sleep(0.05)
+
+        async with c.stream("GET", "/api/stream", headers=bearer(alice)) as stream:
+            lines = stream.aiter_lines()
+            submitting = asyncio.create_task(busy())
+            try:
+                async with asyncio.timeout(10):
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break  # events are flowing
+                await tm.tokens.revoke(alice)
+                async with asyncio.timeout(5):  # the stream ends: the loop runs out
+                    async for _ in lines:
+                        pass
+            finally:
+                submitting.cancel()
+                await asyncio.gather(submitting, return_exceptions=True)
+
+
 async def test_streams_end_when_the_manager_closes(served_fast):
     """When the manager closes under a mounted app (its lifespan does not run), open streams
     end instead of hanging with nothing to say."""

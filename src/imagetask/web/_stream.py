@@ -87,7 +87,8 @@ class Hub:
     ) -> AsyncIterator[str]:
         """The SSE messages of ``owner``'s task changes, after event ``last_id`` when given;
         ``render`` turns a task into its JSON (with URLs under the stream's own prefix);
-        ``alive`` is asked at every keepalive: False (its token was revoked) ends the stream."""
+        ``alive`` is asked once a keepalive interval, events or not: False (its token was
+        revoked) ends the stream."""
         queue: asyncio.Queue[TaskEvent | None] = asyncio.Queue()
         await self._ensure_feed()
         # No await between reading the position and joining: every later event reaches the
@@ -106,12 +107,21 @@ class Hub:
                 if len(found) < 200:
                     break
                 after = found[-1].seq
+            loop = asyncio.get_running_loop()
+            checked = loop.time()
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), self._keepalive)
+                    event: TaskEvent | None = await asyncio.wait_for(queue.get(), self._keepalive)
+                    idle = False
                 except TimeoutError:
+                    event, idle = None, True
+                # The token is looked at once a keepalive interval, idle or busy: a revoked
+                # one ends a stream that events keep flowing to as well.
+                if loop.time() - checked >= self._keepalive:
                     if not await alive():
                         return
+                    checked = loop.time()
+                if idle:
                     yield ": keepalive\n\n"
                     continue
                 if event is None:
