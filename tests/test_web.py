@@ -622,6 +622,29 @@ async def test_revoking_a_token_ends_a_stream_that_events_keep_flowing_to(served
                 await asyncio.gather(submitting, return_exceptions=True)
 
 
+async def test_a_head_of_the_stream_answers_headers_and_leaves_nothing_running(served_fast):
+    """HEAD /api/stream answers the stream's headers with no body, and leaves no stream
+    running on the server once the client has gone (uvicorn drops a HEAD's body, so a stream
+    started for it never noticed the client leave)."""
+    base, _, alice, _ = served_fast
+
+    async def head_then_get() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            head = await c.head("/api/stream", headers=bearer(alice))
+            assert (await c.get("/api/me", headers=bearer(alice))).status_code == 200  # same connection
+            return head
+
+    await head_then_get()  # the server's first connection starts what stays
+    await asyncio.sleep(0.5)
+    before = len(asyncio.all_tasks())
+    heads = [await head_then_get() for _ in range(5)]
+    assert [(h.status_code, h.headers["content-type"].split(";")[0], h.content) for h in heads] == [
+        (200, "text/event-stream", b"")
+    ] * 5
+    await asyncio.sleep(1)  # a few keepalives (0.2 s)
+    assert len(asyncio.all_tasks()) <= before
+
+
 async def test_streams_end_when_the_manager_closes(served_fast):
     """When the manager closes under a mounted app (its lifespan does not run), open streams
     end instead of hanging with nothing to say."""

@@ -243,10 +243,13 @@ def create_app(
         who = await access.identity(request, ticket=True)
         raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         last_id = None if raw in (None, "") else _int_param(raw, "Last-Event-ID", 0, 2**62)
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":  # headers only: a body nobody reads would never end
+            return Response(media_type="text/event-stream", headers=headers)
         return StreamingResponse(
             hub.events(who.owner, last_id, as_json(request), lambda: access.still_valid(who)),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            headers=headers,
         )
 
     # -- the seed's endpoints, with its field names --
