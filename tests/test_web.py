@@ -20,6 +20,7 @@ from PIL import Image
 from imagetask import TaskManager
 from imagetask._images import thumbnail_folder, thumbnail_path
 from imagetask.providers import FakeProvider
+from imagetask.testing import Faults
 from imagetask.web import create_app
 from test_manager import png
 
@@ -309,6 +310,26 @@ async def test_an_owner_at_max_pending_gets_429_with_retry_after(tmp_path):
             assert snapshot(tm.path) == before
             r = await c.post("/api/tasks", json={"prompt": "b"}, headers={"Authorization": f"Bearer {bob}"})
             assert r.status_code == 202
+
+
+async def test_a_database_that_cannot_answer_is_a_503_that_names_no_server_path(tmp_path, caplog):
+    """A write the database refused (here: its lock held elsewhere past the busy timeout) is a
+    503 with Retry-After and a message that names no file of the server; the log has the
+    reason, path included. Nothing is written."""
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY  # as SQLite's own error carries it
+    faults = Faults()
+    async with TaskManager(tmp_path / "t.db", workers=False, faults=faults) as tm:
+        alice = await tm.tokens.create("alice")
+        faults.fail("submit", locked, times=2)  # the loop's small write, then the writer's
+        transport = httpx.ASGITransport(app=create_app(tm))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            with caplog.at_level("WARNING", logger="imagetask.web"):
+                r = await c.post("/api/tasks", json={"prompt": "refused"}, headers=bearer(alice))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "unavailable" and str(tmp_path) not in r.text
+        assert any(str(tmp_path) in rec.getMessage() for rec in caplog.records)
+        assert await tm.list() == []
 
 
 # --- the stream -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ request body within its size cap."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -13,6 +14,8 @@ from .. import InsufficientCredits, TaskNotFound, TooManyPending, ValidationErro
 from .._exceptions import ConfigError, StoreError
 
 __all__ = ["ApiError", "AsciiJSON", "digits", "error_response", "read_body", "read_json"]
+
+log = logging.getLogger("imagetask.web")
 
 
 class ApiError(Exception):
@@ -58,7 +61,14 @@ class ApiError(Exception):
                 details={"owner": exc.owner, "pending": exc.pending, "limit": exc.limit},
             )
         if isinstance(exc, StoreError | ConfigError):
-            return cls(503, "unavailable", str(exc))
+            # The reason names files and folders of the server: it goes to the log, not out.
+            log.warning("answered 503: %s: %s", type(exc).__name__, exc)
+            return cls(
+                503,
+                "unavailable",
+                "the task database is unavailable for the moment; try again shortly",
+                headers={"Retry-After": "5"},
+            )
         raise exc
 
 
