@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -205,16 +206,46 @@ def test_doctor_reports_health_and_never_prints_the_key(tmp_path):
     assert secret not in done.stdout + done.stderr + human.stdout + human.stderr
 
 
-def test_read_commands_do_not_import_google_genai(tmp_path):
-    """`ls` and `show` never import google-genai (start-up time matters in a shell)."""
+@pytest.mark.parametrize(
+    "command", [["ls"], ["show", "ID"], ["events", "ID"], ["doctor"], ["credits", "balance", "alice"]]
+)
+def test_read_commands_do_not_import_google_genai(tmp_path, command):
+    """Read commands (`ls`, `show`, `events`, `doctor`, `credits balance`), run on a home with
+    a task in it, never import google-genai (start-up time matters in a shell)."""
+    task_id = cli(tmp_path, "generate", "read back", "--no-wait").stdout.strip()
+    args = [task_id if a == "ID" else a for a in command]
     code = (
         "import sys\n"
         "from imagetask._cli import main\n"
-        f"main(['--home', {str(tmp_path)!r}, 'ls'])\n"
+        f"assert main(['--home', {str(tmp_path)!r}, *{args!r}]) == 0\n"
         "assert not any(m.startswith('google.genai') for m in sys.modules), 'google-genai imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_wait_exits_1_when_any_task_did_not_succeed(tmp_path):
+    """`wait A B` exits 1 when one of the tasks did not succeed (here: cancelled), though the
+    other did."""
+    ok = cli(tmp_path, "generate", "fine", "--no-wait").stdout.strip()
+    bad = cli(tmp_path, "generate", "cancelled", "--no-wait").stdout.strip()
+    assert cli(tmp_path, "cancel", bad).returncode == 0
+    done = cli(tmp_path, "wait", ok, bad, "--provider", "fake", "--latency", "0")
+    assert done.returncode == 1, done.stderr
+    assert "status:      succeeded" in cli(tmp_path, "show", ok).stdout
+
+
+def test_json_tasks_have_exactly_the_task_fields(tmp_path):
+    """`--json` prints a task with exactly `Task`'s field names, and their values."""
+    import attrs
+
+    from imagetask import Task
+
+    done = cli(tmp_path, "generate", "as json", "--provider", "fake", "--latency", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    (task,) = json.loads(done.stdout)
+    assert set(task) == {f.name for f in attrs.fields(Task)}
+    assert task["attempts"] == 1 and task["status"] == "succeeded" and task["prompt"] == "as json"
 
 
 @pytest.mark.slow
