@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from imagetask import (
 from imagetask.providers import FakeProvider
 from imagetask.web import create_app
 
-from conftest import sql, uvicorn_serving
+from conftest import sql, uvicorn_serving, wait_until
 
 # -- one suite, both managers -----------------------------------------------------------------
 
@@ -362,13 +363,31 @@ def test_close_cancel_running_hands_them_back_at_once(db_path):
 
 
 def test_an_unclosed_manager_warns_when_collected(db_path):
-    """A SyncTaskManager dropped without close() warns with ResourceWarning and closes itself."""
-    tm = SyncTaskManager(db_path, provider=FakeProvider())
-    task = tm.submit("dropped")
+    """A SyncTaskManager dropped without close() warns with ResourceWarning and closes itself:
+    its running attempt is handed back to the queue and no connection to the file stays open."""
+    tm = SyncTaskManager(db_path, provider=FakeProvider(outcomes=["hang"]))
+    task = tm.submit("dropped while running")
+    wait_until(lambda: sql(db_path, "SELECT status FROM tasks WHERE id = ?", task.id) == [("running",)])
     del tm
     with pytest.warns(ResourceWarning, match="never closed"):
         gc.collect()
-    assert sql(db_path, "SELECT count(*) FROM tasks WHERE id = ?", task.id) == [(1,)]
+    wait_until(
+        lambda: sql(db_path, "SELECT status FROM tasks WHERE id = ?", task.id) == [("queued",)],
+        timeout=10,
+        what="the running attempt handed back",
+    )
+    # Leaving WAL mode is refused while any other connection is open.
+    wait_until(lambda: _alone_on(db_path), timeout=10, what="every connection closed")
+
+
+def _alone_on(db_path) -> bool:
+    conn = sqlite3.connect(db_path, timeout=0)
+    try:
+        return conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
 
 
 async def test_with_on_the_async_manager_says_what_to_use(db_path):
