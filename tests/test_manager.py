@@ -288,6 +288,15 @@ async def test_wait_timeout_leaves_the_task_running(make_manager):
     assert (await tm.poll(task.id)).status is TaskStatus.RUNNING
 
 
+async def test_wait_with_timeout_zero_looks_once_and_times_out(make_manager):
+    """wait(timeout=0) is a valid timeout, not "no timeout": on a task still running it raises
+    WaitTimeout at once instead of waiting for the end."""
+    tm = await make_manager(provider=FakeProvider(outcomes=["hang"]))
+    task = await tm.submit("never ends")
+    with pytest.raises(WaitTimeout):
+        await asyncio.wait_for(tm.wait(task.id, timeout=0), 5)
+
+
 async def test_pending_is_newest_first_per_owner_and_list_pages(make_manager):
     """pending(owner) lists that owner's queued and running tasks newest first; list pages by id."""
     tm = await make_manager(workers=False)

@@ -40,6 +40,18 @@ async def test_tasks_show_as_cards_with_inline_previews(make_manager):
     assert "<b>claimed</b>" in first_event and "attempt 1" in first_event
 
 
+async def test_a_task_whose_image_file_is_gone_never_shows_a_file_link(make_manager):
+    """A finished task whose image file was deleted shows a placeholder, in its card and in the
+    image's own display, never a file:// link to the missing file."""
+    tm = await make_manager()
+    done = await tm.wait((await tm.submit("deleted later")).id, timeout=10)
+    done.images[0].path.unlink()
+    again = await tm.poll(done.id)
+    for html in (again._repr_html_(), again.images[0]._repr_html_()):
+        assert "file://" not in html and "data:image" not in html
+    assert "image file missing" in again._repr_html_()
+
+
 async def test_gallery_outside_a_notebook_says_what_to_use(make_manager):
     """gallery() in a plain process raises ConfigError naming what to use instead."""
     tm = await make_manager()
