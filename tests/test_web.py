@@ -4,6 +4,7 @@ through httpx against the ASGI app in-process and against a real uvicorn server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagetask import TaskManager
+from imagetask import TaskManager, TaskStatus
 from imagetask._images import thumbnail_folder, thumbnail_path
 from imagetask.providers import FakeProvider
 from imagetask.testing import Faults
@@ -223,6 +224,70 @@ async def test_missing_or_wrong_credentials_are_401_on_every_api_route(web):
             r = await web.client.request(method, url, headers=headers, json={"prompt": "x"})
             assert r.status_code == 401, (method, url, headers)
             assert r.json()["error"]["code"] == "unauthorized"
+
+
+async def asgi_client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_another_owner_cannot_cancel_a_queued_task(tmp_path):
+    """Bob's cancel of alice's queued task is a 404 that changes nothing: the task stays
+    queued and alice keeps her charge (nothing refunded, nothing cancelled)."""
+    async with TaskManager(tmp_path / "t.db", workers=False, credits=True) as tm:
+        alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+        await tm.credits.grant("alice", 5)
+        async with await asgi_client(create_app(tm)) as c:
+            task = (await c.post("/api/tasks", json={"prompt": "mine"}, headers=bearer(alice))).json()
+            r = await c.post(f"/api/tasks/{task['id']}/cancel", headers=bearer(bob))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert (await tm.poll(task["id"])).status is TaskStatus.QUEUED
+        assert await tm.credits.balance("alice") == 5 - task["cost"]
+
+
+async def test_a_thumbnail_has_an_etag_of_its_own(tmp_path):
+    """A thumbnail (?w=) is another representation: the full image's ETag does not make it a
+    304, and its own ETag differs (and does)."""
+    async with TaskManager(tmp_path / "t.db", provider=FakeProvider(), poll_interval=0.05) as tm:
+        alice = await tm.tokens.create("alice")
+        async with await asgi_client(create_app(tm)) as c:
+            task = (await c.post("/api/tasks", json={"prompt": "p"}, headers=bearer(alice))).json()
+            await tm.wait(task["id"], timeout=10)
+            url = f"/api/tasks/{task['id']}/images/0"
+            full = await c.get(url, headers=bearer(alice))
+            thumb = await c.get(
+                f"{url}?w=64", headers={**bearer(alice), "If-None-Match": full.headers["etag"]}
+            )
+            assert thumb.status_code == 200 and thumb.headers["etag"] != full.headers["etag"]
+            again = await c.get(
+                f"{url}?w=64", headers={**bearer(alice), "If-None-Match": thumb.headers["etag"]}
+            )
+            assert again.status_code == 304
+
+
+async def test_a_stream_ticket_relabelled_to_another_owner_is_refused(tmp_path):
+    """With auth= (a session: no API token behind the ticket), a ticket whose owner part is
+    swapped for another owner's name is a 401: the signature covers the owner."""
+    async with TaskManager(tmp_path / "t.db", workers=False) as tm:
+        app = create_app(tm, auth=lambda r: r.headers.get("x-user"))
+        client = await asgi_client(app)
+        async with client as c:
+            ticket = (await c.post("/api/stream/ticket", headers={"x-user": "dana"})).json()["ticket"]
+            _, rest = ticket.split(".", 1)
+            erin = base64.urlsafe_b64encode(b"erin").decode().rstrip("=")
+            relabelled = await asyncio.wait_for(c.get(f"/api/stream?ticket={erin}.{rest}"), 10)
+            assert relabelled.status_code == 401
+
+
+async def test_a_batch_with_one_bad_request_writes_none(tmp_path):
+    """A batch whose second request is invalid is a 422 naming it, and none of the batch is
+    written: all or none."""
+    async with TaskManager(tmp_path / "t.db", workers=False) as tm:
+        alice = await tm.tokens.create("alice")
+        async with await asgi_client(create_app(tm)) as c:
+            body = {"requests": [{"prompt": "ok"}, {"prompt": "x", "n": 99}]}
+            r = await c.post("/api/tasks/batch", json=body, headers=bearer(alice))
+        assert r.status_code == 422 and "n" in r.json()["error"]["field"]
+        assert await tm.list() == []
 
 
 async def test_another_owners_task_is_404_on_every_route_and_never_on_bobs_stream(web):
