@@ -397,6 +397,44 @@ async def test_a_database_that_cannot_answer_is_a_503_that_names_no_server_path(
         assert await tm.list() == []
 
 
+async def _stalled_upload(base: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A multipart submit that sends its headers and the first line of its body, then nothing."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/tasks HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Type: multipart/form-data; boundary=XX\r\nContent-Length: 100000\r\n\r\n--XX\r\n"
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _status_of(reader: asyncio.StreamReader) -> int:
+    return int((await reader.readline()).split()[1])
+
+
+async def test_stalled_uploads_of_one_owner_never_block_another_owners(tmp_path):
+    """Over a real server: alice's four uploads that stall mid-body take two upload slots at
+    most (the other two get 429 at once), bob's multipart submit goes through meanwhile, and
+    the stalled ones get 408 once upload_timeout (1 s) has passed. Nothing of theirs is written."""
+    async with TaskManager(tmp_path / "t.db", workers=False) as tm:
+        alice, bob = await tm.tokens.create("alice"), await tm.tokens.create("bob")
+        async with uvicorn_serving(create_app(tm, upload_timeout=1.0)) as base:
+            stalled = [await _stalled_upload(base, alice) for _ in range(4)]
+            answers = [asyncio.ensure_future(_status_of(reader)) for reader, _ in stalled]
+            # Once one is refused (429), two others hold their slots.
+            await asyncio.wait(answers, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+                files = {"images": ("ref.png", png(), "image/png")}
+                r = await c.post("/api/tasks", data={"prompt": "bob's"}, files=files, headers=bearer(bob))
+            assert r.status_code == 202, r.text
+            statuses = sorted(await asyncio.wait_for(asyncio.gather(*answers), 10))
+            for _, writer in stalled:
+                writer.close()
+        assert statuses == [408, 408, 429, 429]
+        assert [t.owner for t in await tm.list()] == ["bob"]
+
+
 # --- the stream -----------------------------------------------------------------------------
 
 

@@ -3,7 +3,6 @@ the page, each route acting as the one owner its request is signed in as."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -23,10 +22,11 @@ from .. import ConfigError, GenerationRequest, Task, TaskManager, TaskNotFound, 
 from .._images import thumbnail_folder
 from .._jsonout import event_json, task_json
 from ._auth import TICKET_SECONDS, Auth, AuthCallable
-from ._errors import ApiError, AsciiJSON, digits, error_response, not_found, read_body, read_json
+from ._errors import ApiError, AsciiJSON, digits, error_response, not_found, read_json
 from ._files import Thumbnails, image_response
 from ._openapi import openapi
 from ._stream import Hub
+from ._uploads import Uploads
 
 __all__ = ["create_app"]
 
@@ -50,8 +50,6 @@ STATIC = Path(__file__).with_name("static")
 #: The fields a submit accepts (JSON, or multipart form fields beside the ``images`` files).
 _SUBMIT_FIELDS = {"prompt", "n", "model", "aspect_ratio", "size", "metadata", "idempotency_key"}
 _FIELD_LIST = ", ".join(sorted(_SUBMIT_FIELDS))
-#: Multipart submits parsed at once (each is held in memory meanwhile).
-_UPLOADS_AT_ONCE = 4
 #: The most submits one batch may hold.
 _MAX_BATCH = 100
 #: The seed page's names for them.
@@ -77,6 +75,7 @@ def create_app(
     thumbnails: Path | None = None,
     secret: bytes | None = None,
     keepalive: float = 15.0,
+    upload_timeout: float = 60.0,
 ) -> Starlette:
     """An ASGI app serving ``manager``'s tasks over HTTP.
 
@@ -101,13 +100,18 @@ def create_app(
             same one (default: random for this app).
         keepalive: Seconds between the comments an idle stream gets (so proxies keep it);
             each also checks that the stream's token was not revoked meanwhile.
+        upload_timeout: Seconds a multipart body may take to arrive (408 after): a client
+            that stalls mid-upload holds one of the few upload slots only that long (at most
+            two of them per owner).
     """
     thumbs = Thumbnails(_thumbnail_folder(thumbnails, manager.images_root), manager.images_root)
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager, keepalive)
     # A multipart body is held in memory while it is parsed (the raw body, then the form's
     # copy): a few at a time keep a burst of big uploads from taking gigabytes.
-    uploads = asyncio.Semaphore(_UPLOADS_AT_ONCE)
+    if not (isinstance(upload_timeout, int | float) and 0 < upload_timeout < float("inf")):
+        raise ConfigError(f"upload_timeout: must be a number of seconds > 0, got {upload_timeout!r}")
+    uploads = Uploads(float(upload_timeout))
 
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
@@ -152,7 +156,7 @@ def create_app(
 
     async def submit(request: Request) -> Response:
         owner = await access.owner(request)
-        fields, images = await _submit_input(request, max_body, max_upload, uploads)
+        fields, images = await _submit_input(request, owner, max_body, max_upload, uploads)
         key = request.headers.get("idempotency-key")
         if key is not None and "idempotency_key" not in fields:
             fields["idempotency_key"] = key
@@ -397,7 +401,7 @@ _int_param = digits  # the one parser of integer parameters
 
 
 async def _submit_input(
-    request: Request, max_body: int, max_upload: int, uploads: asyncio.Semaphore
+    request: Request, owner: str, max_body: int, max_upload: int, uploads: Uploads
 ) -> tuple[dict[str, Any], list[bytes]]:
     """A submit's fields and reference images, from JSON or a multipart form."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -409,13 +413,11 @@ async def _submit_input(
                     422, "invalid", f"unknown field; use {', '.join(sorted(_SUBMIT_FIELDS))}", name
                 )
         return body, []
-    async with uploads:
-        return await _read_form(request, max_upload)
+    async with uploads.slot(owner):
+        return await _read_form(request, await uploads.read(request, max_upload))
 
 
-async def _read_form(request: Request, max_upload: int) -> tuple[dict[str, Any], list[bytes]]:
-    raw = await read_body(request, max_upload, "max_upload")
-
+async def _read_form(request: Request, raw: bytes) -> tuple[dict[str, Any], list[bytes]]:
     # The form is parsed from the body already read (its size checked), not from the socket.
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": raw, "more_body": False}
