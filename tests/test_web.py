@@ -343,6 +343,18 @@ async def test_bad_submits_name_the_field_and_write_nothing(web, body, status, f
     assert snapshot(web.tm.path) == before
 
 
+@pytest.mark.parametrize("n", ["abc", "0", "9", "-1"])
+async def test_a_multipart_n_out_of_range_names_the_real_range(web, n):
+    """A multipart form's n that is not an integer from 1 to 8 is a 422 on field n that says
+    so (the range a submit really takes), and writes nothing."""
+    before = snapshot(web.tm.path)
+    files = [("images", ("a.png", png(), "image/png"))]
+    r = await web.client.post("/api/tasks", data={"prompt": "x", "n": n}, files=files, headers=web.alice)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "n"
+    assert "from 1 to 8" in r.json()["error"]["message"]
+    assert snapshot(web.tm.path) == before
+
+
 async def test_bodies_over_the_caps_are_413_and_write_nothing(web):
     """A JSON body over max_body and an upload over max_upload are refused with 413."""
     before = snapshot(web.tm.path)

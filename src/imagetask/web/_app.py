@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import ConfigError, GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
+from .._config import MAX_N
 from .._images import thumbnail_folder
 from .._jsonout import event_json, task_json
 from ._auth import TICKET_SECONDS, Auth, AuthCallable
@@ -445,7 +446,7 @@ async def _read_form(request: Request, raw: bytes) -> tuple[dict[str, Any], list
     finally:
         await form_context.__aexit__(None, None, None)
     if "n" in fields:
-        fields["n"] = _int_param(fields["n"], "n", 0, 10**6)
+        fields["n"] = _int_param(fields["n"], "n", 1, MAX_N)
     if "metadata" in fields:
         import json
 
