@@ -7,8 +7,15 @@ import asyncio
 import pytest
 
 from imagetask import GenerationRequest, TooManyPending, ValidationError
+from imagetask.providers import FakeProvider
 
 from conftest import sql
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 async def test_submit_at_the_limit_is_refused_and_writes_nothing(make_manager):
@@ -28,12 +35,18 @@ async def test_submit_at_the_limit_is_refused_and_writes_nothing(make_manager):
 
 
 async def test_finished_tasks_do_not_count(make_manager):
-    """Only queued and running tasks count: once one ends, the owner may submit again."""
-    tm = await make_manager()
+    """Only queued and running tasks count: a queued task and then the same task running
+    refuse the owner's next submit; once it ends, the owner may submit again."""
+    provider = FakeProvider(outcomes=["hang"])
+    tm = await make_manager(provider=provider, workers=False)
     first = await tm.submit("first", owner="alice", max_pending=1)
     with pytest.raises(TooManyPending):
-        await tm.submit("second", owner="alice", max_pending=1)
-    await tm.wait(first.id, timeout=10)
+        await tm.submit("second", owner="alice", max_pending=1)  # it is queued
+    worker = await make_manager(provider=provider)
+    await wait_for(lambda: provider.active == 1)
+    with pytest.raises(TooManyPending):
+        await tm.submit("second", owner="alice", max_pending=1)  # it is running
+    await worker.cancel(first.id)
     assert (await tm.submit("second", owner="alice", max_pending=1)).prompt == "second"
 
 

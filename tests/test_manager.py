@@ -314,11 +314,20 @@ async def test_pending_is_newest_first_per_owner_and_list_pages(make_manager):
 
 
 async def test_as_completed_yields_in_finishing_order(make_manager):
-    """as_completed yields each task once, as it finishes."""
-    tm = await make_manager(provider=FakeProvider(latency=0.02))
-    ids = [(await tm.submit(f"t{i}")).id for i in range(5)]
-    seen = [t.id async for t in tm.as_completed(ids, timeout=10)]
-    assert sorted(seen) == sorted(ids)
+    """as_completed yields each task once, as it finishes: the task submitted first but ended
+    last (it hangs until cancelled) comes last."""
+    provider = FakeProvider(outcomes=["hang"])
+    tm = await make_manager(provider=provider, concurrency=3)
+    last = (await tm.submit("ends last")).id
+    while provider.active < 1:
+        await asyncio.sleep(0.01)
+    ids = [last, *[(await tm.submit(f"t{i}")).id for i in range(3)]]
+    seen = []
+    async for task in tm.as_completed(ids, timeout=10):
+        seen.append(task.id)
+        if len(seen) == 3:
+            await tm.cancel(last)
+    assert sorted(seen) == sorted(ids) and seen[-1] == last
 
 
 async def test_a_task_id_in_lower_case_names_the_same_task(make_manager):
