@@ -290,9 +290,11 @@ async def test_a_batch_with_one_bad_request_writes_none(tmp_path):
         assert await tm.list() == []
 
 
-async def test_another_owners_task_is_404_on_every_route_and_never_on_bobs_stream(web):
-    """Bob's token gets 404 for alice's task, image, thumbnail, events, cancel and seed poll,
-    exactly as for a task that does not exist; alice's task is untouched."""
+async def test_another_owners_task_is_404_on_every_route(web):
+    """Bob's token gets 404 for alice's finished task, image, thumbnail, events, cancel and
+    seed poll, exactly as for a task that does not exist; alice's task is untouched. (A
+    queued one: `test_another_owner_cannot_cancel_a_queued_task`; streams:
+    `test_the_stream_tells_each_owner_of_their_own_tasks_only_and_resumes`.)"""
     files = [("images", ("a.png", png(), "image/png"))]
     task = (
         await web.client.post("/api/tasks", data={"prompt": "mine"}, files=files, headers=web.alice)
