@@ -783,6 +783,20 @@ async def test_a_head_of_the_stream_answers_headers_and_leaves_nothing_running(s
     assert len(asyncio.all_tasks()) <= before
 
 
+async def test_a_stream_ticket_works_beside_a_proxys_basic_auth_header(served_fast):
+    """A browser behind a proxy with Basic auth sends that Authorization header with every
+    request: a stream opened with a valid ticket is accepted anyway (the header is not an
+    imagetask token), while the same header alone on an API route is still a 401."""
+    base, _, alice, _ = served_fast
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        ticket = (await c.post("/api/stream/ticket", headers=bearer(alice))).json()["ticket"]
+        async with c.stream("GET", f"/api/stream?ticket={ticket}", headers=basic) as stream:
+            assert stream.status_code == 200
+            assert await asyncio.wait_for(anext(stream.aiter_lines()), 10) == "retry: 3000"
+        assert (await c.get("/api/tasks", headers=basic)).status_code == 401
+
+
 async def test_streams_end_when_the_manager_closes(served_fast):
     """When the manager closes under a mounted app (its lifespan does not run), open streams
     end instead of hanging with nothing to say."""

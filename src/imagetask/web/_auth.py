@@ -65,7 +65,8 @@ class Auth:
                 if found is None:
                     raise unauthorized("the token is unknown or revoked")
                 return Identity(found, token.split("_")[1])
-            if self._auth is None:
+            # Another scheme (a proxy's Basic auth) is not ours: a stream's ticket still counts.
+            if self._auth is None and not (ticket and "ticket" in conn.query_params):
                 raise unauthorized("use the header 'Authorization: Bearer <token>'")
         if ticket and "ticket" in conn.query_params:
             found_identity = await self._check_ticket(conn.query_params["ticket"])
