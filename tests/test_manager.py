@@ -817,6 +817,21 @@ async def test_same_key_with_any_other_part_of_the_work_is_a_validation_error(ma
     assert sql(tm.path, "SELECT count(*) FROM tasks") == [(1,)]
 
 
+async def test_a_batch_that_reuses_a_key_for_another_request_is_refused_by_position(make_manager):
+    """submit_many with two different requests under one key is a ValidationError naming the
+    second request's idempotency_key (not a task the refused batch never wrote), and nothing
+    is written; the same request twice under one key is one task."""
+    tm = await make_manager(workers=False)
+    with pytest.raises(ValidationError) as err:
+        await tm.submit_many(
+            [{"prompt": "a", "idempotency_key": "k"}, {"prompt": "b", "idempotency_key": "k"}]
+        )
+    assert err.value.field == "requests[1].idempotency_key" and "requests[0]" in str(err.value)
+    assert sql(tm.path, "SELECT count(*) FROM tasks") == [(0,)]
+    twice = await tm.submit_many([{"prompt": "a", "idempotency_key": "k"}] * 2)
+    assert twice[0].id == twice[1].id and sql(tm.path, "SELECT count(*) FROM tasks") == [(1,)]
+
+
 async def test_idempotent_resubmit_does_not_leave_reference_copies(make_manager):
     """A re-submit that returns the first task deletes the reference copies it made."""
     tm = await make_manager(workers=False)

@@ -156,6 +156,7 @@ class Intake:
                     )
                 except ValidationError as exc:
                     raise ValidationError(f"requests[{i}].{exc.field}", str(exc).split(": ", 1)[1]) from None
+            _check_keys_within(rows)
         except BaseException:
             for row in rows:
                 await self.discard(row)
@@ -251,3 +252,18 @@ async def to_the_end(fut: asyncio.Future[Any]) -> bool:
 def failure_of(fut: asyncio.Future[Any]) -> BaseException | None:
     """The exception a done future ended with, cancellation included."""
     return asyncio.CancelledError() if fut.cancelled() else fut.exception()
+
+
+def _check_keys_within(rows: Sequence[SubmitRow]) -> None:
+    """Two requests of one batch under one owner's idempotency key must be the same request
+    (the second then answers the first's task); a different one is refused before writing."""
+    first: dict[tuple[str, str], tuple[int, str | None]] = {}
+    for i, row in enumerate(rows):
+        if row.idempotency_key is None:
+            continue
+        j, fingerprint = first.setdefault((row.owner, row.idempotency_key), (i, row.fingerprint))
+        if fingerprint != row.fingerprint:
+            raise ValidationError(
+                f"requests[{i}].idempotency_key",
+                f"repeats the key of requests[{j}] for a different request; give each request its own key",
+            )
