@@ -88,6 +88,22 @@ async def test_submit_answers_202_with_the_queued_task_and_poll_shows_it_end(web
     assert "path" not in json.dumps(done)
 
 
+async def test_json_answers_are_never_stored_by_a_cache(web):
+    """JSON answers (a task, a list, events, errors) carry Cache-Control: private, no-store:
+    they are one owner's and change as tasks run; images keep their own immutable caching."""
+    task = (await web.client.post("/api/tasks", json={"prompt": "p"}, headers=web.alice)).json()
+    for url in (
+        f"/api/tasks/{task['id']}",
+        "/api/tasks",
+        f"/api/tasks/{task['id']}/events",
+        "/api/tasks/pending",
+    ):
+        r = await web.client.get(url, headers=web.alice)
+        assert r.status_code == 200 and r.headers["cache-control"] == "private, no-store", url
+    refused = await web.client.get("/api/tasks/" + "01" + "0" * 24, headers=web.alice)
+    assert refused.status_code == 404 and refused.headers["cache-control"] == "private, no-store"
+
+
 async def test_images_have_a_strong_etag_immutable_caching_and_a_cached_thumbnail(web):
     """An image answers its bytes with ETag = its sha256 and immutable caching; If-None-Match
     gives 304; ?w=32 is a WebP 64 wide (the next of the fixed widths), written to the

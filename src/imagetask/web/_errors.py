@@ -79,7 +79,14 @@ def not_found() -> ApiError:
 
 class AsciiJSON(JSONResponse):
     """JSON with non-ASCII characters escaped: an answer that echoes odd input (a lone
-    surrogate in a field name) is still valid UTF-8."""
+    surrogate in a field name) is still valid UTF-8. Answers are one owner's and change
+    as tasks run: ``Cache-Control: private, no-store`` unless the caller says otherwise."""
+
+    def __init__(self, content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> None:
+        headers = dict(headers or {})
+        if not any(name.lower() == "cache-control" for name in headers):
+            headers["Cache-Control"] = "private, no-store"
+        super().__init__(content, status_code=status_code, headers=headers)
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
