@@ -67,10 +67,9 @@ RETRY_LIMITS = {"no_image": 1}
 
 def _failed(what: str, exc: Exception, retry: float) -> None:
     """Log a claim or renewal that failed: a lock held elsewhere in one line, else with the traceback."""
-    if is_locked(exc):
-        log.warning("%s failed: %s; retrying in %.1f s", what, exc, retry)
-    else:
-        log.error("%s failed; retrying in %.1f s", what, retry, exc_info=exc)
+    locked = is_locked(exc)
+    log.log(logging.WARNING if locked else logging.ERROR, "%s failed%s; retrying in %.1f s", what,
+            f": {exc}" if locked else "", retry, exc_info=None if locked else exc)  # fmt: skip
 
 
 def backoff(attempt: int, base: float, retry_after: float | None) -> float:
@@ -306,9 +305,7 @@ class Worker:
                         # This process stalled past the lease, the lease was taken back (by
                         # another process) and now this worker claimed the task again: the
                         # old attempt is fenced out; stop it so only the new one runs.
-                        log.info(
-                            "task %s: attempt %d replaces attempt %d", c.id, c.attempt, old.claimed.attempt
-                        )
+                        log.info("task %s: attempt %d replaces %d", c.id, c.attempt, old.claimed.attempt)
                         self._stop(old, "lost")
                     attempt = _Attempt(c)
                     self._running[c.id] = attempt
@@ -372,11 +369,8 @@ class Worker:
             for task_id, attempt_no in held:
                 current = self._running.get(task_id)
                 if task_id not in alive and current is not None and current.claimed.attempt == attempt_no:
-                    log.info(
-                        "task %s: attempt %d lost its claim (cancelled or lease taken); stopping it",
-                        task_id,
-                        attempt_no,
-                    )
+                    log.info("task %s: attempt %d lost its claim (cancelled or lease taken); stopping it",
+                             task_id, attempt_no)  # fmt: skip
                     self._stop(current, "lost")
 
     # -- one attempt --
