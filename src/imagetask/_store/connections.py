@@ -12,7 +12,7 @@ from pathlib import Path
 import aiosqlite
 
 from .._exceptions import StoreError
-from .commit import _SAFETY_CHECKPOINT_PAGES, BUSY_TIMEOUT
+from .commit import _SAFETY_CHECKPOINT_PAGES, BUSY_TIMEOUT, _is_busy
 
 __all__ = ["configure", "connect_fast", "connect_inline", "daemonize"]
 
@@ -47,7 +47,7 @@ def _journal_mode_wal(conn: sqlite3.Connection) -> str:
             mode: str = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             return mode
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.005)
 
