@@ -104,6 +104,15 @@ async def test_json_answers_are_never_stored_by_a_cache(web):
     assert refused.status_code == 404 and refused.headers["cache-control"] == "private, no-store"
 
 
+async def test_the_page_may_be_framed_only_by_its_own_site(web):
+    """The page at / (which keeps its token in the browser) tells browsers that only its own
+    site may frame it, in both headers browsers read."""
+    r = await web.client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert r.headers["content-security-policy"] == "frame-ancestors 'self'"
+    assert r.headers["x-frame-options"] == "SAMEORIGIN"
+
+
 async def test_images_have_a_strong_etag_immutable_caching_and_a_cached_thumbnail(web):
     """An image answers its bytes with ETag = its sha256 and immutable caching; If-None-Match
     gives 304; ?w=32 is a WebP 64 wide (the next of the fixed widths), written to the

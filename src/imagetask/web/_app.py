@@ -316,7 +316,10 @@ def create_app(
     # -- the page and the description --
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        # The page keeps its token in the browser: no other site may frame it (clickjacking).
+        headers = {"Cache-Control": "no-cache", "Content-Security-Policy": "frame-ancestors 'self'",
+                   "X-Frame-Options": "SAMEORIGIN"}  # fmt: skip
+        return FileResponse(STATIC / "index.html", headers=headers)
 
     async def spec(request: Request) -> Response:
         return AsciiJSON(openapi(base(request)))
