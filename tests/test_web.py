@@ -647,6 +647,18 @@ async def test_prune_deletes_the_cached_thumbnails_of_the_images_it_deletes(tmp_
     assert not done_thumbs.exists() and not old_layout.parent.exists() and not stale.parent.exists()
 
 
+@pytest.mark.parametrize("option", ["keepalive", "upload_timeout"])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "60"])
+async def test_durations_of_create_app_that_are_not_positive_seconds_are_refused(tmp_path, option, value):
+    """create_app's keepalive and upload_timeout must be a positive, finite number of seconds:
+    anything else is a ConfigError naming the option."""
+    from imagetask import ConfigError
+
+    async with TaskManager(tmp_path / "t.db", workers=False) as tm:
+        with pytest.raises(ConfigError, match=rf"^{option}: must be"):
+            create_app(tm, **{option: value})
+
+
 async def test_a_thumbnail_folder_inside_the_image_folder_is_refused(tmp_path):
     """create_app refuses a thumbnails folder that is the image folder or inside it (thumbnails
     in the task folders would outlive their images), naming the option and the default; a

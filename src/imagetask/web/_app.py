@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import ConfigError, GenerationRequest, Task, TaskManager, TaskNotFound, ValidationError
+from .._checks import _check_seconds
 from .._config import MAX_N
 from .._images import thumbnail_folder
 from .._jsonout import event_json, task_json
@@ -105,13 +106,13 @@ def create_app(
             that stalls mid-upload holds one of the few upload slots only that long (at most
             two of them per owner).
     """
+    _check_seconds("keepalive", keepalive, positive=True)
+    _check_seconds("upload_timeout", upload_timeout, positive=True)
     thumbs = Thumbnails(_thumbnail_folder(thumbnails, manager.images_root), manager.images_root)
     access = Auth(manager, auth, secret or secrets.token_bytes(32))
     hub = Hub(manager, keepalive)
     # A multipart body is held in memory while it is parsed (the raw body, then the form's
     # copy): a few at a time keep a burst of big uploads from taking gigabytes.
-    if not (isinstance(upload_timeout, int | float) and 0 < upload_timeout < float("inf")):
-        raise ConfigError(f"upload_timeout: must be a number of seconds > 0, got {upload_timeout!r}")
     uploads = Uploads(float(upload_timeout))
 
     def base(request: Request) -> str:
